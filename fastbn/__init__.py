@@ -1,0 +1,23 @@
+"""fastbn: fast, torch-faithful CPU batch normalisation for numpy arrays.
+
+>>> import numpy as np, fastbn
+>>> bn = fastbn.BatchNorm2d(64)
+>>> y = bn(np.random.rand(8, 64, 32, 32).astype(np.float32))   # training mode
+>>> dx = bn.backward(np.ones_like(y))                            # sets bn.grad_weight, bn.grad_bias
+>>> y = bn.eval()(np.random.rand(1, 64, 32, 32).astype(np.float32))
+"""
+
+from . import functional
+from ._dispatch import simd_level
+from ._version import __version__
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "IncompatibleKeys",
+    "functional",
+    "simd_level",
+    "__version__",
+]

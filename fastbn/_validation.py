@@ -1,0 +1,173 @@
+"""Input checks and their error messages.
+
+Every check raises before anything is computed or written, so a rejected call leaves all
+state (running buffers, counters, ``out``) as it was.  Messages follow numpy's and torch's
+wording and always show what was got against what was expected.  TypeError is for wrong
+types and dtypes, ValueError for wrong shapes and values.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+#: dtypes the kernels compute in; float16 data is computed in float32 (see functional.py).
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT16 = np.dtype(np.float16)
+INPUT_DTYPES = KERNEL_DTYPES + (FLOAT16,)
+
+
+def _dtype_name(dt):
+    return np.dtype(dt).name
+
+
+def as_float_array(value, name):
+    """``value`` as an ndarray of a supported float dtype, in native byte order (no copy when
+    it already is one)."""
+    if not isinstance(value, np.ndarray):
+        if value is None or isinstance(value, (str, bytes)):
+            raise TypeError(f"{name} must be an array of floats, got {type(value).__name__}")
+        try:
+            value = np.asarray(value)
+        except Exception as exc:  # e.g. ragged nested sequences
+            raise TypeError(f"{name} must be an array of floats, could not convert "
+                            f"{type(value).__name__}: {exc}") from None
+    dt = value.dtype
+    if dt.kind != "f" or dt.newbyteorder("=") not in INPUT_DTYPES:
+        raise TypeError(f"{name} must have a floating-point dtype (float16, float32 or float64), "
+                        f"got {dt}")
+    if not dt.isnative:
+        value = value.astype(dt.newbyteorder("="))
+    return value
+
+
+def check_input_ndim(x, allowed, name="input"):
+    """torch's message: "expected 4D input (got 3D input)"."""
+    if x.ndim not in allowed:
+        want = " or ".join(f"{d}D" for d in allowed)
+        raise ValueError(f"expected {want} {name} (got {x.ndim}D {name})")
+
+
+def check_channels(x, num_features, name="input"):
+    if x.shape[1] != num_features:
+        raise ValueError(f"expected {name} with {num_features} channels (num_features) in "
+                         f"dimension 1, got {name} of shape {tuple(x.shape)}")
+
+
+def check_per_channel(value, name, channels, dtype, writable=False):
+    """A per-channel parameter or buffer: None, or a 1-D array of `channels` values of `dtype`."""
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array or None, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but the input computes in {np.dtype(dtype)}: "
+                        f"all inputs must share the same dtype (mixed dtypes are not cast silently)")
+    if value.ndim != 1 or value.shape[0] != channels:
+        raise ValueError(f"{name} should contain {channels} elements (one per channel), "
+                         f"got shape {tuple(value.shape)}")
+    if writable and not value.flags.writeable:
+        raise ValueError(f"{name} is read-only, but it is updated in place in training mode")
+    if not value.flags.c_contiguous:
+        value = np.ascontiguousarray(value)
+    return value
+
+
+def check_running_pair(running_mean, running_var, training):
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False "
+                         "(eval mode normalises with them); pass training=True to use batch "
+                         "statistics")
+
+
+def check_eps(eps, training):
+    """torch 2.13's rules: eps > 0 in training, eps >= 0 otherwise; NaN and inf never."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if math.isnan(eps) or math.isinf(eps):
+        raise ValueError(f"batch_norm eps must be finite, but got {eps}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    return eps
+
+
+def check_momentum(momentum, allow_none=False):
+    """A finite real number (None too, where the caller supports a cumulative average)."""
+    if momentum is None:
+        if allow_none:
+            return None
+        raise TypeError("momentum must be a float, got None (the modules take momentum=None for "
+                        "a cumulative moving average; the functional form wants the factor itself, "
+                        "e.g. 1 / num_batches_tracked)")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number or None, got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not math.isfinite(momentum):
+        raise ValueError(f"momentum must be finite, got {momentum}")
+    return momentum
+
+
+def check_batch_size(shape):
+    """torch's _verify_batch_size: training needs more than one value per channel."""
+    values = shape[0]
+    for size in shape[2:]:
+        values *= size
+    if values == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{tuple(shape)}")
+
+
+def check_num_features(num_features):
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        raise TypeError(f"num_features must be an int, got {type(num_features).__name__} "
+                        f"{num_features!r}")
+    num_features = int(num_features)
+    if num_features < 0:
+        raise ValueError(f"num_features must be non-negative, got {num_features}")
+    return num_features
+
+
+def check_flag(value, name):
+    """A boolean option: bool, numpy bool, or the ints 0 and 1."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_module_dtype(dtype):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in KERNEL_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def check_out(out, shape, dtype, name="out"):
+    """numpy's rules for out=: exactly the result's shape and dtype; here also C-contiguous
+    and writable, since the kernels write it directly."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(out.shape)} but expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} has dtype {out.dtype} but expected {np.dtype(dtype)}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+def check_same_shape(a, b, name_a, name_b):
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape "
+                         f"{tuple(b.shape)}; they must match")

@@ -1,0 +1,293 @@
+"""BatchNorm1d, BatchNorm2d and BatchNorm3d: torch's modules, holding numpy arrays.
+
+A module owns its state -- parameters ``weight`` and ``bias``, buffers ``running_mean``,
+``running_var`` and ``num_batches_tracked`` (``None`` when switched off, so that names and
+state_dict keys stay as torch's) -- validates its input, and calls :mod:`fastbn.functional`.
+The subclasses differ only in the input dimensions they accept.
+
+Unlike torch, a call that is rejected changes nothing: torch increments
+``num_batches_tracked`` before it validates its input, fastbn validates first.
+"""
+
+from collections import OrderedDict, namedtuple
+
+import numpy as np
+
+from . import _validation as V
+from . import functional as F
+from ._openmp import effective_n_threads
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys"]
+
+#: What ``load_state_dict`` returns, as torch's ``_IncompatibleKeys``.
+IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+_PARAMETERS = ("weight", "bias")
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class _BatchNorm:
+    r"""Batch normalisation over dimension 1 of an (N, C, \*) array.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    Mean and variance are per channel over the batch and spatial dimensions.  In training mode
+    they are the batch's, and the variance used to normalise is the biased one
+    (``x.var(ddof=0)``), while ``running_var`` accumulates the unbiased one (``ddof=1``); in
+    eval mode the running estimates are used.  With ``track_running_stats=False`` there are no
+    running estimates and batch statistics are used in both modes.
+
+    The running estimates follow ``new = (1 - momentum) * old + momentum * batch_value``; with
+    ``momentum=None`` they are the cumulative average over the ``num_batches_tracked`` batches
+    seen.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float, default 1e-5
+        Added to the variance for numerical stability (must be > 0 to train).
+    momentum : float or None, default 0.1
+        Update factor of the running estimates; None for a cumulative moving average.
+    affine : bool, default True
+        Learnable ``weight`` (gamma, ones) and ``bias`` (beta, zeros).
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``.
+    dtype : float32 or float64, default float32
+        dtype of the parameters and buffers, and of the input the module accepts (plus float16
+        input for a float32 module, computed in float32).
+    bias : bool, default True (keyword only)
+        With ``affine=True``, whether to learn the bias; ``bias=False`` keeps a weight only.
+    """
+
+    _input_dims = ()  # the input ndims a subclass accepts
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32, *, bias=True):
+        self.num_features = V.check_num_features(num_features)
+        self.eps = V.check_eps(eps, training=False)
+        self.momentum = V.check_momentum(momentum, allow_none=True)
+        self.affine = V.check_flag(affine, "affine")
+        self.track_running_stats = V.check_flag(track_running_stats, "track_running_stats")
+        self.dtype = V.check_module_dtype(dtype)
+        use_bias = V.check_flag(bias, "bias")
+        self.training = True
+        c = self.num_features
+        self.weight = np.empty(c, self.dtype) if self.affine else None
+        self.bias = np.empty(c, self.dtype) if self.affine and use_bias else None
+        if self.track_running_stats:
+            self.running_mean = np.empty(c, self.dtype)
+            self.running_var = np.empty(c, self.dtype)
+            self.num_batches_tracked = np.zeros((), np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.grad_weight = None
+        self.grad_bias = None
+        self._saved = None  # (input as the kernels read it, mean, invstd, batch statistics?)
+        self.reset_parameters()
+
+    # -- state --------------------------------------------------------------------------------
+
+    def reset_running_stats(self):
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place)."""
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def reset_parameters(self):
+        """Reset the running statistics, and weight = 1, bias = 0 (in place)."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            self.weight[...] = 1
+        if self.bias is not None:
+            self.bias[...] = 0
+
+    def train(self, mode=True):
+        """Set training mode (``mode=False``: eval mode); returns self."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set eval mode; returns self."""
+        return self.train(False)
+
+    # -- computation --------------------------------------------------------------------------
+
+    def _check_input(self, input):
+        x = V.as_float_array(input, "input")
+        V.check_input_ndim(x, self._input_dims)
+        V.check_channels(x, self.num_features)
+        if F.compute_dtype(x.dtype) != self.dtype:
+            raise TypeError(f"input has dtype {x.dtype} but {type(self).__name__} holds "
+                            f"{self.dtype} parameters: all inputs must share the same dtype "
+                            f"(convert the input with .astype, or build the module with dtype=)")
+        return x
+
+    def forward(self, input):
+        """Normalise ``input`` (N, C, ...); returns an array of input's shape and dtype.
+
+        In training mode (with ``track_running_stats``) the running estimates and
+        ``num_batches_tracked`` are updated.  The input and the statistics used are kept for
+        :meth:`backward`; do not modify the input in place before calling it.
+        """
+        x = self._check_input(input)
+        update = self.training and self.track_running_stats
+        # torch: batch statistics in training mode, and in eval mode without running estimates.
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        eps = V.check_eps(self.eps, batch_stats)
+        if batch_stats:
+            V.check_batch_size(x.shape)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        counter = self.num_batches_tracked
+        if update and counter is not None and self.momentum is None:
+            momentum = 1.0 / float(counter + 1)  # cumulative moving average
+        running = not self.training or self.track_running_stats
+        y, mean, invstd = F.forward(
+            x, self.weight, self.bias,
+            self.running_mean if running else None, self.running_var if running else None,
+            batch_stats, momentum, eps, None, effective_n_threads())
+        if update and counter is not None:
+            counter += 1  # only once the call has succeeded
+        self._saved = (F.kernel_view(x), x.dtype, mean, invstd, batch_stats)
+        return y
+
+    __call__ = forward
+
+    def backward(self, grad_output):
+        """Gradient with respect to the input of the last :meth:`forward`, for the given gradient
+        with respect to its output.  Sets ``grad_weight`` and ``grad_bias`` (None without
+        affine parameters); both are overwritten at each call, not accumulated.
+        """
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward(): there "
+                               f"is no saved input to differentiate")
+        xk, dtype, mean, invstd, batch_stats = self._saved
+        dy = V.as_float_array(grad_output, "grad_output")
+        if dy.shape != xk.shape:
+            raise ValueError(f"grad_output has shape {tuple(dy.shape)} but the last forward's "
+                             f"input has shape {tuple(xk.shape)}; they must match")
+        if dy.dtype != dtype:
+            raise TypeError(f"grad_output has dtype {dy.dtype} but the last forward's input had "
+                            f"dtype {dtype}; they must match")
+        dx, grad_weight, grad_bias = F.backward(dy, xk, self.weight, mean, invstd, batch_stats,
+                                                self.weight is not None, effective_n_threads())
+        self.grad_weight = grad_weight if self.weight is not None else None
+        self.grad_bias = grad_bias if self.bias is not None else None
+        return dx.astype(dtype, copy=False)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _entries(self):
+        """(name, array) of the parameters and buffers that exist, in torch's order."""
+        for name in _PARAMETERS + _BUFFERS:
+            value = getattr(self, name)
+            if value is not None:
+                yield name, value
+
+    def state_dict(self, *, destination=None, prefix="", keep_vars=False):
+        """The parameters and buffers by torch's names, as an OrderedDict of the module's own
+        arrays (not copies, as in torch).  ``keep_vars`` is accepted for torch compatibility."""
+        if destination is None:
+            destination = OrderedDict()
+        for name, value in self._entries():
+            destination[prefix + name] = value
+        return destination
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy parameters and buffers from ``state_dict`` (numpy arrays, torch tensors, lists...).
+
+        Keys are torch's.  ``num_batches_tracked`` may be absent (checkpoints from before torch
+        added it), and is then left as it is.  Missing and unexpected keys are errors when
+        ``strict``; wrong shapes and non-numeric values always are.  Nothing is modified unless
+        every entry is valid.  Returns ``IncompatibleKeys(missing_keys, unexpected_keys)``.
+        """
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict).__name__}.")
+        expected = dict(self._entries())
+        # torch fills in num_batches_tracked for checkpoints of version < 2 or of no version
+        # (a plain dict of arrays has none); a torch state_dict carries its version.
+        version = (getattr(state_dict, "_metadata", None) or {}).get("", {}).get("version")
+        optional = ("num_batches_tracked",) if version is None or version < 2 else ()
+        missing = [k for k in expected if k not in state_dict and k not in optional]
+        unexpected = [k for k in state_dict if k not in expected]
+        problems = []
+        updates = []
+        for name, target in expected.items():
+            if name not in state_dict:
+                continue
+            try:
+                value = _checkpoint_value(name, state_dict[name], target)
+            except (TypeError, ValueError) as exc:
+                problems.append(str(exc))
+                continue
+            updates.append((target, value))
+        if strict:
+            if unexpected:
+                problems.insert(0, "Unexpected key(s) in state_dict: "
+                                + ", ".join(f'"{k}"' for k in unexpected) + ". ")
+            if missing:
+                problems.insert(0, "Missing key(s) in state_dict: "
+                                + ", ".join(f'"{k}"' for k in missing) + ". ")
+        if problems:
+            raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                             + "\n\t".join(problems))
+        for target, value in updates:
+            target[...] = value
+        return IncompatibleKeys(missing, unexpected)
+
+    # -- representation -----------------------------------------------------------------------
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def __getstate__(self):
+        # The last forward's input is scratch for backward(), not state worth pickling.
+        state = self.__dict__.copy()
+        state["_saved"] = None
+        return state
+
+
+def _checkpoint_value(name, value, target):
+    """A checkpoint entry as an array ready to copy into ``target``, or a torch-worded error."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:
+        raise TypeError(f'could not convert "{name}" ({type(value).__name__}) to an array: {exc}') from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f'"{name}" has dtype {array.dtype}; expected real numbers')
+    if target.ndim == 0 and array.shape == (1,):
+        array = array.reshape(())  # torch accepts a 1-element tensor for a 0-d buffer
+    if array.shape != target.shape:
+        raise ValueError(f"size mismatch for {name}: copying a param with shape {tuple(array.shape)} "
+                         f"from checkpoint, the shape in current model is {tuple(target.shape)}.")
+    if target.dtype.kind == "i":
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array) & (array == np.round(array))):
+            raise ValueError(f'"{name}" must hold whole numbers, got {array!r}')
+        array = array.astype(target.dtype)
+    return array
+
+
+class BatchNorm1d(_BatchNorm):
+    __doc__ = ("Batch normalisation over a 2D (N, C) or 3D (N, C, L) input.\n"
+               + _BatchNorm.__doc__.split("\n", 1)[1])
+    _input_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    __doc__ = ("Batch normalisation over a 4D (N, C, H, W) input.\n"
+               + _BatchNorm.__doc__.split("\n", 1)[1])
+    _input_dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    __doc__ = ("Batch normalisation over a 5D (N, C, D, H, W) input.\n"
+               + _BatchNorm.__doc__.split("\n", 1)[1])
+    _input_dims = (5,)

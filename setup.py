@@ -1,0 +1,171 @@
+"""Build fastbn's compiled extensions.
+
+What is built
+-------------
+* ``fastbn._openmp``  -- thread-count helpers and the OpenMP shim.
+* ``fastbn._cpu``     -- which SIMD level this CPU (and OS) supports.
+* ``fastbn._kernels`` -- the typed kernels, compiled for the architecture's baseline, so it
+  runs on any CPU of that architecture.  On x86-64 the same source is compiled twice more,
+  as ``_kernels_avx2`` (AVX2 + FMA) and ``_kernels_avx512`` (AVX-512 F/BW/DQ/VL); fastbn picks
+  the widest one this CPU supports at import time (``fastbn/_dispatch.py``).  No variant uses
+  ``-march=native``, so a wheel built here runs on every x86-64 machine.
+
+OpenMP is used where the compiler has it.  Where it does not, everything is built serially,
+a message says so, and ``fastbn.show_config()`` reports it.
+
+Environment variables
+---------------------
+FASTBN_DISABLE_OPENMP=1  build without OpenMP even where the compiler has it.
+FASTBN_NATIVE=1          opt in to ``-march=native`` for every variant (a local build only:
+                         such binaries crash with SIGILL on CPUs older than the build host).
+FASTBN_NO_SIMD_VARIANTS=1  build only the baseline kernels (faster builds while developing).
+"""
+
+import os
+import platform
+import sys
+import tempfile
+import textwrap
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+COMPILER_DIRECTIVES = {
+    # The kernels index raw pointers and memory they have already validated; every other
+    # module gets the same settings so that the generated C is uniform.
+    "language_level": 3,
+    "boundscheck": False,
+    "wraparound": False,
+    "cdivision": True,
+    "initializedcheck": False,
+    "nonecheck": False,
+    "embedsignature": True,
+}
+
+# SIMD variants of the kernels: (module suffix, gcc/clang flags, MSVC flags).
+X86_VARIANTS = [
+    ("avx2", ["-mavx2", "-mfma", "-mf16c"], ["/arch:AVX2"]),
+    (
+        "avx512",
+        ["-mavx512f", "-mavx512cd", "-mavx512bw", "-mavx512dq", "-mavx512vl",
+         "-mavx2", "-mfma", "-mf16c", "-mprefer-vector-width=512"],
+        ["/arch:AVX512"],
+    ),
+]
+
+OPENMP_TEST_PROGRAM = textwrap.dedent(
+    """
+    #include <omp.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        return n > 0 ? 0 : 1;
+    }
+    """
+)
+
+
+def _is_x86_64():
+    return platform.machine().lower() in ("x86_64", "amd64", "x64")
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _openmp_flags(compiler_type):
+    """(compile flags, link flags) that switch OpenMP on for this compiler."""
+    if compiler_type == "msvc":
+        return ["/openmp"], []
+    if sys.platform == "darwin":
+        # Apple clang has no -fopenmp driver flag; libomp (e.g. Homebrew's) supplies the runtime.
+        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+class BuildExt(build_ext):
+    """build_ext that probes the compiler for OpenMP and for each SIMD variant's flags."""
+
+    def _compiles(self, source, compile_flags, link_flags=(), link=True):
+        """True when this compiler builds (and, with link=True, links) ``source``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "probe.c")
+            with open(path, "w") as f:
+                f.write(source)
+            try:
+                objects = self.compiler.compile([path], output_dir=tmp, extra_postargs=list(compile_flags))
+                if link:
+                    self.compiler.link_executable(objects, "probe", output_dir=tmp,
+                                                  extra_postargs=list(link_flags))
+            except Exception:
+                return False
+        return True
+
+    def build_extensions(self):
+        compiler_type = self.compiler.compiler_type
+        unix_like = compiler_type != "msvc"
+
+        openmp_compile, openmp_link = _openmp_flags(compiler_type)
+        if _env_flag("FASTBN_DISABLE_OPENMP"):
+            use_openmp = False
+            print("fastbn: OpenMP disabled by FASTBN_DISABLE_OPENMP; building serial kernels.")
+        else:
+            use_openmp = self._compiles(OPENMP_TEST_PROGRAM, openmp_compile, openmp_link)
+            if not use_openmp:
+                print("fastbn: WARNING: this compiler cannot build OpenMP programs "
+                      f"(tried {' '.join(openmp_compile)}); building serial kernels. "
+                      "fastbn works, on one thread.")
+
+        base_flags = ["-O3", "-fno-math-errno"] if unix_like else ["/O2"]
+        if _env_flag("FASTBN_NATIVE") and unix_like:
+            base_flags.append("-march=native")
+
+        kept = []
+        for ext in self.extensions:
+            variant = SIMD_VARIANT_FLAGS.get(ext.name)
+            flags = list(base_flags)
+            if variant is not None:
+                unix_flags, msvc_flags = variant
+                variant_flags = unix_flags if unix_like else msvc_flags
+                if not self._compiles("int main(void) { return 0; }\n", variant_flags, link=False):
+                    print(f"fastbn: skipping {ext.name}: the compiler rejects {' '.join(variant_flags)}")
+                    continue
+                flags += variant_flags
+            ext.extra_compile_args = flags + (openmp_compile if use_openmp else [])
+            ext.extra_link_args = openmp_link if use_openmp else []
+            kept.append(ext)
+        self.extensions = kept
+        super().build_extensions()
+
+
+# Extension name -> (gcc/clang flags, MSVC flags) of the SIMD variants being built.
+SIMD_VARIANT_FLAGS = {}
+
+
+def _extension(name, source):
+    return Extension(
+        name,
+        [source],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+
+
+def extensions():
+    exts = [
+        _extension("fastbn._openmp", "fastbn/_openmp.pyx"),
+        _extension("fastbn._cpu", "fastbn/_cpu.pyx"),
+        _extension("fastbn._kernels", "fastbn/_kernels.pyx"),
+    ]
+    if _is_x86_64() and not _env_flag("FASTBN_NO_SIMD_VARIANTS"):
+        for suffix, unix_flags, msvc_flags in X86_VARIANTS:
+            name = f"fastbn._kernels_{suffix}"
+            SIMD_VARIANT_FLAGS[name] = (unix_flags, msvc_flags)
+            exts.append(_extension(name, f"fastbn/_kernels_{suffix}.pyx"))
+    return cythonize(exts, compiler_directives=COMPILER_DIRECTIVES, quiet=True)
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
