@@ -404,7 +404,8 @@ cdef void merge_moments(const Geometry* g, const double* pmean, const double* pm
                        pmean[base + p], pm2[base + p])
     else:
         # Within a block every column has the same count, so a channel's columns merge in closed
-        # form: M2 = sum(M2_j) + rows * sum((mean_j - mean)**2).
+        # form: M2 = sum(M2_j) + rows * sum((mean_j - mean)**2).  Their mean is taken relative
+        # to the first one, so equal means (a constant channel) merge exactly.
         for b in range(g.full_blocks + (g.tail > 0)):
             nrows = block_rows(g, b)
             groups = block_groups(g, b)
@@ -413,8 +414,8 @@ cdef void merge_moments(const Geometry* g, const double* pmean, const double* pm
             for grp in range(groups):
                 off = base + grp * g.c * g.s
                 for j in range(g.s):
-                    gm += pmean[off + j]
-            gm /= groups * g.s
+                    gm += pmean[off + j] - pmean[base]
+            gm = pmean[base] + gm / (groups * g.s)
             sq = 0.0
             sq2 = 0.0
             for grp in range(groups):

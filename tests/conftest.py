@@ -1,0 +1,93 @@
+"""Shared test data and helpers.
+
+Inputs are generated, not hand-written (bottleneck's ``array_generator`` is the model): shapes
+that exercise both kernel layouts (long planes; short planes and BatchNorm1d's (N, C), with
+several samples per row and a short last row), odd sizes, C = 1, N = 1, both dtypes, data
+with large offsets, and non-contiguous views.
+"""
+
+import importlib
+import zlib
+
+import numpy as np
+import pytest
+
+from fastbn import _dispatch
+
+DTYPES = (np.float32, np.float64)
+
+# Shapes by input rank; together they cover the planar layout (S >= 256, one and several
+# segments per plane) and the columns layout (one or several samples per row, with and
+# without a short last row), as fastbn._kernels.describe_layout reports.
+SHAPES = {
+    2: [(2, 1), (5, 3), (64, 7), (1000, 3), (33, 130), (3, 300)],
+    3: [(2, 3, 5), (1, 4, 7), (4, 2, 300), (3, 2, 9000), (2, 1, 17000), (9, 5, 1)],
+    4: [(2, 3, 4, 5), (1, 2, 3, 4), (3, 5, 20, 20), (2, 1, 16, 17), (5, 7, 1, 1), (2, 3, 7, 7)],
+    5: [(2, 3, 2, 3, 4), (1, 2, 5, 8, 8), (3, 1, 2, 2, 2)],
+}
+ALL_SHAPES = [shape for shapes in SHAPES.values() for shape in shapes]
+
+# Per-dtype tolerances against the float64 reference, relative to the result's scale.
+TOLERANCE = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-12}
+
+
+def kernel_levels():
+    """SIMD levels this machine runs and this build has (each is tested)."""
+    return _dispatch.available_levels()
+
+
+def kernels_of(level):
+    return importlib.import_module(_dispatch.MODULE_OF_LEVEL[level])
+
+
+def make_input(shape, dtype, rng, offset=0.0, scale=1.0, kind="normal"):
+    """Random data of a shape and dtype: per-channel offsets around `offset`, spread `scale`."""
+    x = rng.standard_normal(shape) * scale
+    if kind == "uniform":
+        x = rng.uniform(-1, 1, shape) * scale
+    if len(shape) > 1 and shape[1] > 0:
+        per_channel = rng.uniform(-1, 1, shape[1]) * scale * 3
+        x = x + per_channel.reshape((1, -1) + (1,) * (len(shape) - 2))
+    return (x + offset).astype(dtype)
+
+
+def non_contiguous(x):
+    """The same values as x in a non-contiguous (strided) view."""
+    padded = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+    padded[..., ::2] = x
+    view = padded[..., ::2]
+    assert not view.flags.c_contiguous or x.size <= 1
+    return view
+
+
+def assert_close(actual, expected, dtype, what, scale=None, atol=0.0):
+    """|actual - expected| <= tol[dtype] * scale + atol, scale defaulting to max(1, max|expected|)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if expected.size == 0:
+        return
+    if scale is None:
+        finite = expected[np.isfinite(expected)]
+        scale = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
+    tol = TOLERANCE[np.dtype(dtype)] * scale + atol
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN pattern")
+    err = np.max(np.abs(np.nan_to_num(actual - expected)))
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g} (dtype {np.dtype(dtype)}, scale {scale:.3g})"
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's name, so failures reproduce."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
+
+
+def data_error(x, invstd, weight=None):
+    """The error any float64 method makes on outputs (x - mean) * invstd * weight: a few ulps of
+    the data's magnitude, |x| * 2**-52, carried through the scale."""
+    x = np.asarray(x, dtype=np.float64)
+    scale = np.abs(np.asarray(invstd, dtype=np.float64))
+    if weight is not None:
+        scale = scale * np.abs(np.asarray(weight, dtype=np.float64))
+    return 16 * np.finfo(np.float64).eps * (np.max(np.abs(x)) if x.size else 0.0) * (np.max(scale) if scale.size else 0.0)

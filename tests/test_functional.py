@@ -1,0 +1,295 @@
+"""fastbn.functional against the float64 reference, and its argument checking."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from fastbn import _reference as ref
+from fastbn import functional as F
+
+from conftest import DTYPES, SHAPES, assert_close, data_error, make_input, non_contiguous
+
+GRID_SHAPES = [shape for shapes in SHAPES.values() for shape in shapes[:4]]
+
+
+def params(rng, c, dtype, affine):
+    if not affine:
+        return None, None
+    return rng.uniform(0.5, 1.5, c).astype(dtype), rng.uniform(-1, 1, c).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GRID_SHAPES, ids=str)
+@pytest.mark.parametrize("training,momentum", [(True, 0.1), (True, 0.0), (True, 1.0), (False, 0.1)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_batch_norm_matches_reference(dtype, shape, training, momentum, affine, layout, offset, rng):
+    c = shape[1]
+    if training and x_count(shape) < 2:
+        pytest.skip("training needs more than one value per channel")
+    x = make_input(shape, dtype, rng, offset=offset)
+    if layout == "strided":
+        x = non_contiguous(x)
+    weight, bias = params(rng, c, dtype, affine)
+    rm = (rng.standard_normal(c) + offset).astype(dtype)
+    rv = rng.uniform(0.5, 2, c).astype(dtype)
+    rm_ref, rv_ref = rm.astype(np.float64), rv.astype(np.float64)
+    x_before = x.copy()
+
+    y, save_mean, save_invstd = F.batch_norm_forward(x, rm, rv, weight, bias, training, momentum, 1e-5)
+    y_ref, mean_ref, invstd_ref = ref.batch_norm_forward(x, rm_ref, rv_ref, weight, bias, training,
+                                                        momentum, 1e-5)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.flags.c_contiguous
+    np.testing.assert_array_equal(x, x_before, err_msg="input modified")
+    assert_close(y, y_ref, dtype, "output", atol=data_error(x, invstd_ref, weight))
+    assert_close(save_mean, mean_ref, np.float64, "save_mean", scale=np.max(np.abs(x)))
+    assert_close(rm, rm_ref, dtype, "running_mean")
+    assert_close(rv, rv_ref, dtype, "running_var")
+    assert save_mean.dtype == save_invstd.dtype == np.float64
+
+    dy = make_input(shape, dtype, rng)
+    dx, gw, gb = F.batch_norm_backward(dy, x, save_mean, save_invstd, weight, training)
+    dx_ref, gw_ref, gb_ref = ref.batch_norm_backward(dy, x, mean_ref, invstd_ref, weight, training)
+    w = np.ones(c) if weight is None else weight
+    term_scale = np.max(np.abs(w) * invstd_ref) * np.max(np.abs(dy))
+    assert_close(dx, dx_ref, dtype, "grad_input", scale=term_scale,
+                 atol=data_error(x, invstd_ref ** 2, weight) * np.max(np.abs(dy)))
+    xhat = ref.normalize_given(x, None, None, mean_ref, invstd_ref)
+    assert_close(gw, gw_ref, dtype, "grad_weight", scale=np.sum(np.abs(dy * xhat)),
+                 atol=data_error(x, invstd_ref) * np.sum(np.abs(dy)))
+    assert_close(gb, gb_ref, dtype, "grad_bias", scale=np.sum(np.abs(dy)))
+    assert dx.dtype == gw.dtype == gb.dtype == np.dtype(dtype)
+
+
+def x_count(shape):
+    return shape[0] * int(np.prod(shape[2:]))
+
+
+def test_batch_norm_returns_forward_output(rng):
+    x = make_input((4, 3, 5), np.float32, rng)
+    a = F.batch_norm(x, None, None, training=True)
+    b = F.batch_norm_forward(x, None, None, training=True)[0]
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_is_written_and_returned(dtype, rng):
+    x = make_input((3, 4, 6, 5), dtype, rng)
+    rm, rv = np.zeros(4, dtype), np.ones(4, dtype)
+    expected = F.batch_norm(x, rm.copy(), rv.copy(), training=True)
+    out = np.empty_like(x)
+    got = F.batch_norm(x, rm, rv, training=True, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, expected)
+    # out=x normalises in place
+    inplace = x.copy()
+    got = F.batch_norm(inplace, np.zeros(4, dtype), np.ones(4, dtype), training=True, out=inplace)
+    assert got is inplace
+    np.testing.assert_array_equal(inplace, expected)
+    # an out that overlaps the input without being it still gives the right answer
+    buf = np.concatenate([x.ravel(), np.zeros(5, dtype)])
+    src = buf[:x.size].reshape(x.shape)
+    dst = buf[5:5 + x.size].reshape(x.shape)
+    F.batch_norm(src, np.zeros(4, dtype), np.ones(4, dtype), training=True, out=dst)
+    np.testing.assert_array_equal(dst, expected)
+
+
+@pytest.mark.parametrize("bad_out,error,match", [
+    (np.empty((3, 4, 6, 4), np.float32), ValueError, r"out has shape \(3, 4, 6, 4\) but expected \(3, 4, 6, 5\)"),
+    (np.empty((3, 4, 6, 5), np.float64), TypeError, "out has dtype float64 but expected float32"),
+    (np.empty((3, 4, 6, 10), np.float32)[..., ::2], ValueError, "C-contiguous"),
+    ([0.0], TypeError, "out must be a numpy array"),
+])
+def test_bad_out_is_rejected_before_anything_changes(bad_out, error, match, rng):
+    x = make_input((3, 4, 6, 5), np.float32, rng)
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    with pytest.raises(error, match=match):
+        F.batch_norm(x, rm, rv, training=True, out=bad_out)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+
+
+def test_read_only_out_is_rejected(rng):
+    x = make_input((3, 4, 5), np.float32, rng)
+    out = np.empty_like(x)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        F.batch_norm(x, None, None, training=True, out=out)
+
+
+def test_strided_running_buffers_are_updated_in_place(rng):
+    x = make_input((8, 3, 7), np.float64, rng)
+    rm_store, rv_store = np.zeros(6), np.ones(6)
+    rm, rv = rm_store[::2], rv_store[::2]
+    F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    np.testing.assert_allclose(rm, x.mean(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(rv, x.var(axis=(0, 2), ddof=1), rtol=1e-12)
+    np.testing.assert_array_equal(rm_store[1::2], 0)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 10), (2, 3, 20, 20)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_stats_matches_reference(shape, dtype, rng):
+    x = make_input(shape, dtype, rng, offset=50.0)
+    count, mean, m2 = F.batch_stats(x)
+    count_ref, mean_ref, m2_ref = ref.batch_stats(x)
+    assert count == count_ref and isinstance(count, int)
+    assert_close(mean, mean_ref, np.float64, "mean", scale=np.max(np.abs(x)))
+    assert_close(m2, m2_ref, np.float64, "M2", scale=np.max(m2_ref))
+    empty = F.batch_stats(x[:0])
+    assert empty[0] == 0
+    np.testing.assert_array_equal(empty[1], 0)
+    np.testing.assert_array_equal(empty[2], 0)
+
+
+@pytest.mark.parametrize("n_threads", [None, 1, 2, 7, -1])
+def test_n_threads_values_give_identical_results(n_threads, rng):
+    x = make_input((16, 8, 40, 40), np.float32, rng)
+    baseline = F.batch_norm(x, None, None, training=True, n_threads=1)
+    np.testing.assert_array_equal(F.batch_norm(x, None, None, training=True, n_threads=n_threads), baseline)
+
+
+@pytest.mark.parametrize("n_threads,error", [(0, ValueError), (1.5, TypeError), ("2", TypeError)])
+def test_bad_n_threads(n_threads, error, rng):
+    x = make_input((4, 2, 3), np.float32, rng)
+    with pytest.raises(error, match="n_threads"):
+        F.batch_norm(x, None, None, training=True, n_threads=n_threads)
+
+
+def _bad_calls():
+    """(description, call kwargs overrides, error, message pattern) for batch_norm_forward."""
+    f32 = np.float32
+    yield "1-D input", dict(input=np.zeros(3, f32)), ValueError, r"at least 2 dimensions \(N, C, \*\) \(got 1D input\)"
+    yield "0-d input", dict(input=np.float32(1.0)), ValueError, "got 0D input"
+    yield "int input", dict(input=np.zeros((4, 3), np.int64)), TypeError, "floating-point dtype .* got int64"
+    yield "bool input", dict(input=np.zeros((4, 3), bool)), TypeError, "got bool"
+    yield "complex input", dict(input=np.zeros((4, 3), np.complex64)), TypeError, "got complex64"
+    yield "object input", dict(input=np.zeros((4, 3), object)), TypeError, "got object"
+    yield "string input", dict(input="abc"), TypeError, "input must be an array of floats, got str"
+    yield "None input", dict(input=None), TypeError, "got NoneType"
+    yield "running_mean length", dict(running_mean=np.zeros(4, f32)), ValueError, r"running_mean should contain 3 elements.*\(4,\)"
+    yield "running_var 2-D", dict(running_var=np.ones((3, 1), f32)), ValueError, "running_var should contain 3 elements"
+    yield "weight length", dict(weight=np.ones(2, f32)), ValueError, "weight should contain 3 elements"
+    yield "bias length", dict(bias=np.ones(5, f32)), ValueError, "bias should contain 3 elements"
+    yield "weight dtype", dict(weight=np.ones(3)), TypeError, "weight has dtype float64 .* float32"
+    yield "running_var dtype", dict(running_var=np.ones(3)), TypeError, "running_var has dtype float64"
+    yield "input dtype vs buffers", dict(input=np.zeros((4, 3)) + np.arange(4)[:, None]), TypeError, "has dtype float32 but the input computes in float64"
+    yield "weight list", dict(weight=[1.0, 1.0, 1.0]), TypeError, "weight must be a numpy array or None, got list"
+    yield "one running buffer", dict(running_var=None), ValueError, "both be None or neither be None"
+    yield "eps zero in training", dict(eps=0.0), ValueError, "batch_norm eps must be positive during training, but got 0.0"
+    yield "eps negative in eval", dict(eps=-1.0, training=False), ValueError, "batch_norm eps must be non-negative, but got -1.0"
+    yield "eps nan", dict(eps=float("nan")), ValueError, "eps must be finite"
+    yield "eps string", dict(eps="1e-5"), TypeError, "eps must be a real number, got str"
+    yield "momentum None", dict(momentum=None), TypeError, "momentum must be a float, got None"
+    yield "momentum nan", dict(momentum=float("nan")), ValueError, "momentum must be finite"
+    yield "momentum string", dict(momentum="0.1"), TypeError, "momentum must be a real number"
+    yield "one value per channel", dict(input=np.ones((1, 3, 1, 1), f32)), ValueError, r"Expected more than 1 value per channel when training, got input size \(1, 3, 1, 1\)"
+    yield "eval without running stats", dict(running_mean=None, running_var=None, training=False), ValueError, "required when training=False"
+    read_only = np.zeros(3, f32)
+    read_only.flags.writeable = False
+    yield "read-only running buffer", dict(running_mean=read_only), ValueError, "running_mean is read-only"
+
+
+@pytest.mark.parametrize("name,overrides,error,match", list(_bad_calls()), ids=[c[0] for c in _bad_calls()])
+def test_bad_arguments_are_rejected_without_side_effects(name, overrides, error, match, rng):
+    x = make_input((4, 3, 5), np.float32, rng)
+    args = dict(input=x, running_mean=np.zeros(3, np.float32), running_var=np.ones(3, np.float32),
+                weight=np.ones(3, np.float32), bias=np.zeros(3, np.float32), training=True,
+                momentum=0.1, eps=1e-5)
+    args.update(overrides)
+    snapshot = {k: v.copy() for k, v in args.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(error, match=match):
+        F.batch_norm_forward(**args)
+    for k, v in snapshot.items():
+        np.testing.assert_array_equal(args[k], v, err_msg=f"{k} changed by a rejected call")
+
+
+def _bad_backward_calls():
+    f32 = np.float32
+    yield "grad_output shape", dict(grad_output=np.zeros((4, 3, 6), f32)), ValueError, r"grad_output has shape \(4, 3, 6\) but input has shape \(4, 3, 5\)"
+    yield "grad_output dtype", dict(grad_output=np.zeros((4, 3, 5))), TypeError, "grad_output has dtype float64 but input has dtype float32"
+    yield "grad_output int", dict(grad_output=np.zeros((4, 3, 5), np.int32)), TypeError, "grad_output must have a floating-point dtype"
+    yield "save_mean length", dict(save_mean=np.zeros(2)), ValueError, "save_mean should contain 3 elements"
+    yield "save_invstd int", dict(save_invstd=np.ones(3, np.int64)), TypeError, "save_invstd must have a floating-point dtype"
+    yield "weight dtype", dict(weight=np.ones(3)), TypeError, "weight has dtype float64"
+
+
+@pytest.mark.parametrize("name,overrides,error,match", list(_bad_backward_calls()),
+                         ids=[c[0] for c in _bad_backward_calls()])
+def test_bad_backward_arguments(name, overrides, error, match, rng):
+    x = make_input((4, 3, 5), np.float32, rng)
+    args = dict(grad_output=np.ones_like(x), input=x, save_mean=np.zeros(3), save_invstd=np.ones(3),
+                weight=np.ones(3, np.float32), training=True)
+    args.update(overrides)
+    with pytest.raises(error, match=match):
+        F.batch_norm_backward(**args)
+
+
+def test_array_likes_are_accepted():
+    x = [[1.0, 2.0], [3.0, 5.0], [0.0, -1.0]]
+    y = F.batch_norm(x, None, None, training=True)
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y.mean(axis=0), 0, atol=1e-12)
+
+
+def test_byte_swapped_input_is_read_correctly(rng):
+    x = make_input((5, 3, 4), np.float64, rng)
+    swapped = x.astype(x.dtype.newbyteorder(">" if x.dtype.isnative and np.little_endian else "<"))
+    np.testing.assert_array_equal(F.batch_norm(swapped, None, None, training=True),
+                                  F.batch_norm(x, None, None, training=True))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(training):
+    for shape in [(0, 3, 4, 4), (2, 3, 0, 4), (0, 3)]:
+        x = np.zeros(shape, np.float32)
+        rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+        y, mean, invstd = F.batch_norm_forward(x, rm, rv, training=training)
+        assert y.shape == shape and y.dtype == np.float32
+        np.testing.assert_array_equal(rm, 0.5)  # as torch: nothing to update from
+        np.testing.assert_array_equal(rv, 2.0)
+        dx, gw, gb = F.batch_norm_backward(np.zeros_like(x), x, mean, invstd, None, training)
+        assert dx.shape == shape
+        np.testing.assert_array_equal(gw, 0)
+        np.testing.assert_array_equal(gb, 0)
+
+
+def test_zero_channels():
+    x = np.zeros((4, 0, 3), np.float32)
+    y = F.batch_norm(x, np.zeros(0, np.float32), np.ones(0, np.float32), training=True)
+    assert y.shape == (4, 0, 3)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_stays_in_its_channel(training, rng):
+    x = make_input((4, 3, 6), np.float32, rng)
+    x[2, 1, 3] = np.nan
+    y = F.batch_norm(x, np.zeros(3, np.float32), np.ones(3, np.float32), training=training)
+    if training:
+        assert np.isnan(y[:, 1]).all(), "the whole channel's statistics are NaN"
+    else:
+        assert np.isnan(y[2, 1, 3]) and np.isnan(y).sum() == 1
+    assert np.isfinite(y[:, [0, 2]]).all()
+
+
+def test_constant_channel_normalises_to_exact_zero():
+    for shape in [(8, 2, 300), (16, 2), (3, 2, 5, 5)]:
+        for dtype in DTYPES:
+            x = np.full(shape, 1234.5678, dtype)
+            y = F.batch_norm(x, None, None, training=True)
+            np.testing.assert_array_equal(y, 0)
+
+
+def test_momentum_grid_combinations_run():
+    # Every (training, momentum, affine, running buffers) combination torch accepts runs.
+    x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
+    for training, momentum, affine, buffers in itertools.product([True, False], [0.0, 0.1, 1.0],
+                                                                 [True, False], [True, False]):
+        if not training and not buffers:
+            continue
+        w = np.ones(2, np.float32) if affine else None
+        rm, rv = (np.zeros(2, np.float32), np.ones(2, np.float32)) if buffers else (None, None)
+        y = F.batch_norm(x, rm, rv, w, w, training, momentum)
+        assert np.isfinite(y).all()

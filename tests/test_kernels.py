@@ -1,0 +1,159 @@
+"""Every compiled kernel variant against the float64 reference, over generated inputs."""
+
+import numpy as np
+import pytest
+
+from fastbn import _reference as ref
+from fastbn._kernels import describe_layout
+
+from conftest import (ALL_SHAPES, DTYPES, assert_close, data_error, kernel_levels, kernels_of,
+                      make_input)
+
+LEVELS = kernel_levels()
+# Extra shapes: several row blocks and tiles at once, a short last row with several blocks.
+KERNEL_SHAPES = ALL_SHAPES + [(70, 300), (700, 5), (3, 2, 64, 64)]
+
+
+def test_shapes_cover_both_layouts_and_their_cases():
+    layouts = [describe_layout(s) for s in KERNEL_SHAPES]
+    planar = [g for g in layouts if g["layout"] == "planar"]
+    columns = [g for g in layouts if g["layout"] == "columns"]
+    assert any(g["segments"] > 1 for g in planar), "no plane cut into several segments"
+    assert any(g["segments"] == 1 for g in planar)
+    assert any(g["group"] > 1 for g in columns), "no row holding several samples"
+    assert any(g["tail"] > 0 for g in columns), "no short last row"
+    assert any(g["rows"] > g["block"] for g in columns), "no column reduction in several blocks"
+    assert any(g["tiles"] > 1 for g in columns), "no row cut into several tiles"
+
+
+def per_channel(rng, c, dtype, low=0.5, high=1.5):
+    return rng.uniform(low, high, c).astype(dtype)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_kernels_match_reference(level, dtype, shape, offset, rng):
+    K = kernels_of(level)
+    c = shape[1]
+    x = make_input(shape, dtype, rng, offset=offset)
+    dy = make_input(shape, dtype, rng)
+    w, b = per_channel(rng, c, dtype), per_channel(rng, c, dtype, -1, 1)
+
+    # statistics
+    mean, m2 = np.empty(c), np.empty(c)
+    K.moments(x, mean, m2, 2)
+    ref_mean, ref_m2 = ref.moments(x)
+    # Statistics are float64-accurate whatever the data's dtype (float64 accumulation).
+    assert_close(mean, ref_mean, np.float64, "mean", scale=np.max(np.abs(x)))
+    assert_close(m2, ref_m2, np.float64, "M2", scale=np.max(ref_m2))
+
+    # training forward, with running buffers
+    count = x.size // c
+    if count > 1:
+        rm, rv = per_channel(rng, c, dtype), per_channel(rng, c, dtype)
+        rm_ref, rv_ref = rm.astype(np.float64), rv.astype(np.float64)
+        y = np.empty_like(x)
+        save_mean, save_invstd = np.empty(c), np.empty(c)
+        K.forward_train(x, y, w, b, rm, rv, 0.1, 1e-5, save_mean, save_invstd, 2)
+        y_ref, mean_ref, invstd_ref = ref.batch_norm_forward(x, rm_ref, rv_ref, w, b, True, 0.1, 1e-5)
+        assert_close(y, y_ref, dtype, "training output", atol=data_error(x, invstd_ref, w))
+        assert_close(save_invstd, invstd_ref, np.float64, "save_invstd", scale=np.max(invstd_ref) * 10)
+        assert_close(rm, rm_ref, dtype, "running_mean")
+        assert_close(rv, rv_ref, dtype, "running_var")
+
+        # training backward
+        dx, gw, gb = np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)
+        K.backward(dy, x, dx, w, save_mean, save_invstd, gw, gb, True, 2)
+        dx_ref, gw_ref, gb_ref = ref.batch_norm_backward(dy, x, mean_ref, invstd_ref, w, True)
+        # dx is a difference of terms of size |w| * invstd * |dy|: that is its error scale.
+        term_scale = np.max(np.abs(w) * invstd_ref) * np.max(np.abs(dy))
+        assert_close(dx, dx_ref, dtype, "training grad_input", scale=term_scale,
+                     atol=data_error(x, invstd_ref ** 2, w) * np.max(np.abs(dy)))
+        # A sum's error scale is the sum of the absolute values of its terms.
+        xhat = ref.normalize_given(x, None, None, mean_ref, invstd_ref)
+        assert_close(gw, gw_ref, dtype, "grad_weight", scale=np.sum(np.abs(dy * xhat)),
+                     atol=data_error(x, invstd_ref) * np.sum(np.abs(dy)))
+        assert_close(gb, gb_ref, dtype, "grad_bias", scale=np.sum(np.abs(dy)))
+
+    # eval forward and backward, with and without parameter gradients
+    rm, rv = (make_input((c,), dtype, rng, offset=offset), per_channel(rng, c, dtype))
+    y = np.empty_like(x)
+    save_mean, save_invstd = np.empty(c), np.empty(c)
+    K.forward_eval(x, y, w, b, rm, rv, 1e-5, save_mean, save_invstd, 2)
+    y_ref, mean_ref, invstd_ref = ref.batch_norm_forward(x, rm, rv, w, b, False, 0.1, 1e-5)
+    assert_close(y, y_ref, dtype, "eval output", atol=data_error(x, invstd_ref, w))
+    for grads in (True, False):
+        dx = np.empty_like(x)
+        gw, gb = (np.empty(c, dtype), np.empty(c, dtype)) if grads else (None, None)
+        K.backward(dy, x, dx, w, save_mean, save_invstd, gw, gb, False, 2)
+        dx_ref, gw_ref, gb_ref = ref.batch_norm_backward(dy, x, mean_ref, invstd_ref, w, False)
+        assert_close(dx, dx_ref, dtype, "eval grad_input")
+        if grads:
+            xhat = ref.normalize_given(x, None, None, mean_ref, invstd_ref)
+            assert_close(gw, gw_ref, dtype, "eval grad_weight", scale=np.sum(np.abs(dy * xhat)),
+                         atol=data_error(x, invstd_ref) * np.sum(np.abs(dy)))
+            assert_close(gb, gb_ref, dtype, "eval grad_bias", scale=np.sum(np.abs(dy)))
+
+    # the building blocks distributed batch norm uses
+    y = np.empty_like(x)
+    K.normalize_given(x, y, None, None, ref_mean, 1.0 / np.sqrt(ref_m2 / count + 1e-3), 2)
+    invstd = 1.0 / np.sqrt(ref_m2 / count + 1e-3)
+    assert_close(y, ref.normalize_given(x, None, None, ref_mean, invstd), dtype, "normalize_given",
+                 atol=data_error(x, invstd))
+    sum_dy, sum_dyx = np.empty(c), np.empty(c)
+    K.grad_sums(dy, x, ref_mean, sum_dy, sum_dyx, 2)
+    ref_dy, ref_dyx = ref.grad_sums(dy, x, ref_mean)
+    # float64 results: only accumulation error, well inside the float32 tolerance * 1e-3.
+    assert_close(sum_dy, ref_dy, dtype, "sum(dy)", scale=np.sum(np.abs(dy)) * 1e-3)
+    centered = x.astype(np.float64) - ref_mean.reshape((1, -1) + (1,) * (x.ndim - 2))
+    assert_close(sum_dyx, ref_dyx, dtype, "sum(dy*(x-mean))", scale=np.sum(np.abs(dy * centered)) * 1e-3,
+                 atol=data_error(x, 1.0) * np.sum(np.abs(dy)))
+
+
+# Shapes large enough that the kernels really use several threads, in both layouts.
+THREAD_SHAPES = [(8, 16, 32, 32), (3, 2, 150000), (4096, 96), (200001, 3), (64, 80, 7, 7)]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=str)
+def test_results_do_not_depend_on_thread_count(level, dtype, shape, rng):
+    K = kernels_of(level)
+    c = shape[1]
+    x = make_input(shape, dtype, rng, offset=3.0)
+    dy = make_input(shape, dtype, rng)
+    w = per_channel(rng, c, dtype)
+    results = []
+    for threads in (1, 2, 3, 5):
+        mean, invstd = np.empty(c), np.empty(c)
+        y = np.empty_like(x)
+        rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+        K.forward_train(x, y, w, None, rm, rv, 0.1, 1e-5, mean, invstd, threads)
+        dx, gw, gb = np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)
+        K.backward(dy, x, dx, w, mean, invstd, gw, gb, True, threads)
+        dx_eval = np.empty_like(x)
+        K.backward(dy, x, dx_eval, w, mean, invstd, gw.copy(), gb.copy(), False, threads)
+        results.append((mean, invstd, y, rm, rv, dx, gw, gb, dx_eval))
+    for threads, other in zip((2, 3, 5), results[1:]):
+        for name, a, b in zip("mean invstd y running_mean running_var dx grad_weight grad_bias dx_eval".split(),
+                              results[0], other):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} differs between 1 and {threads} threads")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 3, 17, 19), (37, 6), (3, 2, 9000)], ids=str)
+def test_simd_levels_agree(dtype, shape, rng):
+    """All built variants compute the same statistics to within rounding."""
+    x = make_input(shape, dtype, rng, offset=100.0)
+    c = shape[1]
+    outputs = []
+    for level in LEVELS:
+        K = kernels_of(level)
+        y, mean, invstd = np.empty_like(x), np.empty(c), np.empty(c)
+        K.forward_train(x, y, None, None, None, None, 0.1, 1e-5, mean, invstd, 1)
+        outputs.append((level, y, mean))
+    for level, y, mean in outputs[1:]:
+        assert_close(y, outputs[0][1], dtype, f"output of {level} vs {outputs[0][0]}")
+        assert_close(mean, outputs[0][2], dtype, f"mean of {level} vs {outputs[0][0]}", scale=1e-1)
