@@ -10,6 +10,7 @@
 from . import functional
 from ._dispatch import simd_level
 from ._version import __version__
+from .functional import batch_stats, merge_stats
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "IncompatibleKeys",
+    "batch_stats",
+    "merge_stats",
     "functional",
     "simd_level",
     "__version__",

@@ -31,13 +31,17 @@ Numerics
 * Statistics are single-pass shifted sums accumulated in float64 (Chan, Golub & LeVeque,
   "Algorithms for computing the sample variance", 1983): each chunk sums d = x - K and d*d
   around K = its own first element, so that the cancellation in M2 = sum(d*d) - sum(d)**2/n is
-  bounded by the chunk length rather than by the data's offset.  Chunk results (n, mean, M2)
-  are combined with Chan's pairwise update.  For float32 data d is exact in float64.
+  bounded by the chunk length rather than by the data's offset.  For float32 data d is exact
+  in float64.  Chunk results (n, K, mean - K, M2) are combined with Chan's pairwise update,
+  their means taken as offsets from one reference value of the channel so that the rounding
+  of a mean to the data's magnitude never enters; the channel's mean comes out unrounded, as
+  a float64 pair (TwoSum).
 * Normalisation computes y = (x - mean_hi) * scale + shift', mean_hi being the mean rounded to
-  the data's dtype and shift' = bias - (mean - mean_hi) * scale folding the rounding back in.
+  the data's dtype and shift' = bias - (mean - mean_hi) * scale folding the rest back in.
   The subtraction of two nearby floats is exact, so the output keeps full precision on data
   with a large offset, where the one-FMA form x * scale + (bias - mean * scale) loses
-  |mean| / std ulps to cancellation.  The backward's elementwise pass uses the same split.
+  |mean| / std ulps to cancellation (and so, for float64 data, does a float64 two-pass
+  computation).  The backward's elementwise pass uses the same split.
 """
 
 from cython.parallel cimport prange
@@ -214,9 +218,11 @@ cdef inline double fold_lanes(double* acc) noexcept nogil:
     return acc[0]
 
 
-cdef inline void segment_moments(const floating* x, Py_ssize_t n,
-                                 double* mean, double* m2) noexcept nogil:
-    """Mean and M2 of x[:n] (n >= 1), by sums of d = x - x[0] in LANES float64 lanes."""
+cdef inline void segment_moments(const floating* x, Py_ssize_t n, double* shift_out,
+                                 double* offset, double* m2) noexcept nogil:
+    """Moments of x[:n] (n >= 1) as shift = x[0], offset = mean - shift and M2, by sums of
+    d = x - shift in LANES float64 lanes.  The mean is kept as two parts so that merging
+    chunks loses nothing to its rounding."""
     cdef double shift = x[0]
     cdef double s1[LANES]
     cdef double s2[LANES]
@@ -237,7 +243,8 @@ cdef inline void segment_moments(const floating* x, Py_ssize_t n,
         s2[j] += d * d
     t1 = fold_lanes(s1)
     t2 = fold_lanes(s2)
-    mean[0] = shift + t1 / n
+    shift_out[0] = shift
+    offset[0] = t1 / n
     m2[0] = max(t2 - t1 * t1 / n, 0.0)
 
 
@@ -278,9 +285,10 @@ cdef inline void segment_grad_sums(const floating* dy, const floating* x, Py_ssi
 
 
 cdef inline void tile_moments(const floating* x, Py_ssize_t stride, Py_ssize_t nrows,
-                              Py_ssize_t width, double* mean, double* m2) noexcept nogil:
-    """Per-column mean and M2 of a tile (nrows rows `stride` apart, `width` columns), by sums of
-    d = x - (the tile's first row)."""
+                              Py_ssize_t width, double* shift_out, double* offset,
+                              double* m2) noexcept nogil:
+    """Per-column moments of a tile (nrows rows `stride` apart, `width` columns) as shift = the
+    tile's first row, offset = mean - shift and M2, by sums of d = x - shift."""
     cdef double shift[TILE]
     cdef double s1[TILE]
     cdef double s2[TILE]
@@ -298,7 +306,8 @@ cdef inline void tile_moments(const floating* x, Py_ssize_t stride, Py_ssize_t n
             s1[j] += d
             s2[j] += d * d
     for j in range(width):
-        mean[j] = shift[j] + s1[j] * inv_n
+        shift_out[j] = shift[j]
+        offset[j] = s1[j] * inv_n
         m2[j] = max(s2[j] - s1[j] * s1[j] * inv_n, 0.0)
 
 
@@ -390,18 +399,33 @@ cdef inline Py_ssize_t block_groups(const Geometry* g, Py_ssize_t b) noexcept no
     return g.group if b < g.full_blocks else g.tail
 
 
-cdef void merge_moments(const Geometry* g, const double* pmean, const double* pm2,
-                        Py_ssize_t ch, double* mean, double* m2) noexcept nogil:
+cdef inline void two_sum(double a, double b, double* total, double* error) noexcept nogil:
+    """total = fl(a + b) and error = (a + b) - total exactly (Knuth's TwoSum)."""
+    cdef double t = a + b
+    cdef double bb = t - a
+    error[0] = (a - (t - bb)) + (b - bb)
+    total[0] = t
+
+
+cdef void merge_moments(const Geometry* g, const double* pshift, const double* poffset,
+                        const double* pm2, Py_ssize_t ch, double* mean_hi, double* mean_lo,
+                        double* m2) noexcept nogil:
     """Channel ch's mean and M2 from its partials (planar: one per plane segment; columns: one
-    per column and block of rows)."""
-    cdef double n = 0.0, mu = 0.0, q = 0.0, gm, sq, sq2, dev
+    per column and block of rows).
+
+    Partial means are merged as offsets from one reference shift, the channel's first data
+    value, so that their rounding relative to the data's magnitude never enters; the mean is
+    returned unrounded as mean_hi + mean_lo.
+    """
+    cdef double n = 0.0, mu = 0.0, q = 0.0, first, gm, sq, sq2, dev
+    cdef double ref = pshift[ch * g.n * g.segs] if g.planar else pshift[ch * g.s]
     cdef Py_ssize_t p, b, grp, j, base, off, groups, nrows, k
     if g.planar:
         base = ch * g.n * g.segs
         for p in range(g.n * g.segs):
             k = p % g.segs
             chan_merge(&n, &mu, &q, <double>min(g.seg_len, g.s - k * g.seg_len),
-                       pmean[base + p], pm2[base + p])
+                       (pshift[base + p] - ref) + poffset[base + p], pm2[base + p])
     else:
         # Within a block every column has the same count, so a channel's columns merge in closed
         # form: M2 = sum(M2_j) + rows * sum((mean_j - mean)**2).  Their mean is taken relative
@@ -410,22 +434,23 @@ cdef void merge_moments(const Geometry* g, const double* pmean, const double* pm
             nrows = block_rows(g, b)
             groups = block_groups(g, b)
             base = b * g.period + ch * g.s
+            first = (pshift[base] - ref) + poffset[base]
             gm = 0.0
             for grp in range(groups):
                 off = base + grp * g.c * g.s
                 for j in range(g.s):
-                    gm += pmean[off + j] - pmean[base]
-            gm = pmean[base] + gm / (groups * g.s)
+                    gm += ((pshift[off + j] - ref) + poffset[off + j]) - first
+            gm = first + gm / (groups * g.s)
             sq = 0.0
             sq2 = 0.0
             for grp in range(groups):
                 off = base + grp * g.c * g.s
                 for j in range(g.s):
-                    dev = pmean[off + j] - gm
+                    dev = ((pshift[off + j] - ref) + poffset[off + j]) - gm
                     sq += dev * dev
                     sq2 += pm2[off + j]
             chan_merge(&n, &mu, &q, <double>(nrows * groups * g.s), gm, sq2 + nrows * sq)
-    mean[0] = mu
+    two_sum(ref, mu, mean_hi, mean_lo)
     m2[0] = q
 
 
@@ -456,37 +481,42 @@ cdef void merge_sums(const Geometry* g, const double* pa, const double* pb, Py_s
 # ---------------------------------------------------------------------------------------------
 
 cdef inline void moments_item(const Geometry* g, const floating* x, Py_ssize_t k,
-                              double* pmean, double* pm2) noexcept nogil:
+                              double* pshift, double* poffset, double* pm2) noexcept nogil:
     cdef Py_ssize_t off, length, ch, slot, nrows, width, col0
     if g.planar:
         off = planar_item(g, k, &length, &ch, &slot)
-        segment_moments(x + off, length, pmean + slot, pm2 + slot)
+        segment_moments(x + off, length, pshift + slot, poffset + slot, pm2 + slot)
     else:
         off = columns_item(g, k, &nrows, &width, &col0)
         slot = columns_slot(g, k, col0)
-        tile_moments(x + off, g.period, nrows, width, pmean + slot, pm2 + slot)
+        tile_moments(x + off, g.period, nrows, width, pshift + slot, poffset + slot, pm2 + slot)
 
 
-cdef int moments_pass(const Geometry* g, const floating* x, double* mean, double* m2,
-                      int n_threads) noexcept nogil:
-    """Per-channel mean and M2 (sum of squared deviations) of x; -1 if out of memory."""
+cdef int moments_pass(const Geometry* g, const floating* x, double* mean_hi, double* mean_lo,
+                      double* m2, int n_threads) noexcept nogil:
+    """Per-channel mean (as mean_hi + mean_lo; mean_lo may be NULL) and M2 (sum of squared
+    deviations) of x; -1 if out of memory."""
     if g.total == 0:
         return 0
     cdef Py_ssize_t k, ch
+    cdef double lo
     cdef int nt = threads_for(g, n_threads, g.items)
-    cdef double* pmean = <double*>malloc(2 * g.partial_len * sizeof(double))
-    if pmean == NULL:
+    cdef double* pshift = <double*>malloc(3 * g.partial_len * sizeof(double))
+    if pshift == NULL:
         return -1
-    cdef double* pm2 = pmean + g.partial_len
+    cdef double* poffset = pshift + g.partial_len
+    cdef double* pm2 = pshift + 2 * g.partial_len
     if nt == 1:
         for k in range(g.items):
-            moments_item(g, x, k, pmean, pm2)
+            moments_item(g, x, k, pshift, poffset, pm2)
     else:
         for k in prange(g.items, num_threads=nt, schedule="static"):
-            moments_item(g, x, k, pmean, pm2)
+            moments_item(g, x, k, pshift, poffset, pm2)
     for ch in range(g.c):
-        merge_moments(g, pmean, pm2, ch, mean + ch, m2 + ch)
-    free(pmean)
+        merge_moments(g, pshift, poffset, pm2, ch, mean_hi + ch, &lo, m2 + ch)
+        if mean_lo != NULL:
+            mean_lo[ch] = lo
+    free(pshift)
     return 0
 
 
@@ -636,21 +666,23 @@ cdef int grad_input_pass(const Geometry* g, const floating* dy, const floating* 
 # Per-channel epilogues: from statistics to the coefficients of the elementwise passes
 # ---------------------------------------------------------------------------------------------
 
-cdef inline void split_center(double mean, double scale, double shift,
+cdef inline void split_center(double mean_hi, double mean_lo, double scale, double shift,
                               floating* center, floating* shift_out) noexcept nogil:
-    """center = mean rounded to the data's dtype; shift_out folds the rounding back in, so that
-    (x - center) * scale + shift_out == (x - mean) * scale + shift."""
-    center[0] = <floating>mean
-    if <double>center[0] == mean:
+    """center = the mean (mean_hi + mean_lo) rounded to the data's dtype; shift_out folds the
+    rest back in, so that (x - center) * scale + shift_out == (x - mean) * scale + shift."""
+    center[0] = <floating>mean_hi
+    cdef double rest = (mean_hi - <double>center[0]) + mean_lo
+    if rest == 0.0:
         shift_out[0] = <floating>shift      # also avoids 0 * inf when scale is infinite
     else:
-        shift_out[0] = <floating>(shift - (mean - <double>center[0]) * scale)
+        shift_out[0] = <floating>(shift - rest * scale)
 
 
 cdef int normalize(const Geometry* g, const floating* x, floating* y, const floating* weight,
-                   const floating* bias, const double* mean, const double* invstd,
-                   int n_threads) noexcept nogil:
-    """y = (x - mean) * invstd * weight + bias (weight and bias may be NULL)."""
+                   const floating* bias, const double* mean, const double* mean_lo,
+                   const double* invstd, int n_threads) noexcept nogil:
+    """y = (x - mean) * invstd * weight + bias, the mean given as mean + mean_lo (mean_lo and
+    weight and bias may be NULL)."""
     cdef floating* coef = <floating*>malloc(3 * g.c * sizeof(floating))
     cdef Py_ssize_t ch
     cdef double scale
@@ -660,8 +692,8 @@ cdef int normalize(const Geometry* g, const floating* x, floating* y, const floa
     for ch in range(g.c):
         scale = invstd[ch] * (1.0 if weight == NULL else <double>weight[ch])
         coef[g.c + ch] = <floating>scale
-        split_center(mean[ch], scale, 0.0 if bias == NULL else <double>bias[ch],
-                     coef + ch, coef + 2 * g.c + ch)
+        split_center(mean[ch], 0.0 if mean_lo == NULL else mean_lo[ch], scale,
+                     0.0 if bias == NULL else <double>bias[ch], coef + ch, coef + 2 * g.c + ch)
     rc = affine_pass(g, x, y, coef, coef + g.c, coef + 2 * g.c, n_threads)
     free(coef)
     return rc
@@ -672,13 +704,14 @@ cdef int forward_train_impl(const Geometry* g, const floating* x, floating* y,
                             floating* running_mean, floating* running_var,
                             double momentum, double eps, double* save_mean, double* save_invstd,
                             int n_threads) noexcept nogil:
-    cdef double* m2 = <double*>malloc(g.c * sizeof(double))
+    cdef double* m2 = <double*>malloc(2 * g.c * sizeof(double))
     cdef double count = <double>(g.n * g.s)
     cdef Py_ssize_t ch
     cdef int rc
     if m2 == NULL:
         return -1
-    rc = moments_pass(g, x, save_mean, m2, n_threads)
+    cdef double* mean_lo = m2 + g.c
+    rc = moments_pass(g, x, save_mean, mean_lo, m2, n_threads)
     if rc == 0:
         for ch in range(g.c):
             save_invstd[ch] = 1.0 / sqrt(m2[ch] / count + eps)
@@ -689,7 +722,7 @@ cdef int forward_train_impl(const Geometry* g, const floating* x, floating* y,
                 # running_var tracks the unbiased variance; normalisation uses the biased one.
                 running_var[ch] = <floating>(momentum * (m2[ch] / (count - 1.0))
                                              + (1.0 - momentum) * running_var[ch])
-        rc = normalize(g, x, y, weight, bias, save_mean, save_invstd, n_threads)
+        rc = normalize(g, x, y, weight, bias, save_mean, mean_lo, save_invstd, n_threads)
     free(m2)
     return rc
 
@@ -702,7 +735,38 @@ cdef int forward_eval_impl(const Geometry* g, const floating* x, floating* y,
     for ch in range(g.c):
         save_mean[ch] = running_mean[ch]
         save_invstd[ch] = 1.0 / sqrt(<double>running_var[ch] + eps)
-    return normalize(g, x, y, weight, bias, save_mean, save_invstd, n_threads)
+    return normalize(g, x, y, weight, bias, save_mean, NULL, save_invstd, n_threads)
+
+
+cdef int grad_input_from_sums(const Geometry* g, const floating* dy, const floating* x,
+                              floating* dx, const floating* weight, const double* mean,
+                              const double* invstd, const double* sum_dy,
+                              const double* sum_dy_xc, double count, floating* grad_weight,
+                              floating* grad_bias, int n_threads) noexcept nogil:
+    """Training-mode backward given the per-channel sums of dy and dy * (x - mean) over all
+    `count` values of each channel (on one process, or gathered from several)."""
+    cdef floating* coef = <floating*>malloc(4 * g.c * sizeof(floating))
+    cdef double w, a, b, c
+    cdef Py_ssize_t ch
+    cdef int rc
+    if coef == NULL:
+        return -1
+    for ch in range(g.c):
+        if grad_bias != NULL:
+            grad_bias[ch] = <floating>sum_dy[ch]
+        if grad_weight != NULL:
+            grad_weight[ch] = <floating>(sum_dy_xc[ch] * invstd[ch])
+        # dx = w*invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
+        w = 1.0 if weight == NULL else <double>weight[ch]
+        a = w * invstd[ch]
+        b = -a * invstd[ch] * invstd[ch] * sum_dy_xc[ch] / count
+        c = -a * sum_dy[ch] / count
+        coef[ch] = <floating>a
+        coef[g.c + ch] = <floating>b
+        split_center(mean[ch], 0.0, b, c, coef + 2 * g.c + ch, coef + 3 * g.c + ch)
+    rc = grad_input_pass(g, dy, x, dx, coef, coef + g.c, coef + 2 * g.c, coef + 3 * g.c, n_threads)
+    free(coef)
+    return rc
 
 
 cdef int backward_train_impl(const Geometry* g, const floating* dy, const floating* x,
@@ -711,33 +775,15 @@ cdef int backward_train_impl(const Geometry* g, const floating* dy, const floati
                              int n_threads) noexcept nogil:
     """Backward of training-mode normalisation (batch statistics depend on x)."""
     cdef double* sums = <double*>malloc(2 * g.c * sizeof(double))
-    cdef floating* coef = <floating*>malloc(4 * g.c * sizeof(floating))
-    cdef double count = <double>(g.n * g.s), w, a, b, c
-    cdef Py_ssize_t ch
     cdef int rc
-    if sums == NULL or coef == NULL:
-        free(sums); free(coef)
+    if sums == NULL:
         return -1
     rc = grad_sums_pass(g, dy, x, mean, <floating*>NULL, <floating*>NULL,
                         sums, sums + g.c, n_threads)
     if rc == 0:
-        for ch in range(g.c):
-            if grad_bias != NULL:
-                grad_bias[ch] = <floating>sums[ch]
-            if grad_weight != NULL:
-                grad_weight[ch] = <floating>(sums[g.c + ch] * invstd[ch])
-            # dx = w*invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
-            w = 1.0 if weight == NULL else <double>weight[ch]
-            a = w * invstd[ch]
-            b = -a * invstd[ch] * invstd[ch] * sums[g.c + ch] / count
-            c = -a * sums[ch] / count
-            coef[ch] = <floating>a
-            coef[g.c + ch] = <floating>b
-            split_center(mean[ch], b, c, coef + 2 * g.c + ch, coef + 3 * g.c + ch)
-        rc = grad_input_pass(g, dy, x, dx, coef, coef + g.c, coef + 2 * g.c, coef + 3 * g.c,
-                             n_threads)
+        rc = grad_input_from_sums(g, dy, x, dx, weight, mean, invstd, sums, sums + g.c,
+                                  <double>(g.n * g.s), grad_weight, grad_bias, n_threads)
     free(sums)
-    free(coef)
     return rc
 
 
@@ -821,9 +867,9 @@ def moments(cnp.ndarray x, cnp.ndarray mean, cnp.ndarray m2, int n_threads):
         return
     with nogil:
         if f32:
-            rc = moments_pass(&g, <const float*>xp, mp, qp, n_threads)
+            rc = moments_pass(&g, <const float*>xp, mp, NULL, qp, n_threads)
         else:
-            rc = moments_pass(&g, <const double*>xp, mp, qp, n_threads)
+            rc = moments_pass(&g, <const double*>xp, mp, NULL, qp, n_threads)
     check(rc)
 
 
@@ -845,10 +891,10 @@ def normalize_given(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
     with nogil:
         if f32:
             rc = normalize(&g, <const float*>xp, <float*>yp, <const float*>wp, <const float*>bp,
-                           mp, ip, n_threads)
+                           mp, NULL, ip, n_threads)
         else:
             rc = normalize(&g, <const double*>xp, <double*>yp, <const double*>wp,
-                           <const double*>bp, mp, ip, n_threads)
+                           <const double*>bp, mp, NULL, ip, n_threads)
     check(rc)
 
 
@@ -973,4 +1019,35 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight, cnp.n
             rc = backward_eval_impl(&g, <const double*>dyp, <const double*>xp, <double*>dxp,
                                     <const double*>wp, mp, ip, <double*>gwp, <double*>gbp,
                                     n_threads)
+    check(rc)
+
+
+def backward_from_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
+                       cnp.ndarray mean, cnp.ndarray invstd, cnp.ndarray sum_dy,
+                       cnp.ndarray sum_dy_xc, double count, int n_threads):
+    """Training-mode dx given per-channel sum(dy) and sum(dy * (x - mean)) over `count` values
+    per channel, which may span several processes (distributed batch norm)."""
+    cdef Geometry g
+    cdef int rc = 0
+    cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef void* dyp = ptr(dy)
+    cdef void* xp = ptr(x)
+    cdef void* dxp = ptr(dx)
+    cdef void* wp = ptr(weight)
+    cdef double* mp = <double*>ptr(mean)
+    cdef double* ip = <double*>ptr(invstd)
+    cdef double* sap = <double*>ptr(sum_dy)
+    cdef double* sbp = <double*>ptr(sum_dy_xc)
+    set_geometry(&g, x)
+    if g.total == 0:
+        return
+    with nogil:
+        if f32:
+            rc = grad_input_from_sums(&g, <const float*>dyp, <const float*>xp, <float*>dxp,
+                                      <const float*>wp, mp, ip, sap, sbp, count, <float*>NULL,
+                                      <float*>NULL, n_threads)
+        else:
+            rc = grad_input_from_sums(&g, <const double*>dyp, <const double*>xp, <double*>dxp,
+                                      <const double*>wp, mp, ip, sap, sbp, count, <double*>NULL,
+                                      <double*>NULL, n_threads)
     check(rc)

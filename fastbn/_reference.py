@@ -48,17 +48,18 @@ def batch_stats(x):
     return count, mean, m2
 
 
-def merge_stats(a, b):
-    """Moments of the union of two sets given as (count, mean, M2), by direct recomputation
-    of the pooled sums: sum = n*mean, sum of squares = M2 + n*mean**2."""
-    na, ma, qa = a
-    nb, mb, qb = b
-    n = na + nb
+def merge_stats(*stats):
+    """Moments of the union of disjoint sets given as (count, mean, M2) triples, recomputed
+    from their definitions: the pooled mean, then each set's M2 plus its count times its
+    mean's squared distance from the pooled one."""
+    counts = [n for n, _, _ in stats]
+    means = [np.asarray(m, dtype=np.float64) for _, m, _ in stats]
+    n = sum(counts)
     if n == 0:
-        return 0, np.zeros_like(np.asarray(ma, dtype=np.float64)), np.zeros_like(np.asarray(qa, dtype=np.float64))
-    ma, qa, mb, qb = (np.asarray(v, dtype=np.float64) for v in (ma, qa, mb, qb))
-    mean = (na * ma + nb * mb) / n
-    m2 = qa + na * (ma - mean) ** 2 + qb + nb * (mb - mean) ** 2
+        return 0, np.zeros_like(means[0]), np.zeros_like(means[0])
+    mean = sum(c * m for c, m in zip(counts, means)) / n
+    m2 = sum(np.asarray(q, dtype=np.float64) + c * (m - mean) ** 2
+             for c, m, (_, _, q) in zip(counts, means, stats))
     return n, mean, m2
 
 
@@ -71,6 +72,29 @@ def normalize_given(x, weight, bias, mean, invstd):
     if bias is not None:
         y = y + _broadcast(bias, x.ndim)
     return y
+
+
+def batch_norm_elemt(input, mean, invstd, weight=None, bias=None):
+    """(input - mean) * invstd * weight + bias with given statistics."""
+    return normalize_given(input, weight, bias, mean, invstd)
+
+
+def batch_norm_backward_reduce(grad_output, input, mean):
+    """Per-channel (sum(dy), sum(dy * (x - mean)))."""
+    return grad_sums(grad_output, input, mean)
+
+
+def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    """Training-mode grad_input from sums over `count` values per channel:
+    dx = weight * invstd * (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count)."""
+    dy = np.asarray(grad_output, dtype=np.float64)
+    x = np.asarray(input, dtype=np.float64)
+    nd = x.ndim
+    w = np.ones(x.shape[1]) if weight is None else weight
+    invstd = np.asarray(invstd, dtype=np.float64)
+    return _broadcast(np.asarray(w, dtype=np.float64) * invstd, nd) * (
+        dy - _broadcast(np.asarray(sum_dy) / count, nd)
+        - (x - _broadcast(mean, nd)) * _broadcast(invstd ** 2 * np.asarray(sum_dy_xmu) / count, nd))
 
 
 def grad_sums(dy, x, center):

@@ -3,7 +3,11 @@
 * :func:`batch_norm` is ``torch.nn.functional.batch_norm``.
 * :func:`batch_norm_forward` / :func:`batch_norm_backward` are the lower-level pair the modules
   are built on, modelled on torch's ``native_batch_norm`` / ``native_batch_norm_backward``.
-* :func:`batch_stats` gives the per-channel (count, mean, M2) that distributed batch norm merges.
+* :func:`batch_stats`, :func:`merge_stats`, :func:`batch_norm_elemt`,
+  :func:`batch_norm_backward_reduce` and :func:`batch_norm_backward_elemt` are the building
+  blocks of distributed batch norm (torch's SyncBatchNorm uses ops of the same names): local
+  statistics, their stable merge, normalisation with given statistics, the local sums of the
+  backward, and the input gradient from sums gathered over all workers.
 
 dtypes: float32 and float64 inputs are computed in their own precision, with float64
 accumulation for all statistics; parameters and running buffers must have the input's dtype
@@ -21,7 +25,8 @@ from . import _validation as V
 from ._dispatch import kernels as _kernels
 from ._openmp import effective_n_threads
 
-__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_stats"]
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_stats", "merge_stats",
+           "batch_norm_elemt", "batch_norm_backward_reduce", "batch_norm_backward_elemt"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,22 +233,32 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
         ``sum(grad_output * xhat)`` and ``sum(grad_output)`` per channel, xhat being the
         normalised input; returned whether or not the forward had affine parameters.
     """
+    dy, x = _grad_and_input(grad_output, input)
+    mean, invstd = _statistics(x.shape[1], save_mean=save_mean, save_invstd=save_invstd)
+    weight = V.check_per_channel(weight, "weight", x.shape[1], compute_dtype(x.dtype))
+    return backward(dy, x, weight, mean, invstd, bool(training), True,
+                    effective_n_threads(n_threads))
+
+
+def _grad_and_input(grad_output, input):
     x = as_input(input)
     dy = as_input(grad_output, "grad_output")
     V.check_same_shape(dy, x, "grad_output", "input")
     if dy.dtype != x.dtype:
         raise TypeError(f"grad_output has dtype {dy.dtype} but input has dtype {x.dtype}; they must match")
-    channels = x.shape[1]
-    stats = []
-    for name, value in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+    return dy, x
+
+
+def _statistics(channels, **named):
+    """Per-channel statistics as contiguous float64 arrays of length `channels`."""
+    arrays = []
+    for name, value in named.items():
         value = V.as_float_array(value, name)
         if value.shape != (channels,):
             raise ValueError(f"{name} should contain {channels} elements (one per channel), "
                              f"got shape {tuple(value.shape)}")
-        stats.append(np.ascontiguousarray(value, dtype=np.float64))
-    weight = V.check_per_channel(weight, "weight", channels, compute_dtype(x.dtype))
-    return backward(dy, x, weight, stats[0], stats[1], bool(training), True,
-                    effective_n_threads(n_threads))
+        arrays.append(np.ascontiguousarray(value, dtype=np.float64))
+    return arrays
 
 
 def batch_stats(input, *, n_threads=None):
@@ -262,3 +277,117 @@ def batch_stats(input, *, n_threads=None):
     if count:
         _kernels.moments(x, mean, m2, effective_n_threads(n_threads))
     return count, mean, m2
+
+
+def merge_stats(*stats):
+    """Merge per-channel ``(count, mean, M2)`` triples of disjoint batches into one.
+
+    Each triple is what :func:`batch_stats` returns.  The merge is Chan, Golub & LeVeque's
+    pairwise update (stable: no sums of squares are formed), applied left to right, so the
+    same triples in the same order give the same bits on every worker.  Empty batches
+    (count 0) are the identity.
+
+    >>> a, b = np.arange(6.0).reshape(3, 2), np.arange(6.0, 10.0).reshape(2, 2)
+    >>> count, mean, m2 = merge_stats(batch_stats(a), batch_stats(b))
+    >>> count, mean, m2 / count
+    (5, array([4., 5.]), array([8., 8.]))
+    """
+    if not stats:
+        raise TypeError("merge_stats() needs at least one (count, mean, m2) triple")
+    count, mean, m2 = _check_triple(stats[0], 0)
+    for i, other in enumerate(stats[1:], 1):
+        n_b, mean_b, m2_b = _check_triple(other, i)
+        if mean_b.shape != mean.shape:
+            raise ValueError(f"triple {i} has {mean_b.shape[0]} channels but triple 0 has {mean.shape[0]}")
+        if n_b == 0:
+            continue
+        if count == 0:
+            count, mean, m2 = n_b, mean_b, m2_b
+            continue
+        n = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / n)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / n)
+        count = n
+    return count, np.array(mean, dtype=np.float64), np.array(m2, dtype=np.float64)
+
+
+def _check_triple(triple, i):
+    try:
+        count, mean, m2 = triple
+    except (TypeError, ValueError):
+        raise TypeError(f"triple {i} must be (count, mean, m2), got {type(triple).__name__}") from None
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"triple {i}: count must be a non-negative int, got {count!r}")
+    mean = np.asarray(mean, dtype=np.float64)
+    m2 = np.asarray(m2, dtype=np.float64)
+    if mean.ndim != 1 or m2.shape != mean.shape:
+        raise ValueError(f"triple {i}: mean and m2 must be 1-D arrays of the same length, got "
+                         f"shapes {mean.shape} and {m2.shape}")
+    return int(count), mean, m2
+
+
+def batch_norm_elemt(input, mean, invstd, weight=None, bias=None, *, out=None, n_threads=None):
+    """``(input - mean) * invstd * weight + bias`` with given per-channel statistics.
+
+    The normalisation step of distributed batch norm, where mean and invstd come from all
+    workers' merged statistics (torch: ``torch.batch_norm_elemt``).  mean and invstd are cast to
+    float64; weight and bias must have the computing dtype; ``out`` as in
+    :func:`batch_norm_forward`.
+    """
+    x = as_input(input)
+    mean, invstd = _statistics(x.shape[1], mean=mean, invstd=invstd)
+    dtype = compute_dtype(x.dtype)
+    weight = V.check_per_channel(weight, "weight", x.shape[1], dtype)
+    bias = V.check_per_channel(bias, "bias", x.shape[1], dtype)
+    if out is not None:
+        V.check_out(out, x.shape, x.dtype)
+    xk = kernel_view(x)
+    y = out if out is not None and out.dtype == xk.dtype else np.empty(xk.shape, xk.dtype)
+    if y is out and out is not x and np.may_share_memory(out, xk):
+        xk = xk.copy()
+    _kernels.normalize_given(xk, y, weight, bias, mean, invstd, effective_n_threads(n_threads))
+    if y.dtype != x.dtype:
+        if out is None:
+            return y.astype(x.dtype)
+        out[...] = y
+        return out
+    return y
+
+
+def batch_norm_backward_reduce(grad_output, input, mean, *, n_threads=None):
+    """Per-channel ``(sum(grad_output), sum(grad_output * (input - mean)))``, float64.
+
+    The local part of the training-mode backward; distributed batch norm sums these over all
+    workers and passes the totals to :func:`batch_norm_backward_elemt`.  The parameter
+    gradients follow from the totals: ``grad_bias = sum_dy``, ``grad_weight = sum_dy_xmu * invstd``.
+    """
+    dy, x = _grad_and_input(grad_output, input)
+    (mean,) = _statistics(x.shape[1], mean=mean)
+    sum_dy = np.zeros(x.shape[1])
+    sum_dy_xmu = np.zeros(x.shape[1])
+    _kernels.grad_sums(kernel_view(dy), kernel_view(x), mean, sum_dy, sum_dy_xmu,
+                       effective_n_threads(n_threads))
+    return sum_dy, sum_dy_xmu
+
+
+def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
+                              *, n_threads=None):
+    """Training-mode ``grad_input`` from per-channel sums over ``count`` values per channel.
+
+    ``sum_dy`` and ``sum_dy_xmu`` are :func:`batch_norm_backward_reduce`'s results summed over
+    every worker, and ``count`` the total number of values per channel (all workers' N * S);
+    on a single process this equals :func:`batch_norm_backward`'s grad_input.
+    """
+    dy, x = _grad_and_input(grad_output, input)
+    channels = x.shape[1]
+    mean, invstd, sum_dy, sum_dy_xmu = _statistics(channels, mean=mean, invstd=invstd, sum_dy=sum_dy,
+                                                   sum_dy_xmu=sum_dy_xmu)
+    weight = V.check_per_channel(weight, "weight", channels, compute_dtype(x.dtype))
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"count must be a positive int (values per channel over all workers), got {count!r}")
+    xk = kernel_view(x)
+    dx = np.empty(xk.shape, xk.dtype)
+    _kernels.backward_from_sums(kernel_view(dy), xk, dx, weight, mean, invstd, sum_dy, sum_dy_xmu,
+                                float(count), effective_n_threads(n_threads))
+    return dx.astype(x.dtype, copy=False)
