@@ -11,10 +11,42 @@ def main(argv=None):
     demo = commands.add_parser("demo", help="BatchNorm2d on a tiny input, checked by hand")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
 
+    bench = commands.add_parser("bench", help="time fastbn against its peers and the bandwidth floor")
+    bench.add_argument("--quick", action="store_true", help="fewer shapes, shorter timings")
+    bench.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    bench.add_argument("--against", default="torch,onnxruntime,numpy",
+                       help="comma-separated peers among torch, onnxruntime, numpy (missing ones are skipped)")
+    bench.add_argument("--ops", default="eval,train,train+backward", help="operations to time")
+    bench.add_argument("--shapes", default=None,
+                       help="semicolon-separated shapes, e.g. '32,64,56,56;4096,1024' (default: the suite)")
+    bench.add_argument("--json", dest="json_path", metavar="F", help="also write the results to F as JSON")
+    bench.add_argument("--plot", dest="plot_path", metavar="F.png",
+                       help="also draw the speed-ups into F.png (needs matplotlib)")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run
         return 0 if run(seed=args.seed) else 1
+    if args.command == "bench":
+        from . import bench as bench_module
+        try:
+            threads = tuple(int(t) for t in args.threads.split(",") if t.strip())
+            shapes = ([tuple(int(n) for n in s.split(",")) for s in args.shapes.split(";") if s.strip()]
+                      if args.shapes else None)
+        except ValueError:
+            parser.error("--threads takes integers like 1,2 and --shapes takes shapes like '32,64,56,56;4096,1024'")
+        if not threads or min(threads) < 1:
+            parser.error("--threads must list positive integers")
+        against = tuple(p.strip() for p in args.against.split(",") if p.strip())
+        unknown = set(against) - set(bench_module.PEERS)
+        ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+        if unknown:
+            parser.error(f"unknown peer(s) {sorted(unknown)}; choose from {list(bench_module.PEERS)}")
+        if set(ops) - set(bench_module.OPS):
+            parser.error(f"unknown op(s) {sorted(set(ops) - set(bench_module.OPS))}; choose from {list(bench_module.OPS)}")
+        bench_module.main(threads=threads, against=against, quick=args.quick, json_path=args.json_path,
+                          plot_path=args.plot_path, shapes=shapes, ops=ops)
+        return 0
     return 2
 
 

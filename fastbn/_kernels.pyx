@@ -12,7 +12,7 @@ Layouts
 An input of shape (N, C, *spatial) is walked as (N, C, S), S being the product of the spatial
 sizes, in one of two ways chosen from the shape alone:
 
-* planar (S >= PLANAR_MIN_S): each plane x[n, c, :] is long and contiguous.  Reductions cut
+* planar (S large enough; see PLANAR_MIN_S): each plane x[n, c, :] is long and contiguous.  Reductions cut
   planes into fixed segments of at most SEGMENT elements; elementwise passes use one set of
   per-channel coefficients per segment.
 * columns (smaller S, BatchNorm1d's (N, C) among them): the tensor is a matrix whose rows hold
@@ -47,10 +47,24 @@ Numerics
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 cimport numpy as cnp
 
 cnp.import_array()
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define FASTBN_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
+    #elif defined(_MSC_VER)
+    #include <xmmintrin.h>
+    #define FASTBN_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+    #else
+    #define FASTBN_PREFETCH(p) ((void)(p))
+    #endif
+    """
+    void prefetch "FASTBN_PREFETCH"(const void* p) noexcept nogil
 
 ctypedef fused floating:
     float
@@ -62,19 +76,34 @@ cdef enum:
     # enough independent chains to hide the add latency; the summation order is fixed by this
     # source, whatever the instruction set.
     LANES = 32
-    # Planes at least this long are reduced along their length; shorter ones down the columns.
-    PLANAR_MIN_S = 256
+    # Planes are reduced along their length (planar layout) when at least
+    # max(RUN_MIN_S, min(PLANAR_MIN_S, PLANAR_PER_SAMPLE * N)) long, else down the columns: a
+    # plane costs a fixed ~70 cycles, a column ~10 whatever N, so few samples favour planes.
+    # (Measured on 1 MiB float32 tensors over N in 1..256, S in 4..400.)
+    PLANAR_MIN_S = 384
+    PLANAR_PER_SAMPLE = 10
     # Longest plane segment reduced as one chunk.
     SEGMENT = 8192
     # Columns per tile of a column reduction: its float64 accumulators live on the stack.
     TILE = 256
+    # A column tile's rows are far apart in memory (a new page each), beyond the hardware
+    # prefetcher's reach: the tile loops fetch the row this many rows ahead themselves.
+    PREFETCH_ROWS = 4
     # Shortest row of the columns layout (several samples share a row when C*S is smaller).
     MIN_PERIOD = 128
+    # Planes at least this long are walked as runs with their channel's coefficients by the
+    # elementwise passes of the columns layout; shorter ones by rows with per-column ones.
+    RUN_MIN_S = 16
     # Column reductions cut the rows into blocks so as to have at least this many work items.
-    ITEMS_TARGET = 64
-    BLOCK_MIN_ROWS = 16
+    ITEMS_TARGET = 32
+    BLOCK_MIN_ROWS = 64
     # Elements per thread under which another thread costs more (fork/join) than it saves.
     GRAIN = 32768
+
+
+# Tests and tuning may force one layout for every shape (0: choose by shape, 1: planar,
+# 2: columns); see _force_layout.  Not for production use: it is process-wide.
+cdef int forced_layout = 0
 
 
 cdef struct Geometry:
@@ -102,7 +131,9 @@ cdef void set_geometry(Geometry* g, cnp.ndarray x) noexcept:
     for i in range(2, cnp.PyArray_NDIM(x)):
         g.s *= shape[i]
     g.total = g.n * g.c * g.s
-    g.planar = g.s >= PLANAR_MIN_S
+    g.planar = g.s >= max(<Py_ssize_t>RUN_MIN_S, min(<Py_ssize_t>PLANAR_MIN_S, PLANAR_PER_SAMPLE * g.n))
+    if forced_layout:
+        g.planar = forced_layout == 1
     g.segs = g.seg_len = g.group = g.period = g.rows = g.tail = 0
     g.block = g.full_blocks = g.tiles = g.tail_tiles = g.items = g.partial_len = 0
     if g.total == 0:
@@ -144,7 +175,8 @@ cdef inline Py_ssize_t planar_item(const Geometry* g, Py_ssize_t k, Py_ssize_t* 
                                    Py_ssize_t* channel, Py_ssize_t* slot) noexcept nogil:
     """Offset of plane segment k, its length, its channel and its partial slot.
 
-    Slots are channel-major, (channel, sample, segment), so a channel's partials are contiguous.
+    Slots are (sample, segment, channel): part q = sample * segs + segment of every channel is
+    one row of C slots, merged in the order of q.
     """
     cdef Py_ssize_t plane = k // g.segs
     cdef Py_ssize_t seg = k - plane * g.segs
@@ -152,7 +184,7 @@ cdef inline Py_ssize_t planar_item(const Geometry* g, Py_ssize_t k, Py_ssize_t* 
     cdef Py_ssize_t sample = plane // g.c
     channel[0] = plane - sample * g.c
     length[0] = min(g.seg_len, g.s - start)
-    slot[0] = (channel[0] * g.n + sample) * g.segs + seg
+    slot[0] = (sample * g.segs + seg) * g.c + channel[0]
     return plane * g.s + start
 
 
@@ -204,9 +236,45 @@ cdef void expand(const Geometry* g, const floating* per_channel, floating* per_c
                 j += 1
 
 
+cdef inline const floating* per_column(const Geometry* g, const floating* per_channel,
+                                       floating* work) noexcept nogil:
+    """Coefficients per column of a row of the columns layout: the per-channel array itself
+    when a row's columns are the channels, else `work` (period entries) filled by expand()."""
+    if g.group == 1 and g.s == 1:
+        return per_channel
+    expand(g, per_channel, work)
+    return work
+
+
+cdef inline bint by_rows(const Geometry* g) noexcept nogil:
+    """Whether elementwise passes walk rows with per-column coefficients (short planes of the
+    columns layout) rather than runs of planes with per-channel ones."""
+    return not g.planar and g.s < RUN_MIN_S
+
+
+cdef inline bint needs_expansion(const Geometry* g) noexcept nogil:
+    return by_rows(g) and not (g.group == 1 and g.s == 1)
+
+
+cdef inline Py_ssize_t elementwise_items(const Geometry* g) noexcept nogil:
+    """Work items of an elementwise pass: plane segments (planar), samples (runs of planes in
+    the columns layout) or rows."""
+    if g.planar:
+        return g.items
+    return g.n if g.s >= RUN_MIN_S else n_rows(g)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inner loops
 # ---------------------------------------------------------------------------------------------
+
+cdef inline void prefetch_row(const floating* p, Py_ssize_t n) noexcept nogil:
+    """Ask for the cache lines of p[:n] ahead of their use."""
+    cdef Py_ssize_t i = 0, step = 64 // sizeof(floating)
+    while i < n:
+        prefetch(p + i)
+        i += step
+
 
 cdef inline double fold_lanes(double* acc) noexcept nogil:
     """Sum of LANES partial sums, pairwise (fixed order)."""
@@ -293,18 +361,32 @@ cdef inline void tile_moments(const floating* x, Py_ssize_t stride, Py_ssize_t n
     cdef double s1[TILE]
     cdef double s2[TILE]
     cdef const floating* row
-    cdef double d, inv_n = 1.0 / nrows
+    cdef double d, e, f, h, inv_n = 1.0 / nrows
     cdef Py_ssize_t r, j
     for j in range(width):
         shift[j] = x[j]
         s1[j] = 0.0
         s2[j] = 0.0
-    for r in range(1, nrows):
+    # Four rows per sweep: the accumulators are loaded and stored once per four rows, which
+    # halves the time of a one-row sweep (bound by those stores).
+    r = 1
+    while r + 4 <= nrows:
+        row = x + r * stride
+        for j in range(width):
+            d = <double>row[j] - shift[j]
+            e = <double>row[stride + j] - shift[j]
+            f = <double>row[2 * stride + j] - shift[j]
+            h = <double>row[3 * stride + j] - shift[j]
+            s1[j] += (d + e) + (f + h)
+            s2[j] += (d * d + e * e) + (f * f + h * h)
+        r += 4
+    while r < nrows:
         row = x + r * stride
         for j in range(width):
             d = <double>row[j] - shift[j]
             s1[j] += d
             s2[j] += d * d
+        r += 1
     for j in range(width):
         shift_out[j] = shift[j]
         offset[j] = s1[j] * inv_n
@@ -325,6 +407,9 @@ cdef inline void tile_grad_sums(const floating* dy, const floating* x, Py_ssize_
         s2[j] = 0.0
     for r in range(nrows):
         o = r * stride
+        if r + PREFETCH_ROWS < nrows:
+            prefetch_row(dy + o + PREFETCH_ROWS * stride, width)
+            prefetch_row(x + o + PREFETCH_ROWS * stride, width)
         if dx == NULL:
             for j in range(width):
                 v = dy[o + j]
@@ -374,29 +459,44 @@ cdef inline void grad_input_row(const floating* dy, const floating* x, floating*
 # Merging partials, per channel, in a fixed order
 # ---------------------------------------------------------------------------------------------
 
-cdef inline void chan_merge(double* n_a, double* mean_a, double* m2_a,
-                            double n_b, double mean_b, double m2_b) noexcept nogil:
-    """(n_a, mean_a, m2_a) <- the moments of both sets (Chan et al.'s pairwise update)."""
-    cdef double n, delta, r
-    if n_a[0] == 0.0:
-        n_a[0] = n_b
-        mean_a[0] = mean_b
-        m2_a[0] = m2_b
-        return
-    n = n_a[0] + n_b
-    delta = mean_b - mean_a[0]
-    r = n_b / n
-    mean_a[0] += delta * r
-    m2_a[0] += m2_b + delta * delta * n_a[0] * r
-    n_a[0] = n
-
-
 cdef inline Py_ssize_t block_rows(const Geometry* g, Py_ssize_t b) noexcept nogil:
     return min(g.block, g.rows - b * g.block) if b < g.full_blocks else 1
 
 
 cdef inline Py_ssize_t block_groups(const Geometry* g, Py_ssize_t b) noexcept nogil:
     return g.group if b < g.full_blocks else g.tail
+
+
+cdef inline Py_ssize_t n_parts(const Geometry* g) noexcept nogil:
+    """Parts a channel's reduction is merged from: plane segments, or blocks of rows."""
+    return g.n * g.segs if g.planar else g.full_blocks + (g.tail > 0)
+
+
+cdef double* merge_plan(const Geometry* g) noexcept nogil:
+    """Chan's merge coefficients for each part, in merge order; NULL if out of memory.
+
+    Every channel's parts have the same counts, so the coefficients of merging part q into
+    the parts before it, r = n_q / (n_<q + n_q) and n_<q * r, are computed once for all
+    channels (plan[2q], plan[2q + 1]); plan[2 * parts + q] is 1 / (columns of a channel) for
+    the closed-form merge of a block's columns.
+    """
+    cdef Py_ssize_t q, parts = n_parts(g)
+    cdef double n_before = 0.0, n_q, r
+    cdef double* plan = <double*>malloc(3 * parts * sizeof(double))
+    if plan == NULL:
+        return NULL
+    for q in range(parts):
+        if g.planar:
+            n_q = <double>min(g.seg_len, g.s - (q % g.segs) * g.seg_len)
+            plan[2 * parts + q] = 1.0
+        else:
+            n_q = <double>(block_rows(g, q) * block_groups(g, q) * g.s)
+            plan[2 * parts + q] = 1.0 / <double>(block_groups(g, q) * g.s)
+        r = n_q / (n_before + n_q)
+        plan[2 * q] = r
+        plan[2 * q + 1] = n_before * r
+        n_before += n_q
+    return plan
 
 
 cdef inline void two_sum(double a, double b, double* total, double* error) noexcept nogil:
@@ -407,73 +507,154 @@ cdef inline void two_sum(double a, double b, double* total, double* error) noexc
     total[0] = t
 
 
-cdef void merge_moments(const Geometry* g, const double* pshift, const double* poffset,
-                        const double* pm2, Py_ssize_t ch, double* mean_hi, double* mean_lo,
-                        double* m2) noexcept nogil:
-    """Channel ch's mean and M2 from its partials (planar: one per plane segment; columns: one
-    per column and block of rows).
+cdef void merge_planar_moments(const Geometry* g, const double* plan, const double* pshift,
+                               const double* poffset, const double* pm2, Py_ssize_t ch,
+                               double* mean_hi, double* mean_lo, double* m2) noexcept nogil:
+    """Channel ch's mean and M2 from its plane segments' moments, by Chan's update in a fixed
+    order (the same whichever thread runs it, and whether or not the channel was fused).
 
-    Partial means are merged as offsets from one reference shift, the channel's first data
-    value, so that their rounding relative to the data's magnitude never enters; the mean is
-    returned unrounded as mean_hi + mean_lo.
+    Segment means are merged as offsets from one reference value, the channel's first shift
+    (a data value), so that their rounding relative to the data's magnitude never enters; the
+    mean is returned unrounded, as mean_hi + mean_lo.
     """
-    cdef double n = 0.0, mu = 0.0, q = 0.0, first, gm, sq, sq2, dev
-    cdef double ref = pshift[ch * g.n * g.segs] if g.planar else pshift[ch * g.s]
-    cdef Py_ssize_t p, b, grp, j, base, off, groups, nrows, k
-    if g.planar:
-        base = ch * g.n * g.segs
-        for p in range(g.n * g.segs):
-            k = p % g.segs
-            chan_merge(&n, &mu, &q, <double>min(g.seg_len, g.s - k * g.seg_len),
-                       (pshift[base + p] - ref) + poffset[base + p], pm2[base + p])
-    else:
-        # Within a block every column has the same count, so a channel's columns merge in closed
-        # form: M2 = sum(M2_j) + rows * sum((mean_j - mean)**2).  Their mean is taken relative
-        # to the first one, so equal means (a constant channel) merge exactly.
-        for b in range(g.full_blocks + (g.tail > 0)):
-            nrows = block_rows(g, b)
-            groups = block_groups(g, b)
-            base = b * g.period + ch * g.s
-            first = (pshift[base] - ref) + poffset[base]
-            gm = 0.0
-            for grp in range(groups):
-                off = base + grp * g.c * g.s
-                for j in range(g.s):
-                    gm += ((pshift[off + j] - ref) + poffset[off + j]) - first
-            gm = first + gm / (groups * g.s)
-            sq = 0.0
-            sq2 = 0.0
-            for grp in range(groups):
-                off = base + grp * g.c * g.s
-                for j in range(g.s):
-                    dev = ((pshift[off + j] - ref) + poffset[off + j]) - gm
-                    sq += dev * dev
-                    sq2 += pm2[off + j]
-            chan_merge(&n, &mu, &q, <double>(nrows * groups * g.s), gm, sq2 + nrows * sq)
+    cdef Py_ssize_t q, i
+    cdef double ref = pshift[ch], mu = poffset[ch], m2_acc = pm2[ch], delta
+    for q in range(1, g.n * g.segs):
+        i = q * g.c + ch
+        delta = ((pshift[i] - ref) + poffset[i]) - mu
+        mu = mu + delta * plan[2 * q]
+        m2_acc = m2_acc + (pm2[i] + delta * delta * plan[2 * q + 1])
     two_sum(ref, mu, mean_hi, mean_lo)
-    m2[0] = q
+    m2[0] = m2_acc
 
 
-cdef void merge_sums(const Geometry* g, const double* pa, const double* pb, Py_ssize_t ch,
-                     double* sum_a, double* sum_b) noexcept nogil:
-    """Channel ch's two sums from its partials, added in a fixed order."""
-    cdef double ta = 0.0, tb = 0.0
-    cdef Py_ssize_t p, b, grp, j, base, off
-    if g.planar:
-        base = ch * g.n * g.segs
-        for p in range(g.n * g.segs):
-            ta += pa[base + p]
-            tb += pb[base + p]
-    else:
-        for b in range(g.full_blocks + (g.tail > 0)):
-            base = b * g.period + ch * g.s
+cdef inline void block_channel_moments(const Geometry* g, const double* pshift,
+                                       const double* poffset, const double* pm2, Py_ssize_t b,
+                                       Py_ssize_t ch, double ref, double inv_k, double* mean,
+                                       double* m2) noexcept nogil:
+    """Channel ch's moments over block b, from its columns' (all of them the same count):
+    M2 = sum(M2_j) + rows * sum((mean_j - mean)**2), the means averaged relative to the first
+    column so that equal means (a constant channel) merge exactly."""
+    cdef Py_ssize_t grp, j, o, cs = g.c * g.s, base = b * g.period + ch * g.s
+    cdef double first = (pshift[base] - ref) + poffset[base], gm = 0.0, sq = 0.0, own = 0.0, dev
+    for grp in range(block_groups(g, b)):
+        o = base + grp * cs
+        for j in range(g.s):
+            gm += ((pshift[o + j] - ref) + poffset[o + j]) - first
+    gm = first + gm * inv_k
+    for grp in range(block_groups(g, b)):
+        o = base + grp * cs
+        for j in range(g.s):
+            dev = ((pshift[o + j] - ref) + poffset[o + j]) - gm
+            sq += dev * dev
+            own += pm2[o + j]
+    mean[0] = gm
+    m2[0] = own + block_rows(g, b) * sq
+
+
+cdef int merge_columns_moments(const Geometry* g, const double* plan, const double* pshift,
+                               const double* poffset, const double* pm2, double* mean_hi,
+                               double* mean_lo, double* m2) noexcept nogil:
+    """Every channel's mean and M2 from the columns layout's per-column moments.
+
+    Block by block: a channel's columns in a block merge in closed form (block_channel_moments),
+    then blocks merge by Chan's update.  Means are offsets from each channel's first shift, as
+    in merge_planar_moments.  When a column is a channel (S = 1) the loops run over channels
+    innermost, contiguous, so they vectorise; otherwise over a channel's contiguous columns.
+    -1 if out of memory.
+    """
+    cdef Py_ssize_t c = g.c, b, grp, ch, o, base
+    cdef double* work = <double*>malloc(6 * c * sizeof(double))
+    if work == NULL:
+        return -1
+    cdef double* ref = work
+    cdef double* mu = work + c
+    cdef double* first = work + 2 * c
+    cdef double* gm = work + 3 * c
+    cdef double* bq = work + 4 * c
+    cdef double* sq = work + 5 * c
+    cdef double inv_k, rows, r, w, delta, dev
+    for ch in range(c):
+        ref[ch] = pshift[ch * g.s]
+    for b in range(g.full_blocks + (g.tail > 0)):
+        base = b * g.period
+        inv_k = plan[2 * n_parts(g) + b]
+        rows = <double>block_rows(g, b)
+        if g.s > 1:
+            for ch in range(c):
+                block_channel_moments(g, pshift, poffset, pm2, b, ch, ref[ch], inv_k, gm + ch, bq + ch)
+        else:
+            # the same arithmetic as block_channel_moments, channels innermost
+            for ch in range(c):
+                first[ch] = (pshift[base + ch] - ref[ch]) + poffset[base + ch]
+                gm[ch] = 0.0
             for grp in range(block_groups(g, b)):
-                off = base + grp * g.c * g.s
-                for j in range(g.s):
-                    ta += pa[off + j]
-                    tb += pb[off + j]
-    sum_a[0] = ta
-    sum_b[0] = tb
+                o = base + grp * c
+                for ch in range(c):
+                    gm[ch] += ((pshift[o + ch] - ref[ch]) + poffset[o + ch]) - first[ch]
+            for ch in range(c):
+                gm[ch] = first[ch] + gm[ch] * inv_k
+                sq[ch] = 0.0
+                bq[ch] = 0.0
+            for grp in range(block_groups(g, b)):
+                o = base + grp * c
+                for ch in range(c):
+                    dev = ((pshift[o + ch] - ref[ch]) + poffset[o + ch]) - gm[ch]
+                    sq[ch] += dev * dev
+                    bq[ch] += pm2[o + ch]
+            for ch in range(c):
+                bq[ch] = bq[ch] + rows * sq[ch]
+        if b == 0:
+            for ch in range(c):
+                mu[ch] = gm[ch]
+                m2[ch] = bq[ch]
+        else:
+            r = plan[2 * b]
+            w = plan[2 * b + 1]
+            for ch in range(c):
+                delta = gm[ch] - mu[ch]
+                mu[ch] = mu[ch] + delta * r
+                m2[ch] = m2[ch] + (bq[ch] + delta * delta * w)
+    for ch in range(c):
+        two_sum(ref[ch], mu[ch], mean_hi + ch, mean_lo + ch)
+    free(work)
+    return 0
+
+
+cdef void merge_sums(const Geometry* g, const double* pa, const double* pb, double* sum_a,
+                     double* sum_b) noexcept nogil:
+    """Every channel's two sums from its parts' sums, added part by part in a fixed order (a
+    channel's sum does not depend on the loop order over channels)."""
+    cdef Py_ssize_t q, b, grp, j, ch, o, c = g.c, s = g.s
+    cdef double ta, tb
+    for ch in range(c):
+        sum_a[ch] = 0.0
+        sum_b[ch] = 0.0
+    if g.planar:
+        for q in range(g.n * g.segs):
+            for ch in range(c):
+                sum_a[ch] += pa[q * c + ch]
+                sum_b[ch] += pb[q * c + ch]
+    elif s == 1:
+        for b in range(g.full_blocks + (g.tail > 0)):
+            for grp in range(block_groups(g, b)):
+                o = b * g.period + grp * c
+                for ch in range(c):
+                    sum_a[ch] += pa[o + ch]
+                    sum_b[ch] += pb[o + ch]
+    else:
+        for ch in range(c):
+            ta = 0.0
+            tb = 0.0
+            for b in range(g.full_blocks + (g.tail > 0)):
+                for grp in range(block_groups(g, b)):
+                    o = b * g.period + grp * c * s + ch * s
+                    for j in range(s):
+                        ta += pa[o + j]
+                        tb += pb[o + j]
+            sum_a[ch] = ta
+            sum_b[ch] = tb
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,10 +680,16 @@ cdef int moments_pass(const Geometry* g, const floating* x, double* mean_hi, dou
     if g.total == 0:
         return 0
     cdef Py_ssize_t k, ch
-    cdef double lo
+    cdef int rc = 0
     cdef int nt = threads_for(g, n_threads, g.items)
     cdef double* pshift = <double*>malloc(3 * g.partial_len * sizeof(double))
-    if pshift == NULL:
+    cdef double* plan = merge_plan(g)
+    cdef double* lo = mean_lo if mean_lo != NULL else <double*>malloc(g.c * sizeof(double))
+    if pshift == NULL or plan == NULL or lo == NULL:
+        free(pshift)
+        free(plan)
+        if mean_lo == NULL:
+            free(lo)
         return -1
     cdef double* poffset = pshift + g.partial_len
     cdef double* pm2 = pshift + 2 * g.partial_len
@@ -512,12 +699,19 @@ cdef int moments_pass(const Geometry* g, const floating* x, double* mean_hi, dou
     else:
         for k in prange(g.items, num_threads=nt, schedule="static"):
             moments_item(g, x, k, pshift, poffset, pm2)
-    for ch in range(g.c):
-        merge_moments(g, pshift, poffset, pm2, ch, mean_hi + ch, &lo, m2 + ch)
-        if mean_lo != NULL:
-            mean_lo[ch] = lo
+    if not g.planar:
+        rc = merge_columns_moments(g, plan, pshift, poffset, pm2, mean_hi, lo, m2)
+    elif nt == 1 or g.c < 2 * nt:
+        for ch in range(g.c):
+            merge_planar_moments(g, plan, pshift, poffset, pm2, ch, mean_hi + ch, lo + ch, m2 + ch)
+    else:
+        for ch in prange(g.c, num_threads=nt, schedule="static"):
+            merge_planar_moments(g, plan, pshift, poffset, pm2, ch, mean_hi + ch, lo + ch, m2 + ch)
     free(pshift)
-    return 0
+    free(plan)
+    if mean_lo == NULL:
+        free(lo)
+    return rc
 
 
 cdef inline void grad_sums_item(const Geometry* g, const floating* dy, const floating* x,
@@ -555,24 +749,22 @@ cdef int grad_sums_pass(const Geometry* g, const floating* dy, const floating* x
         return -1
     cdef double* pb = pa + g.partial_len
     if not g.planar:
+        # Tiles cut across channels: they take their coefficients per column.
         col_center = <double*>malloc(g.period * sizeof(double))
         col_scale = <floating*>malloc(g.period * sizeof(floating))
         if col_center == NULL or col_scale == NULL:
             free(pa); free(col_center); free(col_scale)
             return -1
-        expand(g, center, col_center)
+        center = per_column(g, center, col_center)
         if dx != NULL:
-            expand(g, scale, col_scale)
-        center = col_center
-        scale = col_scale
+            scale = per_column(g, scale, col_scale)
     if nt == 1:
         for k in range(g.items):
             grad_sums_item(g, dy, x, center, scale, dx, k, pa, pb)
     else:
         for k in prange(g.items, num_threads=nt, schedule="static"):
             grad_sums_item(g, dy, x, center, scale, dx, k, pa, pb)
-    for ch in range(g.c):
-        merge_sums(g, pa, pb, ch, sum_dy + ch, sum_dy_xc + ch)
+    merge_sums(g, pa, pb, sum_dy, sum_dy_xc)
     free(pa)
     free(col_center)
     free(col_scale)
@@ -586,6 +778,10 @@ cdef inline void affine_item(const Geometry* g, const floating* x, floating* y, 
     if g.planar:
         off = planar_item(g, k, &length, &ch, &slot)
         affine_run(x + off, y + off, length, center[ch], scale[ch], shift[ch])
+    elif not by_rows(g):
+        off = k * g.c * g.s
+        for ch in range(g.c):
+            affine_run(x + off + ch * g.s, y + off + ch * g.s, g.s, center[ch], scale[ch], shift[ch])
     else:
         off = k * g.period
         affine_row(x + off, y + off, row_length(g, k), center, scale, shift)
@@ -596,26 +792,23 @@ cdef int affine_pass(const Geometry* g, const floating* x, floating* y, const fl
     """y = (x - center) * scale + shift with per-channel coefficients; -1 if out of memory."""
     if g.total == 0:
         return 0
-    cdef Py_ssize_t k, items = g.items if g.planar else n_rows(g)
+    cdef Py_ssize_t k, items = elementwise_items(g)
     cdef int nt = threads_for(g, n_threads, items)
-    cdef floating* cols = NULL
-    if not g.planar:
-        cols = <floating*>malloc(3 * g.period * sizeof(floating))
-        if cols == NULL:
+    cdef floating* work = NULL
+    if needs_expansion(g):
+        work = <floating*>malloc(3 * g.period * sizeof(floating))
+        if work == NULL:
             return -1
-        expand(g, center, cols)
-        expand(g, scale, cols + g.period)
-        expand(g, shift, cols + 2 * g.period)
-        center = cols
-        scale = cols + g.period
-        shift = cols + 2 * g.period
+        center = per_column(g, center, work)
+        scale = per_column(g, scale, work + g.period)
+        shift = per_column(g, shift, work + 2 * g.period)
     if nt == 1:
         for k in range(items):
             affine_item(g, x, y, k, center, scale, shift)
     else:
         for k in prange(items, num_threads=nt, schedule="static"):
             affine_item(g, x, y, k, center, scale, shift)
-    free(cols)
+    free(work)
     return 0
 
 
@@ -626,6 +819,11 @@ cdef inline void grad_input_item(const Geometry* g, const floating* dy, const fl
     if g.planar:
         off = planar_item(g, k, &length, &ch, &slot)
         grad_input_run(dy + off, x + off, dx + off, length, a[ch], b[ch], center[ch], c[ch])
+    elif not by_rows(g):
+        off = k * g.c * g.s
+        for ch in range(g.c):
+            grad_input_run(dy + off + ch * g.s, x + off + ch * g.s, dx + off + ch * g.s, g.s,
+                           a[ch], b[ch], center[ch], c[ch])
     else:
         off = k * g.period
         grad_input_row(dy + off, x + off, dx + off, row_length(g, k), a, b, center, c)
@@ -637,28 +835,24 @@ cdef int grad_input_pass(const Geometry* g, const floating* dy, const floating* 
     """dx = a * dy + b * (x - center) + c with per-channel coefficients; -1 if out of memory."""
     if g.total == 0:
         return 0
-    cdef Py_ssize_t k, items = g.items if g.planar else n_rows(g)
+    cdef Py_ssize_t k, items = elementwise_items(g)
     cdef int nt = threads_for(g, n_threads, items)
-    cdef floating* cols = NULL
-    if not g.planar:
-        cols = <floating*>malloc(4 * g.period * sizeof(floating))
-        if cols == NULL:
+    cdef floating* work = NULL
+    if needs_expansion(g):
+        work = <floating*>malloc(4 * g.period * sizeof(floating))
+        if work == NULL:
             return -1
-        expand(g, a, cols)
-        expand(g, b, cols + g.period)
-        expand(g, center, cols + 2 * g.period)
-        expand(g, c, cols + 3 * g.period)
-        a = cols
-        b = cols + g.period
-        center = cols + 2 * g.period
-        c = cols + 3 * g.period
+        a = per_column(g, a, work)
+        b = per_column(g, b, work + g.period)
+        center = per_column(g, center, work + 2 * g.period)
+        c = per_column(g, c, work + 3 * g.period)
     if nt == 1:
         for k in range(items):
             grad_input_item(g, dy, x, dx, k, a, b, center, c)
     else:
         for k in prange(items, num_threads=nt, schedule="static"):
             grad_input_item(g, dy, x, dx, k, a, b, center, c)
-    free(cols)
+    free(work)
     return 0
 
 
@@ -672,10 +866,21 @@ cdef inline void split_center(double mean_hi, double mean_lo, double scale, doub
     rest back in, so that (x - center) * scale + shift_out == (x - mean) * scale + shift."""
     center[0] = <floating>mean_hi
     cdef double rest = (mean_hi - <double>center[0]) + mean_lo
-    if rest == 0.0:
-        shift_out[0] = <floating>shift      # also avoids 0 * inf when scale is infinite
+    # (a select, not a branch, so that loops over channels vectorise; a zero rest must not
+    # meet an infinite scale, 0 * inf being NaN)
+    shift_out[0] = <floating>(shift - (rest * scale if rest != 0.0 else 0.0))
+
+
+cdef inline void widen(const floating* src, double fill, double* dst, Py_ssize_t n) noexcept nogil:
+    """dst = src in float64, or `fill` everywhere when src is NULL (an absent parameter), so
+    that the loops over channels that follow have no branches and vectorise."""
+    cdef Py_ssize_t i
+    if src == NULL:
+        for i in range(n):
+            dst[i] = fill
     else:
-        shift_out[0] = <floating>(shift - rest * scale)
+        for i in range(n):
+            dst[i] = src[i]
 
 
 cdef int normalize(const Geometry* g, const floating* x, floating* y, const floating* weight,
@@ -683,19 +888,24 @@ cdef int normalize(const Geometry* g, const floating* x, floating* y, const floa
                    const double* invstd, int n_threads) noexcept nogil:
     """y = (x - mean) * invstd * weight + bias, the mean given as mean + mean_lo (mean_lo and
     weight and bias may be NULL)."""
-    cdef floating* coef = <floating*>malloc(3 * g.c * sizeof(floating))
-    cdef Py_ssize_t ch
-    cdef double scale
+    cdef Py_ssize_t ch, c = g.c
     cdef int rc
-    if coef == NULL:
+    cdef double* work = <double*>malloc(3 * c * sizeof(double) + 3 * c * sizeof(floating))
+    if work == NULL:
         return -1
-    for ch in range(g.c):
-        scale = invstd[ch] * (1.0 if weight == NULL else <double>weight[ch])
-        coef[g.c + ch] = <floating>scale
-        split_center(mean[ch], 0.0 if mean_lo == NULL else mean_lo[ch], scale,
-                     0.0 if bias == NULL else <double>bias[ch], coef + ch, coef + 2 * g.c + ch)
-    rc = affine_pass(g, x, y, coef, coef + g.c, coef + 2 * g.c, n_threads)
-    free(coef)
+    cdef double* scale = work
+    cdef double* shift = work + c
+    cdef double* lo = work + 2 * c
+    cdef floating* coef = <floating*>(work + 3 * c)
+    widen(weight, 1.0, scale, c)
+    widen(bias, 0.0, shift, c)
+    widen(<double*>mean_lo, 0.0, lo, c)
+    for ch in range(c):
+        scale[ch] *= invstd[ch]
+        coef[c + ch] = <floating>scale[ch]
+        split_center(mean[ch], lo[ch], scale[ch], shift[ch], coef + ch, coef + 2 * c + ch)
+    rc = affine_pass(g, x, y, coef, coef + c, coef + 2 * c, n_threads)
+    free(work)
     return rc
 
 
@@ -715,11 +925,13 @@ cdef int forward_train_impl(const Geometry* g, const floating* x, floating* y,
     if rc == 0:
         for ch in range(g.c):
             save_invstd[ch] = 1.0 / sqrt(m2[ch] / count + eps)
-            if running_mean != NULL:
+        if running_mean != NULL:
+            for ch in range(g.c):
                 running_mean[ch] = <floating>(momentum * save_mean[ch]
                                               + (1.0 - momentum) * running_mean[ch])
-            if running_var != NULL:
-                # running_var tracks the unbiased variance; normalisation uses the biased one.
+        if running_var != NULL:
+            # running_var tracks the unbiased variance; normalisation uses the biased one.
+            for ch in range(g.c):
                 running_var[ch] = <floating>(momentum * (m2[ch] / (count - 1.0))
                                              + (1.0 - momentum) * running_var[ch])
         rc = normalize(g, x, y, weight, bias, save_mean, mean_lo, save_invstd, n_threads)
@@ -738,6 +950,19 @@ cdef int forward_eval_impl(const Geometry* g, const floating* x, floating* y,
     return normalize(g, x, y, weight, bias, save_mean, NULL, save_invstd, n_threads)
 
 
+cdef inline void parameter_grads(Py_ssize_t c, const double* sum_dy, const double* sum_dy_xc,
+                                 const double* invstd, floating* grad_weight,
+                                 floating* grad_bias) noexcept nogil:
+    """grad_bias = sum(dy), grad_weight = sum(dy * (x - mean)) * invstd (each when wanted)."""
+    cdef Py_ssize_t ch
+    if grad_bias != NULL:
+        for ch in range(c):
+            grad_bias[ch] = <floating>sum_dy[ch]
+    if grad_weight != NULL:
+        for ch in range(c):
+            grad_weight[ch] = <floating>(sum_dy_xc[ch] * invstd[ch])
+
+
 cdef int grad_input_from_sums(const Geometry* g, const floating* dy, const floating* x,
                               floating* dx, const floating* weight, const double* mean,
                               const double* invstd, const double* sum_dy,
@@ -745,27 +970,26 @@ cdef int grad_input_from_sums(const Geometry* g, const floating* dy, const float
                               floating* grad_bias, int n_threads) noexcept nogil:
     """Training-mode backward given the per-channel sums of dy and dy * (x - mean) over all
     `count` values of each channel (on one process, or gathered from several)."""
-    cdef floating* coef = <floating*>malloc(4 * g.c * sizeof(floating))
-    cdef double w, a, b, c
-    cdef Py_ssize_t ch
+    cdef Py_ssize_t ch, c = g.c
+    cdef double b, shift
     cdef int rc
-    if coef == NULL:
+    cdef double* a = <double*>malloc(c * sizeof(double) + 4 * c * sizeof(floating))
+    if a == NULL:
         return -1
-    for ch in range(g.c):
-        if grad_bias != NULL:
-            grad_bias[ch] = <floating>sum_dy[ch]
-        if grad_weight != NULL:
-            grad_weight[ch] = <floating>(sum_dy_xc[ch] * invstd[ch])
-        # dx = w*invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
-        w = 1.0 if weight == NULL else <double>weight[ch]
-        a = w * invstd[ch]
-        b = -a * invstd[ch] * invstd[ch] * sum_dy_xc[ch] / count
-        c = -a * sum_dy[ch] / count
-        coef[ch] = <floating>a
-        coef[g.c + ch] = <floating>b
-        split_center(mean[ch], 0.0, b, c, coef + 2 * g.c + ch, coef + 3 * g.c + ch)
-    rc = grad_input_pass(g, dy, x, dx, coef, coef + g.c, coef + 2 * g.c, coef + 3 * g.c, n_threads)
-    free(coef)
+    cdef floating* coef = <floating*>(a + c)
+    parameter_grads(c, sum_dy, sum_dy_xc, invstd, grad_weight, grad_bias)
+    widen(weight, 1.0, a, c)
+    # dx = w*invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
+    #    = a * dy + b * (x - mean) + shift
+    for ch in range(c):
+        a[ch] *= invstd[ch]
+        b = -a[ch] * invstd[ch] * invstd[ch] * sum_dy_xc[ch] / count
+        shift = -a[ch] * sum_dy[ch] / count
+        coef[ch] = <floating>a[ch]
+        coef[c + ch] = <floating>b
+        split_center(mean[ch], 0.0, b, shift, coef + 2 * c + ch, coef + 3 * c + ch)
+    rc = grad_input_pass(g, dy, x, dx, coef, coef + c, coef + 2 * c, coef + 3 * c, n_threads)
+    free(a)
     return rc
 
 
@@ -793,33 +1017,26 @@ cdef int backward_eval_impl(const Geometry* g, const floating* dy, const floatin
                             int n_threads) noexcept nogil:
     """Backward of eval-mode normalisation (fixed statistics): dx = weight * invstd * dy, in the
     same pass as the sums for the parameter gradients when those are wanted."""
-    cdef floating* coef = <floating*>malloc(3 * g.c * sizeof(floating))
-    cdef double* sums = NULL
-    cdef Py_ssize_t ch
+    cdef Py_ssize_t ch, c = g.c
     cdef int rc
-    if coef == NULL:
+    cdef double* work = <double*>malloc(3 * c * sizeof(double) + 3 * c * sizeof(floating))
+    if work == NULL:
         return -1
-    for ch in range(g.c):
-        coef[ch] = <floating>(invstd[ch] * (1.0 if weight == NULL else <double>weight[ch]))
-        coef[g.c + ch] = 0
-        coef[2 * g.c + ch] = 0
+    cdef double* sums = work + c
+    cdef floating* coef = <floating*>(work + 3 * c)
+    widen(weight, 1.0, work, c)
+    for ch in range(c):
+        coef[ch] = <floating>(work[ch] * invstd[ch])
+        coef[c + ch] = 0
+        coef[2 * c + ch] = 0
     if grad_weight == NULL and grad_bias == NULL:
         # dx = scale * (dy - 0) + 0: the normalisation pass applied to dy.
-        rc = affine_pass(g, dy, dx, coef + g.c, coef, coef + 2 * g.c, n_threads)
+        rc = affine_pass(g, dy, dx, coef + c, coef, coef + 2 * c, n_threads)
     else:
-        sums = <double*>malloc(2 * g.c * sizeof(double))
-        if sums == NULL:
-            free(coef)
-            return -1
-        rc = grad_sums_pass(g, dy, x, mean, coef, dx, sums, sums + g.c, n_threads)
+        rc = grad_sums_pass(g, dy, x, mean, coef, dx, sums, sums + c, n_threads)
         if rc == 0:
-            for ch in range(g.c):
-                if grad_bias != NULL:
-                    grad_bias[ch] = <floating>sums[ch]
-                if grad_weight != NULL:
-                    grad_weight[ch] = <floating>(sums[g.c + ch] * invstd[ch])
-    free(coef)
-    free(sums)
+            parameter_grads(c, sums, sums + c, invstd, grad_weight, grad_bias)
+    free(work)
     return rc
 
 
@@ -843,6 +1060,13 @@ cdef cnp.ndarray _shape_probe(shape):
     import numpy as np
     return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=tuple(shape),
                                            strides=(0,) * len(shape))
+
+
+def _force_layout(name):
+    """Force the 'planar' or 'columns' layout for every shape, or None to choose by shape.
+    For tests and tuning only: both layouts must give the same results to rounding."""
+    global forced_layout
+    forced_layout = {None: 0, "planar": 1, "columns": 2}[name]
 
 
 def describe_layout(shape):
@@ -1051,3 +1275,25 @@ def backward_from_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object wei
                                       <const double*>wp, mp, ip, sap, sbp, count, <double*>NULL,
                                       <double*>NULL, n_threads)
     check(rc)
+
+
+def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int n_threads):
+    """dst[...] = src for C-contiguous arrays of the same size, on up to n_threads threads.
+
+    The bandwidth yardstick of the benchmarks: the fastest way to move these bytes with this
+    many threads, which a kernel that reads and writes each byte once cannot beat.
+    """
+    cdef char* s = <char*>cnp.PyArray_DATA(src)
+    cdef char* d = <char*>cnp.PyArray_DATA(dst)
+    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(src), chunk, k, parts
+    if cnp.PyArray_NBYTES(dst) != nbytes:
+        raise ValueError("parallel_copy: src and dst sizes differ")
+    parts = max(1, min(<Py_ssize_t>n_threads, nbytes // (GRAIN * 4)))
+    chunk = ((nbytes + parts - 1) // parts + 63) // 64 * 64
+    with nogil:
+        if parts == 1:
+            memcpy(d, s, nbytes)
+        else:
+            for k in prange(parts, num_threads=<int>parts, schedule="static"):
+                if k * chunk < nbytes:
+                    memcpy(d + k * chunk, s + k * chunk, min(chunk, nbytes - k * chunk))

@@ -1,0 +1,316 @@
+"""``python -m fastbn bench``: fastbn against its peers and against the memory-bandwidth floor.
+
+One registry of cases (operation x shape) drives this table and the pytest-benchmark suites in
+``benchmarks/``.  Every implementation runs in the same process, on the same arrays, with the
+same thread count, and times are medians of repeated calls (bottleneck's ``bn.bench()`` is the
+model).  Nothing here asserts a timing.
+
+The floor of an operation is the time of the fastest copy of the input's bytes at the same
+thread count (an OpenMP memcpy of fastbn's own), times the passes over memory the operation
+needs at least, over the copy's two:
+
+=================  ======  ==================================================================
+operation          passes  memory traffic
+=================  ======  ==================================================================
+eval               2       read x, write y
+train              3       read x (statistics), read x and write y
+train+backward     8       the training forward, then read x and dy (sums), read x and dy and
+                           write dx
+=================  ======  ==================================================================
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import __version__
+from ._dispatch import kernels, simd_level
+from ._openmp import get_max_threads, openmp_version, set_max_threads
+from ._cpu import supported_simd_levels
+from .modules import BatchNorm1d, BatchNorm2d
+
+#: The suite of issue #3: (N, C, H, W) shapes, and BatchNorm1d's (N, C).
+SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (64, 32, 32, 32), (256, 512, 7, 7),
+          (16, 3, 224, 224), (128, 2048, 1, 1), (4, 64, 8, 8), (1, 2, 3, 4), (4096, 1024)]
+QUICK_SHAPES = [(8, 256, 28, 28), (128, 2048, 1, 1), (4, 64, 8, 8), (1, 2, 3, 4), (4096, 1024)]
+OPS = {"eval": 2, "train": 3, "train+backward": 8}
+PEERS = ("torch", "onnxruntime", "numpy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: each prepares a zero-argument callable for (op, x, dy) outside the timing
+# ---------------------------------------------------------------------------------------------
+
+def fastbn_case(op, x, dy, threads):
+    set_max_threads(threads)
+    bn = (BatchNorm1d if x.ndim == 2 else BatchNorm2d)(x.shape[1], dtype=x.dtype)
+    if op == "eval":
+        bn.eval()
+        return lambda: bn(x)
+    if op == "train":
+        return lambda: bn(x)
+
+    def forward_backward():
+        bn(x)
+        bn.backward(dy)
+    return forward_backward
+
+
+def numpy_case(op, x, dy, threads):
+    """Plain numpy, the way one writes batch norm without a library (single-threaded)."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    c = x.shape[1]
+    weight, bias = np.ones(c, x.dtype), np.zeros(c, x.dtype)
+    running_mean, running_var = np.zeros(c, x.dtype), np.ones(c, x.dtype)
+    eps = 1e-5
+
+    def forward(training):
+        if training:
+            mean, var = x.mean(axis=axes), x.var(axis=axes)
+        else:
+            mean, var = running_mean, running_var
+        invstd = 1 / np.sqrt(var + eps)
+        return (x - mean.reshape(shape)) * (invstd * weight).reshape(shape) + bias.reshape(shape), mean, invstd
+
+    if op == "eval":
+        return lambda: forward(False)
+    if op == "train":
+        return lambda: forward(True)
+
+    def forward_backward():
+        _, mean, invstd = forward(True)
+        xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
+        n = x.size // c
+        grad_bias = dy.sum(axis=axes)
+        grad_weight = (dy * xhat).sum(axis=axes)
+        return (weight * invstd).reshape(shape) * (dy - (grad_bias / n).reshape(shape)
+                                                  - xhat * (grad_weight / n).reshape(shape))
+    return forward_backward
+
+
+def torch_case(op, x, dy, threads):
+    import torch
+    torch.set_num_threads(threads)
+    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[x.dtype]
+    bn = (torch.nn.BatchNorm1d if x.ndim == 2 else torch.nn.BatchNorm2d)(x.shape[1], dtype=dtype)
+    tx = torch.from_numpy(x)
+    if op in ("eval", "train"):
+        bn.train(op == "train")
+
+        def forward():
+            with torch.no_grad():
+                return bn(tx)
+        return forward
+    tdy = torch.from_numpy(dy)
+    txg = tx.clone().requires_grad_()
+
+    def forward_backward():
+        txg.grad = None
+        bn.weight.grad = bn.bias.grad = None
+        bn(txg).backward(tdy)
+    return forward_backward
+
+
+def onnxruntime_case(op, x, dy, threads):
+    """ONNX Runtime's BatchNormalization: an inference operator, so eval only."""
+    if op != "eval":
+        return None
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    c = x.shape[1]
+    elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}[x.dtype]
+    inits = [helper.make_tensor(name, elem, [c], values.astype(x.dtype).tolist())
+             for name, values in (("scale", np.ones(c)), ("B", np.zeros(c)),
+                                  ("mean", np.zeros(c)), ("var", np.ones(c)))]
+    node = helper.make_node("BatchNormalization", ["X", "scale", "B", "mean", "var"], ["Y"], epsilon=1e-5)
+    graph = helper.make_graph([node], "bn", [helper.make_tensor_value_info("X", elem, list(x.shape))],
+                              [helper.make_tensor_value_info("Y", elem, list(x.shape))], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = min(model.ir_version, 9)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"X": x}
+    return lambda: session.run(None, feed)
+
+
+IMPLEMENTATIONS = {"fastbn": fastbn_case, "torch": torch_case, "onnxruntime": onnxruntime_case,
+                   "numpy": numpy_case}
+
+
+def peer_version(name):
+    """The installed version of a peer, or None when it cannot be used."""
+    try:
+        if name == "numpy":
+            return np.__version__
+        if name == "torch":
+            import torch
+            return torch.__version__
+        if name == "onnxruntime":
+            import onnx  # noqa: F401  (needed to build the model)
+            import onnxruntime
+            return onnxruntime.__version__
+    except ImportError:
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def median_time(fn, budget=0.25, min_repeats=7, max_repeats=2000):
+    """Median seconds per call of fn over repeats filling about `budget` seconds (after one
+    warm-up call)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    repeats = int(min(max_repeats, max(min_repeats, budget / once)))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples))
+
+
+def copy_time(x, threads, budget):
+    """The floor's yardstick: fastbn's OpenMP memcpy of x's bytes with `threads` threads."""
+    dst = np.empty_like(x)
+    return median_time(lambda: kernels.parallel_copy(x, dst, threads), budget)
+
+
+def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, quick=False,
+        budget=None, progress=None):
+    """Time every case; returns a list of records (dicts)."""
+    shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
+    ops = ops or list(OPS)
+    budget = budget or (0.05 if quick else 0.25)
+    peers = [p for p in against if peer_version(p) is not None]
+    rng = np.random.default_rng(0)
+    records = []
+    saved_threads = get_max_threads()
+    try:
+        for shape in shapes:
+            x = rng.standard_normal(shape).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            for nthreads in threads:
+                floor_copy = copy_time(x, nthreads, budget)
+                for op in ops:
+                    record = dict(shape=list(shape), op=op, dtype=np.dtype(dtype).name,
+                                  threads=nthreads, bytes=int(x.nbytes), passes=OPS[op],
+                                  copy_s=floor_copy, floor_s=floor_copy * OPS[op] / 2, times={})
+                    for name in ["fastbn"] + peers:
+                        fn = IMPLEMENTATIONS[name](op, x, dy, nthreads)
+                        if fn is not None:
+                            record["times"][name] = median_time(fn, budget)
+                    records.append(record)
+                    if progress:
+                        progress(record)
+    finally:
+        set_max_threads(saved_threads)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(against=PEERS):
+    lines = [f"fastbn {__version__}  |  kernels: {simd_level} (CPU supports: {', '.join(supported_simd_levels())})"
+             f"  |  OpenMP: {openmp_version() or 'off'}",
+             f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs  |  Python {platform.python_version()}"
+             f"  |  numpy {np.__version__}"]
+    peers = [f"{p} {peer_version(p)}" for p in against if p != "numpy" and peer_version(p)]
+    missing = [p for p in against if not peer_version(p)]
+    lines.append("peers: " + (", ".join(peers) or "none")
+                 + (f"  (not installed: {', '.join(missing)})" if missing else ""))
+    return "\n".join(lines)
+
+
+def format_row(record, peers):
+    t = record["times"]["fastbn"]
+    mib = record["bytes"] / 2**20
+    gbs = record["passes"] * record["bytes"] / t / 1e9
+    cells = [f"{str(tuple(record['shape'])):>18}", f"{record['op']:>14}", f"{record['threads']:>2}",
+             f"{mib:>7.2f}", f"{t * 1e3:>9.4f}", f"{gbs:>6.1f}", f"{t / record['floor_s']:>6.2f}"]
+    for peer in peers:
+        other = record["times"].get(peer)
+        cells.append(f"{other / t:>8.2f}x" if other else f"{'-':>9}")
+    return " ".join(cells)
+
+
+def table(records, against=PEERS):
+    peers = [p for p in against if any(p in r["times"] for r in records)]
+    head = (f"{'shape':>18} {'op':>14} {'th':>2} {'MiB':>7} {'fastbn ms':>9} {'GB/s':>6} {'floor':>6} "
+            + " ".join(f"{'vs ' + p[:5]:>9}" for p in peers))
+    lines = [head, "-" * len(head)]
+    lines += [format_row(r, peers) for r in records]
+    lines.append("floor: fastbn time / (OpenMP memcpy of the same bytes x passes / 2); "
+                 "'vs peer': peer time / fastbn time (higher is better for fastbn).")
+    return "\n".join(lines)
+
+
+def plot(records, path):
+    """A chart of fastbn's speed-up over each peer per shape and operation (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install fastbn[bench]") from None
+    peers = [p for p in PEERS if any(p in r["times"] for r in records)]
+    threads = sorted({r["threads"] for r in records})
+    fig, axes = plt.subplots(len(threads), 1, figsize=(12, 4.5 * len(threads)), squeeze=False)
+    for ax, nthreads in zip(axes[:, 0], threads):
+        rows = [r for r in records if r["threads"] == nthreads]
+        labels = [f"{r['op']}\n{'x'.join(map(str, r['shape']))}" for r in rows]
+        width = 0.8 / max(1, len(peers))
+        for i, peer in enumerate(peers):
+            values = [r["times"][peer] / r["times"]["fastbn"] if peer in r["times"] else 0 for r in rows]
+            ax.bar(np.arange(len(rows)) + i * width, values, width, label=f"vs {peer}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel("speed-up of fastbn (x)")
+        ax.set_title(f"fastbn speed-up per shape and operation, {nthreads} thread(s)")
+        ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
+        ax.set_xticklabels(labels, fontsize=6, rotation=90)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(threads=(1, 2), against=PEERS, quick=False, json_path=None, plot_path=None, shapes=None,
+         ops=None, out=sys.stdout):
+    print(header(against), file=out)
+    print(f"threads: {', '.join(map(str, threads))}  |  dtype: float32  |  "
+          f"{'quick run' if quick else 'full run'}", file=out)
+    records = run(shapes=shapes, ops=ops, threads=threads, against=against, quick=quick,
+                  progress=lambda r: print(".", end="", file=sys.stderr, flush=True))
+    print(file=sys.stderr)
+    print(table(records, against), file=out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(header=header(against), records=records), f, indent=1)
+    if plot_path:
+        plot(records, plot_path)
+    return records
