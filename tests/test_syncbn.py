@@ -237,6 +237,21 @@ def _mpiexec():
     return shutil.which("mpiexec")
 
 
+def _launch_options(mpiexec, env):
+    """Options for running more ranks than cores.  MPICH's mpiexec needs none; Open MPI's
+    refuses unless told to oversubscribe, and refuses to run as root (as in containers) unless
+    allowed."""
+    try:
+        version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if "Open MPI" not in version:
+        return []
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return ["--oversubscribe"]
+
+
 def _worker_env():
     env = dict(os.environ)
     # The workers import the fastbn these tests import, not some installed copy.
@@ -257,11 +272,12 @@ def test_under_mpiexec(ranks):
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("mpiexec not found beside sys.executable or on PATH")
-    command = [mpiexec, "-n", str(ranks), sys.executable, os.path.join(HERE, "mpi_syncbn_worker.py"),
-               str(ranks)]
+    env = _worker_env()
+    command = ([mpiexec] + _launch_options(mpiexec, env)
+               + ["-n", str(ranks), sys.executable, os.path.join(HERE, "mpi_syncbn_worker.py"), str(ranks)])
     # A session of its own, so that a hung run can be killed with every rank it started.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_worker_env(), start_new_session=True)
+                            env=env, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
