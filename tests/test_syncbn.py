@@ -178,7 +178,7 @@ def test_input_is_not_modified_and_may_be_read_only_or_strided(rng):
     np.testing.assert_array_equal(dy, dy_before, err_msg="backward modified grad_output")
 
 
-def test_state_dict_repr_and_pickle_are_batchnorm_s():
+def test_state_dict_repr_and_pickle_match_batchnorm():
     bn = fastbn.SyncBatchNorm(4, momentum=None, bias=False)
     ref = fastbn.BatchNorm2d(4, momentum=None, bias=False)
     assert list(bn.state_dict()) == list(ref.state_dict())
