@@ -10,6 +10,7 @@
 from . import functional
 from ._dispatch import simd_level
 from ._version import __version__
+from .distributed import SyncBatchNorm  # mpi4py is imported only when a module needs it
 from .functional import batch_stats, merge_stats
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
 
@@ -18,6 +19,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "IncompatibleKeys",
+    "SyncBatchNorm",
     "batch_stats",
     "merge_stats",
     "functional",

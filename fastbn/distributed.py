@@ -1,0 +1,344 @@
+"""SyncBatchNorm: batch normalisation with statistics shared by data-parallel processes over MPI.
+
+Each process (an MPI rank) holds a slice of the global batch.  In training mode the ranks
+combine their per-channel statistics, so every rank normalises with the statistics of the
+global batch, and combine the sums of the backward, so every rank's gradients are those of a
+single process holding the whole batch.  The transport is MPI through mpi4py; it is imported
+only when a module without an explicit ``comm`` first needs ``MPI.COMM_WORLD``, so that
+``import fastbn`` never requires it.
+
+Collectives
+-----------
+One ``Allgather`` per training forward and one per training backward; eval mode does no
+communication.  Every rank contributes a float64 row starting with a status slot, which is 0
+when the rank's local work succeeded and otherwise the length of its error message.  A rank
+that rejects its input therefore still joins the collective, every rank sees the failure, a
+second ``Allgather`` (only on that path) spreads the messages, and all ranks raise the same
+error instead of the healthy ones waiting for a rank that never comes.
+
+Gathering rows, rather than reducing them with ``Allreduce``, lets each rank combine them
+itself, in rank order and with the same code: the results are bitwise identical on every
+rank whatever the MPI library's reduction algorithm, and the statistics can be merged with
+Chan's stable update (:func:`fastbn.functional.merge_stats`) rather than summed as raw
+moments.  The cost is that a rank receives ``size`` rows instead of one: 8 * (2 + 2C) bytes
+per rank in the forward and 8 * (1 + 2C) in the backward (torch's SyncBatchNorm also gathers
+its forward statistics).
+"""
+
+import numpy as np
+
+from . import _validation as V
+from . import functional as F
+from .modules import _BatchNorm
+
+__all__ = ["SyncBatchNorm"]
+
+#: Methods of an mpi4py communicator that SyncBatchNorm calls.
+_COMM_METHODS = ("Allgather", "Get_rank", "Get_size")
+
+#: Errors a failed rank's exception is re-raised as on every rank, by name; others become
+#: RuntimeError (the rank that failed chains its original exception).
+_ERRORS = {cls.__name__: cls for cls in (ValueError, TypeError, MemoryError, RuntimeError)}
+
+#: Longest error message (UTF-8 bytes) a rank sends to the others.
+_MAX_MESSAGE = 4096
+
+
+def _world():
+    """mpi4py's ``MPI.COMM_WORLD``, imported on first use."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(
+            "SyncBatchNorm needs mpi4py for its default communicator (MPI.COMM_WORLD), and it "
+            "could not be imported: install it with `pip install fastbn[mpi]` (mpi4py and an "
+            f"MPI library), or pass comm= explicitly ({exc})") from exc
+    return MPI.COMM_WORLD
+
+
+class _Synced:
+    """What a synchronised training forward saves for backward."""
+
+    __slots__ = ("input", "dtype", "mean", "invstd", "count")
+
+    def __init__(self, input, dtype, mean, invstd, count):
+        self.input = input    # as the kernels read it (C-contiguous, float16 widened)
+        self.dtype = dtype    # the caller's dtype, which grad_input takes
+        self.mean = mean      # global statistics, float64 (C,)
+        self.invstd = invstd
+        self.count = count    # global number of values per channel
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch normalisation over dimension 1 of an (N, C, \*) array, with the batch split
+    over the ranks of an MPI communicator.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    In training mode the mean and (biased) variance are those of the global batch, the
+    concatenation of every rank's input along dimension 0: each rank's output and
+    :meth:`backward` result are the matching slice of what :class:`fastbn.BatchNorm2d` (or 1d,
+    3d) gives on the global batch, and ``grad_weight``, ``grad_bias`` and the running buffers
+    are that module's, identical on every rank.  Ranks may hold different batch sizes,
+    including none (N = 0).  Every rank must call :meth:`forward` and :meth:`backward`
+    together, in the same mode, with the same ``num_features``, ``dtype`` and options.
+
+    In eval mode each rank works alone, with no communication, exactly as the base class: with
+    the running estimates, or with its local batch statistics when the module does not track
+    them (as torch's SyncBatchNorm, which synchronises only in training).
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float, default 1e-5
+        Added to the variance for numerical stability (must be > 0 to train).
+    momentum : float or None, default 0.1
+        Update factor of the running estimates; None for a cumulative moving average.
+    affine : bool, default True
+        Learnable ``weight`` (gamma, ones) and ``bias`` (beta, zeros).
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``.
+    dtype : float32 or float64, default float32
+        dtype of the parameters and buffers, and of the input the module accepts (plus float16
+        input for a float32 module, computed in float32).
+    bias : bool, default True (keyword only)
+        With ``affine=True``, whether to learn the bias; ``bias=False`` keeps a weight only.
+    comm : mpi4py communicator, optional (keyword only)
+        The ranks that share statistics.  None (the default) means ``MPI.COMM_WORLD``, looked
+        up when a training forward first needs it (mpi4py is imported then, not before).  Any
+        object with mpi4py's ``Allgather(sendbuf, recvbuf)``, ``Get_rank()`` and ``Get_size()``
+        works, e.g. a sub-communicator from ``Comm.Split``.
+
+    Notes
+    -----
+    Each training forward makes one ``Allgather`` of a float64 row ``[status, count, mean[C],
+    M2[C]]`` per rank, M2 being the sum of squared deviations from the rank's mean
+    (:func:`fastbn.functional.batch_stats`).  Every rank merges the rows in rank order with
+    Chan's update (:func:`fastbn.functional.merge_stats`): the stable equivalent of an
+    allreduce of the moments, bitwise identical on every rank.  The running estimates take
+    the global mean and the unbiased global variance ``M2 / (count - 1)``.
+
+    Each training backward makes one ``Allgather`` of ``[status, sum(dy), sum(dy * (x - mean))]``
+    per rank, summed in rank order on every rank.  ``grad_input`` follows from the global sums
+    and count (:func:`fastbn.functional.batch_norm_backward_elemt`); ``grad_bias`` is the
+    global ``sum(dy)`` and ``grad_weight`` the global ``sum(dy * xhat)``.
+
+    All gradients are therefore those of the *sum* of the ranks' losses.  torch's
+    SyncBatchNorm instead leaves the parameter gradients local, for DistributedDataParallel
+    to average: to follow that convention, divide ``grad_weight`` and ``grad_bias`` by
+    ``comm.Get_size()`` rather than averaging them again.
+
+    A rank whose input is invalid (wrong channels, dtype, dimensions) still joins the
+    collective; every rank then raises the same error, naming the failing rank, and no rank
+    changes any state.
+
+    Examples
+    --------
+    Run with ``mpiexec -n 2 python script.py``; each rank normalises its half of the batch:
+
+    >>> import numpy as np, fastbn                                      # doctest: +SKIP
+    >>> bn = fastbn.SyncBatchNorm(64)
+    >>> x = np.random.rand(16, 64, 28, 28).astype(np.float32)          # this rank's samples
+    >>> y = bn(x)                                   # global statistics, one Allgather
+    >>> dx = bn.backward(np.ones_like(y))           # global sums, one Allgather
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32, *, bias=True, comm=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
+                         bias=bias)
+        if comm is not None:
+            missing = [name for name in _COMM_METHODS if not callable(getattr(comm, name, None))]
+            if missing:
+                raise TypeError(f"comm must be an MPI communicator (with methods "
+                                f"{', '.join(_COMM_METHODS)}), got {type(comm).__name__} "
+                                f"without {', '.join(missing)}")
+        self._comm = comm
+
+    @property
+    def comm(self):
+        """The communicator: the one given, or ``MPI.COMM_WORLD``."""
+        return self._comm if self._comm is not None else _world()
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, comm=None):
+        """A SyncBatchNorm sharing ``module``'s parameters, buffers and mode.
+
+        As torch's ``convert_sync_batchnorm``: a BatchNorm1d/2d/3d becomes a SyncBatchNorm
+        holding the *same* arrays (so the two alias each other's state); a SyncBatchNorm, or
+        anything else, is returned unchanged, so a list of layers converts with
+        ``[SyncBatchNorm.convert_sync_batchnorm(m) for m in layers]``.
+        """
+        if isinstance(module, SyncBatchNorm) or not isinstance(module, _BatchNorm):
+            return module
+        sync = cls(module.num_features, module.eps, module.momentum, module.affine,
+                   module.track_running_stats, module.dtype, bias=module.bias is not None,
+                   comm=comm)
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(sync, name, getattr(module, name))
+        sync.training = module.training
+        return sync
+
+    # -- computation --------------------------------------------------------------------------
+
+    def _check_input(self, input):
+        # torch's SyncBatchNorm takes any (N, C, *) input, as the functional API does.
+        x = V.as_float_array(input, "input")
+        if x.ndim < 2:
+            raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+        if x.shape[1] == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        V.check_channels(x, self.num_features)
+        if F.compute_dtype(x.dtype) != self.dtype:
+            raise TypeError(f"input has dtype {x.dtype} but {type(self).__name__} holds "
+                            f"{self.dtype} parameters: all inputs must share the same dtype "
+                            f"(convert the input with .astype, or build the module with dtype=)")
+        return x
+
+    def forward(self, input):
+        """Normalise this rank's ``input`` (N, C, ...) with the global batch statistics.
+
+        In training mode every rank of ``comm`` must call this together (one ``Allgather``);
+        the running estimates and ``num_batches_tracked`` are updated identically on every
+        rank.  In eval mode there is no communication.  Returns an array of input's shape and
+        dtype.  The input and the statistics used are kept for :meth:`backward`; do not modify
+        the input in place before calling it.
+        """
+        if not self.training:
+            return super().forward(input)
+        comm = self.comm
+        c = self.num_features
+        row = np.zeros(2 + 2 * c)
+        failure = None
+        try:
+            x = self._check_input(input)
+            V.check_eps(self.eps, training=True)
+            xk = F.kernel_view(x)
+            count, mean, m2 = F.batch_stats(xk)
+            row[1] = count
+            row[2:2 + c] = mean
+            row[2 + c:] = m2
+        except Exception as exc:  # noqa: BLE001 - this rank must still join the collective
+            failure = exc
+        rows = _allgather_checked(comm, row, failure)
+
+        # Every rank merges the same rows in the same order: the same bits everywhere.
+        counts = [int(n) for n in rows[:, 1]]
+        count, mean, m2 = F.merge_stats(*[(n, r[2:2 + c], r[2 + c:]) for n, r in zip(counts, rows)])
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got 1 value "
+                             f"per channel over all {len(counts)} ranks (values per channel by "
+                             f"rank: {counts})")
+
+        if count == 0:
+            # As the base class: nothing to normalise, running estimates untouched.
+            y = np.empty(x.shape, x.dtype)
+            invstd = np.zeros(c)
+        else:
+            invstd = 1.0 / np.sqrt(m2 / count + self.eps)  # the biased variance normalises
+            y = F.batch_norm_elemt(xk, mean, invstd, self.weight, self.bias)
+            if y.dtype != x.dtype:  # float16 data computed in float32
+                y = y.astype(x.dtype)
+
+        # State changes last, once nothing can fail; the same on every rank.
+        counter = self.num_batches_tracked
+        if self.track_running_stats:
+            if self.momentum is None:
+                momentum = 1.0 / float(counter + 1)  # cumulative moving average
+            else:
+                momentum = self.momentum
+            if count > 0:
+                # Same arithmetic as the kernels' update: float64, then rounded to the buffer's
+                # dtype.  running_var tracks the unbiased variance.
+                rm, rv = self.running_mean, self.running_var
+                rm[...] = momentum * mean + (1.0 - momentum) * rm.astype(np.float64)
+                rv[...] = momentum * (m2 / (count - 1.0)) + (1.0 - momentum) * rv.astype(np.float64)
+            counter += 1
+        self._saved = _Synced(xk, x.dtype, mean, invstd, count)
+        return y
+
+    __call__ = forward
+
+    def backward(self, grad_output):
+        """Gradient with respect to this rank's input of the last :meth:`forward`.
+
+        After a training forward every rank must call this together (one ``Allgather``); it
+        sets ``grad_weight`` and ``grad_bias`` to the global gradients, identical on every rank
+        (None without the parameter), overwritten at each call.  After an eval forward there
+        is no communication, as in the base class.
+        """
+        saved = self._saved
+        if not isinstance(saved, _Synced):
+            return super().backward(grad_output)
+        comm = self.comm
+        c = self.num_features
+        row = np.zeros(1 + 2 * c)
+        failure = None
+        try:
+            dy = V.as_float_array(grad_output, "grad_output")
+            if dy.shape != saved.input.shape:
+                raise ValueError(f"grad_output has shape {tuple(dy.shape)} but the last forward's "
+                                 f"input has shape {tuple(saved.input.shape)}; they must match")
+            if dy.dtype != saved.dtype:
+                raise TypeError(f"grad_output has dtype {dy.dtype} but the last forward's input "
+                                f"had dtype {saved.dtype}; they must match")
+            dyk = F.kernel_view(dy)
+            sum_dy, sum_dy_xmu = F.batch_norm_backward_reduce(dyk, saved.input, saved.mean)
+            row[1:1 + c] = sum_dy
+            row[1 + c:] = sum_dy_xmu
+        except Exception as exc:  # noqa: BLE001 - this rank must still join the collective
+            failure = exc
+        rows = _allgather_checked(comm, row, failure)
+
+        # Summed in rank order, so every rank gets the same bits (an MPI reduction may combine
+        # in an order that differs between ranks).
+        total = rows[0, 1:].copy()
+        for other in rows[1:]:
+            total += other[1:]
+        sum_dy, sum_dy_xmu = total[:c], total[c:]
+        if saved.count > 0:
+            dx = F.batch_norm_backward_elemt(dyk, saved.input, saved.mean, saved.invstd,
+                                             self.weight, sum_dy, sum_dy_xmu, saved.count)
+        else:
+            dx = np.empty(saved.input.shape, saved.input.dtype)
+        if self.weight is not None:
+            self.grad_weight = (sum_dy_xmu * saved.invstd).astype(self.dtype)
+        else:
+            self.grad_weight = None
+        self.grad_bias = sum_dy.astype(self.dtype) if self.bias is not None else None
+        return dx.astype(saved.dtype, copy=False)
+
+
+def _allgather_checked(comm, row, failure):
+    """Allgather ``row`` (float64) from every rank into a (size, len(row)) array, with the
+    status slot row[0] set from ``failure``; if any rank failed, raise its error on all."""
+    message = b""
+    if failure is not None:
+        text = f"{type(failure).__name__}:rank {comm.Get_rank()}: {failure}"
+        message = text.encode("utf-8", "replace")[:_MAX_MESSAGE]
+        row[0] = len(message)
+    rows = np.empty((comm.Get_size(), row.shape[0]))
+    comm.Allgather(row, rows)
+    lengths = rows[:, 0].astype(np.int64)
+    if lengths.any():
+        _raise_everywhere(comm, message, lengths, failure)
+    return rows
+
+
+def _raise_everywhere(comm, message, lengths, failure):
+    """Share the failed ranks' messages (a second Allgather, only on this path: every rank
+    knows from the status slots that it is needed, and how long it is) and raise them."""
+    width = int(lengths.max())
+    mine = np.zeros(width, np.uint8)
+    mine[:len(message)] = np.frombuffer(message, np.uint8)
+    everyone = np.empty((lengths.shape[0], width), np.uint8)
+    comm.Allgather(mine, everyone)
+    texts = [bytes(everyone[r, :n]).decode("utf-8", "replace")
+             for r, n in enumerate(lengths) if n]
+    names, details = zip(*(text.split(":", 1) for text in texts))
+    cls = _ERRORS.get(names[0], RuntimeError)
+    error = cls("\n".join(details))
+    if failure is not None:
+        raise error from failure
+    raise error
