@@ -99,6 +99,12 @@ cdef enum:
     BLOCK_MIN_ROWS = 64
     # Elements per thread under which another thread costs more (fork/join) than it saves.
     GRAIN = 32768
+    # Planar channels of at most this many bytes per array are processed one by one,
+    # statistics then the elementwise pass while the channel is still in cache (L2): two
+    # passes over memory instead of three in the forward, three instead of five in the
+    # backward.  Where a channel does not fit, the second read comes from further out, as it
+    # would unfused: fusing never moves more bytes.
+    FUSE_BYTES = 1024 * 1024
 
 
 # Tests and tuning may force one layout for every shape (0: choose by shape, 1: planar,
@@ -113,7 +119,7 @@ cdef struct Geometry:
     Py_ssize_t segs, seg_len
     # columns layout: `rows` rows of `period` elements, then a last row of `tail` samples
     Py_ssize_t group, period, rows, tail
-    Py_ssize_t block, full_blocks, tiles, tail_tiles
+    Py_ssize_t tile, block, full_blocks, tiles, tail_tiles
     # reduction work items and the length of their partial-result arrays
     Py_ssize_t items, partial_len
 
@@ -134,7 +140,7 @@ cdef void set_geometry(Geometry* g, cnp.ndarray x) noexcept:
     g.planar = g.s >= max(<Py_ssize_t>RUN_MIN_S, min(<Py_ssize_t>PLANAR_MIN_S, PLANAR_PER_SAMPLE * g.n))
     if forced_layout:
         g.planar = forced_layout == 1
-    g.segs = g.seg_len = g.group = g.period = g.rows = g.tail = 0
+    g.segs = g.seg_len = g.group = g.period = g.rows = g.tail = g.tile = 0
     g.block = g.full_blocks = g.tiles = g.tail_tiles = g.items = g.partial_len = 0
     if g.total == 0:
         return
@@ -150,10 +156,13 @@ cdef void set_geometry(Geometry* g, cnp.ndarray x) noexcept:
         g.period = g.group * cs
         g.rows = g.n // g.group
         g.tail = g.n - g.rows * g.group
-        g.tiles = ceil_div(g.period, TILE)
+        # Tiles hold whole channels when a row's channels are contiguous runs no longer than
+        # a tile, so that a tile over all rows holds complete channels (fused passes).
+        g.tile = (TILE // g.s) * g.s if g.group == 1 and g.s <= TILE else TILE
+        g.tiles = ceil_div(g.period, g.tile)
         g.block = max(<Py_ssize_t>BLOCK_MIN_ROWS, ceil_div(g.rows, ceil_div(ITEMS_TARGET, g.tiles)))
         g.full_blocks = ceil_div(g.rows, g.block)
-        g.tail_tiles = ceil_div(g.tail * cs, TILE)
+        g.tail_tiles = ceil_div(g.tail * cs, g.tile)
         g.items = g.full_blocks * g.tiles + g.tail_tiles
         g.partial_len = (g.full_blocks + (g.tail > 0)) * g.period
 
@@ -204,8 +213,8 @@ cdef inline Py_ssize_t columns_item(const Geometry* g, Py_ssize_t k, Py_ssize_t*
         row0 = g.rows
         nrows[0] = 1
         row_width = g.tail * g.c * g.s
-    col0[0] = t * TILE
-    width[0] = min(<Py_ssize_t>TILE, row_width - col0[0])
+    col0[0] = t * g.tile
+    width[0] = min(g.tile, row_width - col0[0])
     return row0 * g.period + col0[0]
 
 
@@ -554,8 +563,10 @@ cdef inline void block_channel_moments(const Geometry* g, const double* pshift,
 
 cdef int merge_columns_moments(const Geometry* g, const double* plan, const double* pshift,
                                const double* poffset, const double* pm2, double* mean_hi,
-                               double* mean_lo, double* m2) noexcept nogil:
-    """Every channel's mean and M2 from the columns layout's per-column moments.
+                               double* mean_lo, double* m2, Py_ssize_t ch0,
+                               Py_ssize_t ch1) noexcept nogil:
+    """Channels ch0 to ch1's mean and M2 from the columns layout's per-column moments (a
+    channel's result does not depend on the range it is merged in).
 
     Block by block: a channel's columns in a block merge in closed form (block_channel_moments),
     then blocks merge by Chan's update.  Means are offsets from each channel's first shift, as
@@ -563,7 +574,7 @@ cdef int merge_columns_moments(const Geometry* g, const double* plan, const doub
     innermost, contiguous, so they vectorise; otherwise over a channel's contiguous columns.
     -1 if out of memory.
     """
-    cdef Py_ssize_t c = g.c, b, grp, ch, o, base
+    cdef Py_ssize_t c = ch1 - ch0, b, grp, ch, o, base, i
     cdef double* work = <double*>malloc(6 * c * sizeof(double))
     if work == NULL:
         return -1
@@ -574,76 +585,77 @@ cdef int merge_columns_moments(const Geometry* g, const double* plan, const doub
     cdef double* bq = work + 4 * c
     cdef double* sq = work + 5 * c
     cdef double inv_k, rows, r, w, delta, dev
-    for ch in range(c):
-        ref[ch] = pshift[ch * g.s]
+    for ch in range(ch0, ch1):
+        ref[ch - ch0] = pshift[ch * g.s]
     for b in range(g.full_blocks + (g.tail > 0)):
         base = b * g.period
         inv_k = plan[2 * n_parts(g) + b]
         rows = <double>block_rows(g, b)
         if g.s > 1:
-            for ch in range(c):
-                block_channel_moments(g, pshift, poffset, pm2, b, ch, ref[ch], inv_k, gm + ch, bq + ch)
+            for ch in range(ch0, ch1):
+                i = ch - ch0
+                block_channel_moments(g, pshift, poffset, pm2, b, ch, ref[i], inv_k, gm + i, bq + i)
         else:
             # the same arithmetic as block_channel_moments, channels innermost
-            for ch in range(c):
-                first[ch] = (pshift[base + ch] - ref[ch]) + poffset[base + ch]
-                gm[ch] = 0.0
+            for ch in range(ch0, ch1):
+                first[ch - ch0] = (pshift[base + ch] - ref[ch - ch0]) + poffset[base + ch]
+                gm[ch - ch0] = 0.0
             for grp in range(block_groups(g, b)):
-                o = base + grp * c
-                for ch in range(c):
-                    gm[ch] += ((pshift[o + ch] - ref[ch]) + poffset[o + ch]) - first[ch]
-            for ch in range(c):
-                gm[ch] = first[ch] + gm[ch] * inv_k
-                sq[ch] = 0.0
-                bq[ch] = 0.0
+                o = base + grp * g.c
+                for ch in range(ch0, ch1):
+                    gm[ch - ch0] += ((pshift[o + ch] - ref[ch - ch0]) + poffset[o + ch]) - first[ch - ch0]
+            for i in range(c):
+                gm[i] = first[i] + gm[i] * inv_k
+                sq[i] = 0.0
+                bq[i] = 0.0
             for grp in range(block_groups(g, b)):
-                o = base + grp * c
-                for ch in range(c):
-                    dev = ((pshift[o + ch] - ref[ch]) + poffset[o + ch]) - gm[ch]
-                    sq[ch] += dev * dev
-                    bq[ch] += pm2[o + ch]
-            for ch in range(c):
-                bq[ch] = bq[ch] + rows * sq[ch]
+                o = base + grp * g.c
+                for ch in range(ch0, ch1):
+                    dev = ((pshift[o + ch] - ref[ch - ch0]) + poffset[o + ch]) - gm[ch - ch0]
+                    sq[ch - ch0] += dev * dev
+                    bq[ch - ch0] += pm2[o + ch]
+            for i in range(c):
+                bq[i] = bq[i] + rows * sq[i]
         if b == 0:
-            for ch in range(c):
-                mu[ch] = gm[ch]
-                m2[ch] = bq[ch]
+            for i in range(c):
+                mu[i] = gm[i]
+                m2[ch0 + i] = bq[i]
         else:
             r = plan[2 * b]
             w = plan[2 * b + 1]
-            for ch in range(c):
-                delta = gm[ch] - mu[ch]
-                mu[ch] = mu[ch] + delta * r
-                m2[ch] = m2[ch] + (bq[ch] + delta * delta * w)
-    for ch in range(c):
-        two_sum(ref[ch], mu[ch], mean_hi + ch, mean_lo + ch)
+            for i in range(c):
+                delta = gm[i] - mu[i]
+                mu[i] = mu[i] + delta * r
+                m2[ch0 + i] = m2[ch0 + i] + (bq[i] + delta * delta * w)
+    for i in range(c):
+        two_sum(ref[i], mu[i], mean_hi + ch0 + i, mean_lo + ch0 + i)
     free(work)
     return 0
 
 
 cdef void merge_sums(const Geometry* g, const double* pa, const double* pb, double* sum_a,
-                     double* sum_b) noexcept nogil:
-    """Every channel's two sums from its parts' sums, added part by part in a fixed order (a
-    channel's sum does not depend on the loop order over channels)."""
+                     double* sum_b, Py_ssize_t ch0, Py_ssize_t ch1) noexcept nogil:
+    """Channels ch0 to ch1's two sums from their parts' sums, added part by part in a fixed
+    order (a channel's sum does not depend on the range it is merged in)."""
     cdef Py_ssize_t q, b, grp, j, ch, o, c = g.c, s = g.s
     cdef double ta, tb
-    for ch in range(c):
+    for ch in range(ch0, ch1):
         sum_a[ch] = 0.0
         sum_b[ch] = 0.0
     if g.planar:
         for q in range(g.n * g.segs):
-            for ch in range(c):
+            for ch in range(ch0, ch1):
                 sum_a[ch] += pa[q * c + ch]
                 sum_b[ch] += pb[q * c + ch]
     elif s == 1:
         for b in range(g.full_blocks + (g.tail > 0)):
             for grp in range(block_groups(g, b)):
                 o = b * g.period + grp * c
-                for ch in range(c):
+                for ch in range(ch0, ch1):
                     sum_a[ch] += pa[o + ch]
                     sum_b[ch] += pb[o + ch]
     else:
-        for ch in range(c):
+        for ch in range(ch0, ch1):
             ta = 0.0
             tb = 0.0
             for b in range(g.full_blocks + (g.tail > 0)):
@@ -654,7 +666,6 @@ cdef void merge_sums(const Geometry* g, const double* pa, const double* pb, doub
                         tb += pb[o + j]
             sum_a[ch] = ta
             sum_b[ch] = tb
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,7 +711,7 @@ cdef int moments_pass(const Geometry* g, const floating* x, double* mean_hi, dou
         for k in prange(g.items, num_threads=nt, schedule="static"):
             moments_item(g, x, k, pshift, poffset, pm2)
     if not g.planar:
-        rc = merge_columns_moments(g, plan, pshift, poffset, pm2, mean_hi, lo, m2)
+        rc = merge_columns_moments(g, plan, pshift, poffset, pm2, mean_hi, lo, m2, 0, g.c)
     elif nt == 1 or g.c < 2 * nt:
         for ch in range(g.c):
             merge_planar_moments(g, plan, pshift, poffset, pm2, ch, mean_hi + ch, lo + ch, m2 + ch)
@@ -764,7 +775,7 @@ cdef int grad_sums_pass(const Geometry* g, const floating* dy, const floating* x
     else:
         for k in prange(g.items, num_threads=nt, schedule="static"):
             grad_sums_item(g, dy, x, center, scale, dx, k, pa, pb)
-    merge_sums(g, pa, pb, sum_dy, sum_dy_xc)
+    merge_sums(g, pa, pb, sum_dy, sum_dy_xc, 0, g.c)
     free(pa)
     free(col_center)
     free(col_scale)
@@ -909,33 +920,125 @@ cdef int normalize(const Geometry* g, const floating* x, floating* y, const floa
     return rc
 
 
+cdef floating* fillers(const floating* like, Py_ssize_t c) noexcept nogil:
+    """4 * c values of like's type standing in for absent parameters and buffers: ones (weight), zeros
+    (bias), and two zeroed scratch arrays (running_mean, running_var, or gradients nobody
+    asked for).  With them every per-channel epilogue is free of branches, so its loop over
+    channels vectorises and the channel-fused paths run exactly the same arithmetic."""
+    cdef floating* f = <floating*>malloc(4 * c * sizeof(floating))
+    cdef Py_ssize_t i
+    if f != NULL:
+        for i in range(c):
+            f[i] = 1
+        for i in range(c, 4 * c):
+            f[i] = 0
+    return f
+
+
+cdef inline void train_channel(Py_ssize_t ch, Py_ssize_t c, double count, double momentum,
+                               double eps, const double* mean, const double* mean_lo,
+                               const double* m2, const floating* weight, const floating* bias,
+                               floating* running_mean, floating* running_var,
+                               double* save_invstd, floating* coef) noexcept nogil:
+    """Channel ch's epilogue of a training forward: invstd, the running buffers, and the
+    coefficients (center, scale, shift) of its normalisation in coef[ch], coef[c + ch],
+    coef[2c + ch].  No pointer is NULL (see fillers)."""
+    cdef double invstd = 1.0 / sqrt(m2[ch] / count + eps)
+    cdef double scale = invstd * <double>weight[ch]
+    save_invstd[ch] = invstd
+    running_mean[ch] = <floating>(momentum * mean[ch] + (1.0 - momentum) * running_mean[ch])
+    # running_var tracks the unbiased variance; normalisation uses the biased one.
+    running_var[ch] = <floating>(momentum * (m2[ch] / (count - 1.0))
+                                 + (1.0 - momentum) * running_var[ch])
+    coef[c + ch] = <floating>scale
+    split_center(mean[ch], mean_lo[ch], scale, <double>bias[ch], coef + ch, coef + 2 * c + ch)
+
+
+cdef inline Py_ssize_t channel_segment(const Geometry* g, Py_ssize_t ch, Py_ssize_t q) noexcept nogil:
+    """The planar work item of channel ch's q-th part (sample q // segs, segment q % segs)."""
+    return ((q // g.segs) * g.c + ch) * g.segs + q % g.segs
+
+
+cdef inline bint fuse_channels(const Geometry* g, Py_ssize_t bytes_per_value, int nt) noexcept nogil:
+    """Whether a pass goes channel by channel with its channels in cache (planar layout, small
+    enough channels, and enough of them to keep every thread busy)."""
+    return (g.planar and g.n * g.s * bytes_per_value <= FUSE_BYTES
+            and (nt == 1 or g.c >= 4 * nt))
+
+
+cdef inline void train_planar_channel(const Geometry* g, const floating* x, floating* y,
+                                      Py_ssize_t ch, const double* plan, double* pshift,
+                                      double* poffset, double* pm2, double count,
+                                      double momentum, double eps, double* mean,
+                                      double* mean_lo, double* m2, const floating* weight,
+                                      const floating* bias, floating* running_mean,
+                                      floating* running_var, double* save_invstd,
+                                      floating* coef) noexcept nogil:
+    """The whole training forward of one planar channel: the same segments, merge and
+    epilogue as the unfused passes (so the same bits), then its normalisation at once."""
+    cdef Py_ssize_t q, off, length, chan, slot
+    for q in range(g.n * g.segs):
+        off = planar_item(g, channel_segment(g, ch, q), &length, &chan, &slot)
+        segment_moments(x + off, length, pshift + slot, poffset + slot, pm2 + slot)
+    merge_planar_moments(g, plan, pshift, poffset, pm2, ch, mean + ch, mean_lo + ch, m2 + ch)
+    train_channel(ch, g.c, count, momentum, eps, mean, mean_lo, m2, weight, bias, running_mean,
+                  running_var, save_invstd, coef)
+    for q in range(g.n * g.segs):
+        off = planar_item(g, channel_segment(g, ch, q), &length, &chan, &slot)
+        affine_run(x + off, y + off, length, coef[ch], coef[g.c + ch], coef[2 * g.c + ch])
+
+
 cdef int forward_train_impl(const Geometry* g, const floating* x, floating* y,
                             const floating* weight, const floating* bias,
                             floating* running_mean, floating* running_var,
                             double momentum, double eps, double* save_mean, double* save_invstd,
                             int n_threads) noexcept nogil:
-    cdef double* m2 = <double*>malloc(2 * g.c * sizeof(double))
+    cdef Py_ssize_t ch, c = g.c
     cdef double count = <double>(g.n * g.s)
-    cdef Py_ssize_t ch
-    cdef int rc
-    if m2 == NULL:
+    cdef int rc = 0
+    cdef int nt = threads_for(g, n_threads, c)
+    cdef double* work = <double*>malloc(2 * c * sizeof(double) + 3 * c * sizeof(floating))
+    cdef floating* fill = fillers(x, c)
+    cdef double* plan = merge_plan(g)
+    cdef double* parts = <double*>malloc(3 * g.partial_len * sizeof(double))
+    if work == NULL or fill == NULL or plan == NULL or parts == NULL:
+        free(work); free(fill); free(plan); free(parts)
         return -1
-    cdef double* mean_lo = m2 + g.c
-    rc = moments_pass(g, x, save_mean, mean_lo, m2, n_threads)
-    if rc == 0:
-        for ch in range(g.c):
-            save_invstd[ch] = 1.0 / sqrt(m2[ch] / count + eps)
-        if running_mean != NULL:
-            for ch in range(g.c):
-                running_mean[ch] = <floating>(momentum * save_mean[ch]
-                                              + (1.0 - momentum) * running_mean[ch])
-        if running_var != NULL:
-            # running_var tracks the unbiased variance; normalisation uses the biased one.
-            for ch in range(g.c):
-                running_var[ch] = <floating>(momentum * (m2[ch] / (count - 1.0))
-                                             + (1.0 - momentum) * running_var[ch])
-        rc = normalize(g, x, y, weight, bias, save_mean, mean_lo, save_invstd, n_threads)
-    free(m2)
+    cdef double* m2 = work
+    cdef double* mean_lo = work + c
+    cdef floating* coef = <floating*>(work + 2 * c)
+    if weight == NULL:
+        weight = fill
+    if bias == NULL:
+        bias = fill + c
+    if running_mean == NULL:
+        running_mean = fill + 2 * c
+    if running_var == NULL:
+        running_var = fill + 3 * c
+    if fuse_channels(g, sizeof(floating), nt):
+        if nt == 1:
+            for ch in range(c):
+                train_planar_channel(g, x, y, ch, plan, parts, parts + g.partial_len,
+                                     parts + 2 * g.partial_len, count, momentum, eps, save_mean,
+                                     mean_lo, m2, weight, bias, running_mean, running_var,
+                                     save_invstd, coef)
+        else:
+            for ch in prange(c, num_threads=nt, schedule="static"):
+                train_planar_channel(g, x, y, ch, plan, parts, parts + g.partial_len,
+                                     parts + 2 * g.partial_len, count, momentum, eps, save_mean,
+                                     mean_lo, m2, weight, bias, running_mean, running_var,
+                                     save_invstd, coef)
+    else:
+        rc = moments_pass(g, x, save_mean, mean_lo, m2, n_threads)
+        if rc == 0:
+            for ch in range(c):
+                train_channel(ch, c, count, momentum, eps, save_mean, mean_lo, m2, weight, bias,
+                              running_mean, running_var, save_invstd, coef)
+            rc = affine_pass(g, x, y, coef, coef + c, coef + 2 * c, n_threads)
+    free(work)
+    free(fill)
+    free(plan)
+    free(parts)
     return rc
 
 
@@ -963,6 +1066,26 @@ cdef inline void parameter_grads(Py_ssize_t c, const double* sum_dy, const doubl
             grad_weight[ch] = <floating>(sum_dy_xc[ch] * invstd[ch])
 
 
+cdef inline void backward_channel(Py_ssize_t ch, Py_ssize_t c, double count, const double* mean,
+                                  const double* invstd, const double* sum_dy,
+                                  const double* sum_dy_xc, const floating* weight,
+                                  floating* grad_weight, floating* grad_bias,
+                                  floating* coef) noexcept nogil:
+    """Channel ch's epilogue of a training backward: the parameter gradients and the
+    coefficients (a, b, center, shift) of dx = a * dy + b * (x - center) + shift in
+    coef[ch + k * c].  No pointer is NULL (see fillers).
+
+    dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
+    """
+    cdef double a = <double>weight[ch] * invstd[ch]
+    cdef double b = -a * invstd[ch] * invstd[ch] * sum_dy_xc[ch] / count
+    grad_bias[ch] = <floating>sum_dy[ch]
+    grad_weight[ch] = <floating>(sum_dy_xc[ch] * invstd[ch])
+    coef[ch] = <floating>a
+    coef[c + ch] = <floating>b
+    split_center(mean[ch], 0.0, b, -a * sum_dy[ch] / count, coef + 2 * c + ch, coef + 3 * c + ch)
+
+
 cdef int grad_input_from_sums(const Geometry* g, const floating* dy, const floating* x,
                               floating* dx, const floating* weight, const double* mean,
                               const double* invstd, const double* sum_dy,
@@ -971,26 +1094,47 @@ cdef int grad_input_from_sums(const Geometry* g, const floating* dy, const float
     """Training-mode backward given the per-channel sums of dy and dy * (x - mean) over all
     `count` values of each channel (on one process, or gathered from several)."""
     cdef Py_ssize_t ch, c = g.c
-    cdef double b, shift
     cdef int rc
-    cdef double* a = <double*>malloc(c * sizeof(double) + 4 * c * sizeof(floating))
-    if a == NULL:
+    cdef floating* coef = <floating*>malloc(4 * c * sizeof(floating))
+    cdef floating* fill = fillers(x, c)
+    if coef == NULL or fill == NULL:
+        free(coef); free(fill)
         return -1
-    cdef floating* coef = <floating*>(a + c)
-    parameter_grads(c, sum_dy, sum_dy_xc, invstd, grad_weight, grad_bias)
-    widen(weight, 1.0, a, c)
-    # dx = w*invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
-    #    = a * dy + b * (x - mean) + shift
     for ch in range(c):
-        a[ch] *= invstd[ch]
-        b = -a[ch] * invstd[ch] * invstd[ch] * sum_dy_xc[ch] / count
-        shift = -a[ch] * sum_dy[ch] / count
-        coef[ch] = <floating>a[ch]
-        coef[c + ch] = <floating>b
-        split_center(mean[ch], 0.0, b, shift, coef + 2 * c + ch, coef + 3 * c + ch)
+        backward_channel(ch, c, count, mean, invstd, sum_dy, sum_dy_xc,
+                         fill if weight == NULL else weight,
+                         fill + 2 * c if grad_weight == NULL else grad_weight,
+                         fill + 3 * c if grad_bias == NULL else grad_bias, coef)
     rc = grad_input_pass(g, dy, x, dx, coef, coef + c, coef + 2 * c, coef + 3 * c, n_threads)
-    free(a)
+    free(coef)
+    free(fill)
     return rc
+
+
+cdef inline void backward_planar_channel(const Geometry* g, const floating* dy, const floating* x,
+                                         floating* dx, Py_ssize_t ch, double* pa, double* pb,
+                                         double count, const double* mean, const double* invstd,
+                                         double* sum_dy, double* sum_dy_xc,
+                                         const floating* weight, floating* grad_weight,
+                                         floating* grad_bias, floating* coef) noexcept nogil:
+    """The whole training backward of one planar channel: the same segment sums, added in the
+    same order, and the same epilogue as the unfused passes, then its dx at once."""
+    cdef Py_ssize_t q, off, length, chan, slot
+    cdef double ta = 0.0, tb = 0.0
+    for q in range(g.n * g.segs):
+        off = planar_item(g, channel_segment(g, ch, q), &length, &chan, &slot)
+        segment_grad_sums(dy + off, x + off, length, mean[ch], <floating>0, <floating*>NULL,
+                          pa + slot, pb + slot)
+        ta += pa[slot]
+        tb += pb[slot]
+    sum_dy[ch] = ta
+    sum_dy_xc[ch] = tb
+    backward_channel(ch, g.c, count, mean, invstd, sum_dy, sum_dy_xc, weight, grad_weight,
+                     grad_bias, coef)
+    for q in range(g.n * g.segs):
+        off = planar_item(g, channel_segment(g, ch, q), &length, &chan, &slot)
+        grad_input_run(dy + off, x + off, dx + off, length, coef[ch], coef[g.c + ch],
+                       coef[2 * g.c + ch], coef[3 * g.c + ch])
 
 
 cdef int backward_train_impl(const Geometry* g, const floating* dy, const floating* x,
@@ -998,16 +1142,49 @@ cdef int backward_train_impl(const Geometry* g, const floating* dy, const floati
                              const double* invstd, floating* grad_weight, floating* grad_bias,
                              int n_threads) noexcept nogil:
     """Backward of training-mode normalisation (batch statistics depend on x)."""
-    cdef double* sums = <double*>malloc(2 * g.c * sizeof(double))
-    cdef int rc
-    if sums == NULL:
+    cdef Py_ssize_t ch, c = g.c
+    cdef double count = <double>(g.n * g.s)
+    cdef int rc = 0
+    cdef int nt = threads_for(g, n_threads, c)
+    cdef double* sums
+    cdef floating* coef
+    cdef floating* fill
+    if not fuse_channels(g, sizeof(floating), nt):
+        sums = <double*>malloc(2 * c * sizeof(double))
+        if sums == NULL:
+            return -1
+        rc = grad_sums_pass(g, dy, x, mean, <floating*>NULL, <floating*>NULL,
+                            sums, sums + c, n_threads)
+        if rc == 0:
+            rc = grad_input_from_sums(g, dy, x, dx, weight, mean, invstd, sums, sums + c,
+                                      count, grad_weight, grad_bias, n_threads)
+        free(sums)
+        return rc
+    sums = <double*>malloc((2 * c + 2 * g.partial_len) * sizeof(double))
+    coef = <floating*>malloc(4 * c * sizeof(floating))
+    fill = fillers(x, c)
+    if sums == NULL or coef == NULL or fill == NULL:
+        free(sums); free(coef); free(fill)
         return -1
-    rc = grad_sums_pass(g, dy, x, mean, <floating*>NULL, <floating*>NULL,
-                        sums, sums + g.c, n_threads)
-    if rc == 0:
-        rc = grad_input_from_sums(g, dy, x, dx, weight, mean, invstd, sums, sums + g.c,
-                                  <double>(g.n * g.s), grad_weight, grad_bias, n_threads)
+    if weight == NULL:
+        weight = fill
+    if grad_weight == NULL:
+        grad_weight = fill + 2 * c
+    if grad_bias == NULL:
+        grad_bias = fill + 3 * c
+    if nt == 1:
+        for ch in range(c):
+            backward_planar_channel(g, dy, x, dx, ch, sums + 2 * c, sums + 2 * c + g.partial_len,
+                                    count, mean, invstd, sums, sums + c, weight, grad_weight,
+                                    grad_bias, coef)
+    else:
+        for ch in prange(c, num_threads=nt, schedule="static"):
+            backward_planar_channel(g, dy, x, dx, ch, sums + 2 * c, sums + 2 * c + g.partial_len,
+                                    count, mean, invstd, sums, sums + c, weight, grad_weight,
+                                    grad_bias, coef)
     free(sums)
+    free(coef)
+    free(fill)
     return rc
 
 
@@ -1075,7 +1252,7 @@ def describe_layout(shape):
     set_geometry(&g, _shape_probe(shape))
     return dict(layout="planar" if g.planar else "columns", n=g.n, c=g.c, s=g.s,
                 segments=g.segs, segment_length=g.seg_len, group=g.group, period=g.period,
-                rows=g.rows, tail=g.tail, block=g.block, tiles=g.tiles, items=g.items)
+                rows=g.rows, tail=g.tail, tile=g.tile, block=g.block, tiles=g.tiles, items=g.items)
 
 
 def moments(cnp.ndarray x, cnp.ndarray mean, cnp.ndarray m2, int n_threads):
