@@ -35,8 +35,8 @@ import numpy as np
 
 __all__ = ["UnsafeCheckpointError", "load_checkpoint", "read_checkpoint", "STATE_DICT_KEYS"]
 
-#: Entries that ``load_checkpoint`` looks in, in this order, when the top level of a checkpoint
-#: holds no arrays itself (``{"state_dict": ..., "epoch": 3}``).
+#: Entries that ``load_checkpoint`` looks in, in this order, for the state_dict of a nested
+#: checkpoint (``{"state_dict": ..., "epoch": 3}``), before it takes the top level itself.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 _TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER, legacy format
@@ -775,7 +775,7 @@ def load_checkpoint(path, *, key=None):
     key : str or sequence of str, optional
         Where the state_dict is in a nested checkpoint: ``key="ema"`` takes
         ``checkpoint["ema"]``, ``key=("model", "backbone")`` takes
-        ``checkpoint["model"]["backbone"]``.
+        ``checkpoint["model"]["backbone"]``, and ``key=()`` the top level itself.
 
     Returns
     -------
@@ -795,11 +795,12 @@ def load_checkpoint(path, *, key=None):
 
     Notes
     -----
-    Without ``key``, the state_dict is the top level if any of its values is an array;
-    otherwise the first of the entries ``"state_dict"``, ``"model_state_dict"`` and
-    ``"model"`` (:data:`STATE_DICT_KEYS`, in that order) whose value is a mapping holding
-    arrays.  Anything else is an error that lists the top-level keys: pass ``key``, or use
-    :func:`read_checkpoint` for the whole object.
+    Without ``key``, the state_dict is the first of the entries ``"state_dict"``,
+    ``"model_state_dict"`` and ``"model"`` (:data:`STATE_DICT_KEYS`, in that order) whose
+    value is a mapping holding arrays; if there is none, the top level itself if any of its
+    values is an array.  (A flat state_dict has arrays, not mappings, as values, so it is
+    never mistaken for a nested one.)  Anything else is an error that lists the top-level
+    keys: pass ``key``, or use :func:`read_checkpoint` for the whole object.
 
     Examples
     --------
@@ -827,12 +828,14 @@ def load_checkpoint(path, *, key=None):
                 f"is a {type(node).__name__}, not a mapping of arrays"
             raise ValueError(f"{path}: {trail} {kind}")
         return _state_dict(node, path, trail)
-    if _holds_arrays(tree):
-        return _state_dict(tree, path, "the checkpoint")
     if isinstance(tree, Mapping):
+        # The conventional entries first: a training checkpoint often has a stray tensor at
+        # the top too (torch's ImageNet example saves best_acc1 as one).
         for k in STATE_DICT_KEYS:
             if _holds_arrays(tree.get(k)):
                 return _state_dict(tree[k], path, f"the checkpoint[{k!r}]")
+        if _holds_arrays(tree):
+            return _state_dict(tree, path, "the checkpoint")
         if not tree:
             return collections.OrderedDict()  # an empty state_dict (a file with no tensors)
         raise ValueError(f"{path}: found no state_dict: the top level holds no arrays and none of "
