@@ -404,7 +404,8 @@ def _finish(view, element):
         wide <<= 16
         return wide.view(np.float32)
     if element == "bool":
-        return view.astype(np.uint8, order="C") != 0
+        # Into an array of our own: on a 0-d view, != returns a numpy scalar, not an array.
+        return np.not_equal(view, 0, out=np.empty(view.shape, dtype=bool))
     return view.astype(view.dtype.newbyteorder("="), order="C")
 
 

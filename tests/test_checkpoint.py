@@ -279,6 +279,18 @@ def test_bool_storage_bytes_other_than_zero_are_true(tmp_path):
     assert got.view(np.uint8).max() == 1, "bool array holds bytes other than 0 and 1"
 
 
+@pytest.mark.parametrize("type_name,data,want", [
+    ("BoolStorage", b"\x02", np.array(True)),
+    ("BFloat16Storage", b"\xc0\x3f", np.array(1.5, np.float32)),
+    ("HalfStorage", np.float16(-2).tobytes(), np.array(-2, np.float16)),
+    ("ComplexFloatStorage", np.complex64(1 - 1j).tobytes(), np.array(1 - 1j, np.complex64)),
+])
+def test_zero_dim_tensors_are_arrays_not_scalars(tmp_path, type_name, data, want):
+    t = tensor(Storage(type_name, "0", 1), 0, (), ())
+    got = load_checkpoint(write_torch_zip(tmp_path / "c.pt", dumps({"t": t}), {"0": data}))
+    assert_same_array(got["t"], want, f"0-d {type_name}")
+
+
 @pytest.mark.parametrize("dtype,np_dtype", [("uint16", "<u2"), ("uint32", "<u4"), ("uint64", "<u8"),
                                             ("float32", "<f4"), ("int16", "<i2")])
 def test_rebuild_tensor_v3_over_an_untyped_storage(tmp_path, dtype, np_dtype):
