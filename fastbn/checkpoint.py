@@ -736,7 +736,7 @@ def _describe(mapping, limit=10):
     for k, v in list(mapping.items())[:limit]:
         kind = type(v).__name__
         if isinstance(v, Mapping):
-            kind += f", {len(v)} entries"
+            kind += f", {len(v)} {'entry' if len(v) == 1 else 'entries'}"
         elif isinstance(v, np.ndarray):
             kind = f"array {v.dtype}{list(v.shape)}"
         parts.append(f"{k!r} ({kind})")

@@ -190,7 +190,7 @@ def test_no_state_dict_found_lists_the_keys(tmp_path):
     with pytest.raises(ValueError) as info:
         load_checkpoint(path)
     message = str(info.value)
-    for part in ("found no state_dict", "'weights' (dict, 1 entries)", "'epoch' (int)", "key="):
+    for part in ("found no state_dict", "'weights' (dict, 1 entry)", "'epoch' (int)", "key="):
         assert part in message, f"{part!r} not in {message!r}"
     assert list(load_checkpoint(path, key="weights")) == ["w"]
 

@@ -116,7 +116,8 @@ def test_tensor_saved_twice_is_one_array_as_in_torch(tmp_path):
     path = torch_save({"a": t, "b": t}, tmp_path / "c.pt", "zip")
     tree = fastbn.read_checkpoint(path)
     loaded = torch.load(path)
-    assert (tree["a"] is tree["b"]) == (loaded["a"] is loaded["b"]) == True  # noqa: E712
+    assert loaded["a"] is loaded["b"], "torch.load gives one tensor"
+    assert tree["a"] is tree["b"], "fastbn should give one array, as torch.load gives one tensor"
 
 
 def test_parameters_conj_and_neg(tmp_path):
@@ -190,6 +191,16 @@ def test_other_dims_and_float64(tmp_path, name, shape, dtype):
     x = torch.randn(shape, dtype=dtype)
     with torch.no_grad():
         assert_close(bn(x.numpy()), m(x).numpy(), np_dtype, f"{name} {dtype} vs torch")
+
+
+def test_from_state_dict_takes_torchs_own_state_dict():
+    m = model()
+    bn = fastbn.BatchNorm2d.from_state_dict(m.state_dict(), "1").eval()  # torch tensors as values
+    for k, v in m[1].state_dict().items():
+        assert_bitwise(getattr(bn, k), v, f"1.{k} from torch tensors")
+    x = torch.randn(2, 6, 3, 3)
+    with torch.no_grad():
+        assert_close(bn(x.numpy()), m[1](x).numpy(), np.float32, "from torch's state_dict")
 
 
 def test_safetensors_written_by_torch(tmp_path):
