@@ -10,6 +10,7 @@
 from . import functional
 from ._dispatch import simd_level
 from ._version import __version__
+from .checkpoint import UnsafeCheckpointError, load_checkpoint, read_checkpoint
 from .distributed import SyncBatchNorm  # mpi4py is imported only when a module needs it
 from .functional import batch_stats, merge_stats
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
@@ -20,9 +21,12 @@ __all__ = [
     "BatchNorm3d",
     "IncompatibleKeys",
     "SyncBatchNorm",
+    "UnsafeCheckpointError",
     "batch_stats",
     "merge_stats",
     "functional",
+    "load_checkpoint",
+    "read_checkpoint",
     "simd_level",
     "__version__",
 ]

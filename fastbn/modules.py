@@ -238,6 +238,94 @@ class _BatchNorm:
             target[...] = value
         return IncompatibleKeys(missing, unexpected)
 
+    @classmethod
+    def from_state_dict(cls, state_dict, prefix="", *, eps=1e-5, momentum=0.1, dtype=None,
+                        strict=True):
+        """A module built from, and loaded with, the entries of ``state_dict`` under ``prefix``.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            A whole model's state_dict (from :func:`fastbn.load_checkpoint`, or torch's
+            ``model.state_dict()``), or a single module's.
+        prefix : str, default ""
+            The module's name in the model followed by a dot, as in its keys:
+            ``"layer1.0.bn1."``.  The trailing dot may be left out.
+        eps : float, default 1e-5
+            Not stored in a state_dict: give the value the model was built with.
+        momentum : float or None, default 0.1
+            Not stored in a state_dict either.
+        dtype : float32 or float64, optional
+            The module's dtype.  By default float64 if any of the weight, bias and running
+            statistics is float64, else float32.
+        strict : bool, default True
+            As in :meth:`load_state_dict`: with True, entries under the prefix that the module
+            does not have are errors (a missing ``num_batches_tracked`` only where torch's
+            ``_metadata`` says the checkpoint's module has one).
+
+        Returns
+        -------
+        module : an instance of this class (``BatchNorm2d.from_state_dict`` builds a BatchNorm2d)
+
+        Notes
+        -----
+        The structure is inferred from the keys present: ``num_features`` from the length of
+        ``weight`` (or else ``running_mean``, ``bias``, ``running_var``), ``affine`` from
+        ``weight``, ``bias`` from ``bias``, and ``track_running_stats`` from ``running_mean``
+        or ``running_var``.  The module is in training mode, as a new one is; call
+        :meth:`eval` to use the running statistics.
+
+        Examples
+        --------
+        >>> sd = fastbn.load_checkpoint("resnet18.pth")                     # doctest: +SKIP
+        >>> bn = fastbn.BatchNorm2d.from_state_dict(sd, "layer1.0.bn1").eval()  # doctest: +SKIP
+        """
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict).__name__}.")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if prefix and not prefix.endswith("."):
+            prefix += "."  # "layer1.0.bn1" must not also take "layer1.0.bn10.weight"
+        entries = OrderedDict((k[len(prefix):], state_dict[k]) for k in state_dict.keys()
+                              if isinstance(k, str) and k.startswith(prefix))
+        if not entries:
+            raise ValueError(f'no entries under prefix "{prefix}" in the state_dict ({len(state_dict)} '
+                             f"entries); {_norm_prefixes(state_dict)}")
+        per_channel = OrderedDict()
+        for name in ("weight", "running_mean", "bias", "running_var"):  # num_features from the first
+            if name in entries:
+                try:
+                    array = np.asarray(entries[name])
+                except Exception as exc:
+                    raise TypeError(f'could not convert "{prefix}{name}" '
+                                    f"({type(entries[name]).__name__}) to an array: {exc}") from None
+                if array.ndim != 1:
+                    raise ValueError(f'"{prefix}{name}" has shape {tuple(array.shape)}, but a '
+                                     f"BatchNorm's {name} is 1-D (one value per channel): is "
+                                     f'"{prefix}" the prefix of a BatchNorm layer? '
+                                     f"{_norm_prefixes(state_dict)}")
+                entries[name] = per_channel[name] = array
+        if not per_channel:
+            raise ValueError(f'nothing under prefix "{prefix}" gives num_features: expected a '
+                             f"weight, bias, running_mean or running_var, found "
+                             f"{list(entries)[:8]}")
+        if dtype is None:
+            wide = any(a.dtype == np.float64 for a in per_channel.values())
+            dtype = np.float64 if wide else np.float32
+        module = cls(len(next(iter(per_channel.values()))), eps=eps, momentum=momentum,
+                     affine="weight" in entries,
+                     track_running_stats="running_mean" in entries or "running_var" in entries,
+                     dtype=dtype, bias="bias" in entries)
+        # torch's _metadata is keyed by module path; the module's own entry is its version.
+        metadata = getattr(state_dict, "_metadata", None)
+        if isinstance(metadata, dict) and prefix[:-1] in metadata:
+            entries._metadata = {"": metadata[prefix[:-1]]}
+        try:
+            module.load_state_dict(entries, strict=strict)
+        except ValueError as exc:
+            raise ValueError(f'{exc}\n(entries under prefix "{prefix}")') from None
+        return module
+
     # -- representation -----------------------------------------------------------------------
 
     def extra_repr(self):
@@ -273,6 +361,21 @@ def _checkpoint_value(name, value, target):
             raise ValueError(f'"{name}" must hold whole numbers, got {array!r}')
         array = array.astype(target.dtype)
     return array
+
+
+def _norm_prefixes(state_dict, limit=6):
+    """A hint naming the prefixes of a state_dict that look like normalisation layers': those
+    with running statistics, or failing that a 1-D weight."""
+    keys = [k for k in state_dict.keys() if isinstance(k, str)]
+    found = [k[:-len(s)] for k in keys for s in ("running_mean",) if k.endswith(s)]
+    if not found:
+        found = [k[:-len("weight")] for k in keys
+                 if k.endswith("weight") and getattr(state_dict[k], "ndim", None) == 1]
+    if not found:
+        return f"it has no BatchNorm-like entries (running_mean, or a 1-D weight); its keys: {keys[:limit]}"
+    shown = ", ".join(f'"{p}"' for p in found[:limit])
+    more = f", ... ({len(found)} in all)" if len(found) > limit else ""
+    return f"BatchNorm-like prefixes in it: {shown}{more}"
 
 
 class BatchNorm1d(_BatchNorm):
