@@ -13,6 +13,7 @@ from ._version import __version__
 from .checkpoint import UnsafeCheckpointError, load_checkpoint, read_checkpoint
 from .distributed import SyncBatchNorm  # mpi4py is imported only when a module needs it
 from .functional import batch_stats, merge_stats
+from .fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "SyncBatchNorm",
     "UnsafeCheckpointError",
     "batch_stats",
+    "fuse_conv_bn_weights",
+    "fuse_linear_bn_weights",
     "merge_stats",
     "functional",
     "load_checkpoint",

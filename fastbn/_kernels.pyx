@@ -70,6 +70,39 @@ ctypedef fused floating:
     float
     double
 
+
+# The activation applied in the same pass as the normalisation: a compile-time choice, so each
+# loop is written once and costs nothing when there is none.
+cdef struct Identity:
+    char unused
+
+cdef struct ReLU:
+    char unused
+
+ctypedef fused activation:
+    Identity
+    ReLU
+
+
+cdef inline floating activate(const activation* act, floating z) noexcept nogil:
+    """The activation of z.  ReLU is torch's: 0 where z < 0, z itself otherwise (so -0.0 and
+    NaN pass through)."""
+    if activation is ReLU:
+        return 0 if z < 0 else z
+    else:
+        return z
+
+
+cdef inline floating gate(const activation* act, const floating* dy, const floating* out,
+                          Py_ssize_t i) noexcept nogil:
+    """The gradient reaching the normalisation: dy[i] where the activation passes it (ReLU:
+    where its output out[i] is not <= 0, as torch's threshold_backward), else 0.  `out` is read
+    only with an activation."""
+    if activation is ReLU:
+        return 0 if out[i] <= 0 else dy[i]
+    else:
+        return dy[i]
+
 cdef enum:
     # Explicit accumulator lanes of a plane reduction.  A compile-time count lets the compiler
     # keep them in SIMD registers (32 doubles = 4 AVX-512 or 8 AVX2 registers per sum) with
@@ -110,6 +143,8 @@ cdef enum:
 # Tests and tuning may force one layout for every shape (0: choose by shape, 1: planar,
 # 2: columns); see _force_layout.  Not for production use: it is process-wide.
 cdef int forced_layout = 0
+# Likewise, tests and tuning may switch the channel- and tile-fused passes off (_set_fusion).
+cdef bint fusion_enabled = True
 
 
 cdef struct Geometry:
@@ -325,10 +360,11 @@ cdef inline void segment_moments(const floating* x, Py_ssize_t n, double* shift_
     m2[0] = max(t2 - t1 * t1 / n, 0.0)
 
 
-cdef inline void segment_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
-                                   double center, floating scale, floating* dx,
-                                   double* sum_dy, double* sum_dy_xc) noexcept nogil:
-    """sum(dy) and sum(dy * (x - center)) over n elements; with dx, also dx = scale * dy."""
+cdef inline void segment_grad_sums(const activation* act, const floating* dy, const floating* out,
+                                   const floating* x, Py_ssize_t n, double center, floating scale,
+                                   floating* dx, double* sum_dy, double* sum_dy_xc) noexcept nogil:
+    """sum(g) and sum(g * (x - center)) over n elements, g being dy gated by the activation
+    (see gate); with dx, also dx = scale * g."""
     cdef double s1[LANES]
     cdef double s2[LANES]
     cdef double v
@@ -339,22 +375,22 @@ cdef inline void segment_grad_sums(const floating* dy, const floating* x, Py_ssi
     if dx == NULL:
         while i < full:
             for j in range(LANES):
-                v = dy[i + j]
+                v = gate(act, dy, out, i + j)
                 s1[j] += v
                 s2[j] += v * (<double>x[i + j] - center)
             i += LANES
     else:
         while i < full:
             for j in range(LANES):
-                v = dy[i + j]
-                dx[i + j] = scale * dy[i + j]
+                v = gate(act, dy, out, i + j)
+                dx[i + j] = scale * gate(act, dy, out, i + j)
                 s1[j] += v
                 s2[j] += v * (<double>x[i + j] - center)
             i += LANES
     for j in range(n - full):
-        v = dy[full + j]
+        v = gate(act, dy, out, full + j)
         if dx != NULL:
-            dx[full + j] = scale * dy[full + j]
+            dx[full + j] = scale * gate(act, dy, out, full + j)
         s1[j] += v
         s2[j] += v * (<double>x[full + j] - center)
     sum_dy[0] = fold_lanes(s1)
@@ -402,11 +438,12 @@ cdef inline void tile_moments(const floating* x, Py_ssize_t stride, Py_ssize_t n
         m2[j] = max(s2[j] - s1[j] * s1[j] * inv_n, 0.0)
 
 
-cdef inline void tile_grad_sums(const floating* dy, const floating* x, Py_ssize_t stride,
-                                Py_ssize_t nrows, Py_ssize_t width, const double* center,
-                                const floating* scale, floating* dx,
-                                double* sum_dy, double* sum_dy_xc) noexcept nogil:
-    """Per-column sum(dy) and sum(dy * (x - center[j])) of a tile; with dx, also dx = scale[j] * dy."""
+cdef inline void tile_grad_sums(const activation* act, const floating* dy, const floating* out,
+                                const floating* x, Py_ssize_t stride, Py_ssize_t nrows,
+                                Py_ssize_t width, const double* center, const floating* scale,
+                                floating* dx, double* sum_dy, double* sum_dy_xc) noexcept nogil:
+    """Per-column sum(g) and sum(g * (x - center[j])) of a tile, g being dy gated by the
+    activation; with dx, also dx = scale[j] * g."""
     cdef double s1[TILE]
     cdef double s2[TILE]
     cdef double v
@@ -421,13 +458,13 @@ cdef inline void tile_grad_sums(const floating* dy, const floating* x, Py_ssize_
             prefetch_row(x + o + PREFETCH_ROWS * stride, width)
         if dx == NULL:
             for j in range(width):
-                v = dy[o + j]
+                v = gate(act, dy, out, o + j)
                 s1[j] += v
                 s2[j] += v * (<double>x[o + j] - center[j])
         else:
             for j in range(width):
-                v = dy[o + j]
-                dx[o + j] = scale[j] * dy[o + j]
+                v = gate(act, dy, out, o + j)
+                dx[o + j] = scale[j] * gate(act, dy, out, o + j)
                 s1[j] += v
                 s2[j] += v * (<double>x[o + j] - center[j])
     for j in range(width):
@@ -435,33 +472,36 @@ cdef inline void tile_grad_sums(const floating* dy, const floating* x, Py_ssize_
         sum_dy_xc[j] = s2[j]
 
 
-cdef inline void affine_run(const floating* x, floating* y, Py_ssize_t n,
+cdef inline void affine_run(const activation* act, const floating* x, floating* y, Py_ssize_t n,
                             floating center, floating scale, floating shift) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        y[i] = (x[i] - center) * scale + shift
+        y[i] = activate(act, (x[i] - center) * scale + shift)
 
 
-cdef inline void affine_row(const floating* x, floating* y, Py_ssize_t n, const floating* center,
-                            const floating* scale, const floating* shift) noexcept nogil:
+cdef inline void affine_row(const activation* act, const floating* x, floating* y, Py_ssize_t n,
+                            const floating* center, const floating* scale,
+                            const floating* shift) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        y[i] = (x[i] - center[i]) * scale[i] + shift[i]
+        y[i] = activate(act, (x[i] - center[i]) * scale[i] + shift[i])
 
 
-cdef inline void grad_input_run(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
-                                floating a, floating b, floating center, floating c) noexcept nogil:
+cdef inline void grad_input_run(const activation* act, const floating* dy, const floating* out,
+                                const floating* x, floating* dx, Py_ssize_t n, floating a,
+                                floating b, floating center, floating c) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        dx[i] = a * dy[i] + b * (x[i] - center) + c
+        dx[i] = a * gate(act, dy, out, i) + b * (x[i] - center) + c
 
 
-cdef inline void grad_input_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
-                                const floating* a, const floating* b, const floating* center,
+cdef inline void grad_input_row(const activation* act, const floating* dy, const floating* out,
+                                const floating* x, floating* dx, Py_ssize_t n, const floating* a,
+                                const floating* b, const floating* center,
                                 const floating* c) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        dx[i] = a[i] * dy[i] + b[i] * (x[i] - center[i]) + c[i]
+        dx[i] = a[i] * gate(act, dy, out, i) + b[i] * (x[i] - center[i]) + c[i]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,30 +765,37 @@ cdef int moments_pass(const Geometry* g, const floating* x, double* mean_hi, dou
     return rc
 
 
-cdef inline void grad_sums_item(const Geometry* g, const floating* dy, const floating* x,
-                                const double* center, const floating* scale, floating* dx,
-                                Py_ssize_t k, double* pa, double* pb) noexcept nogil:
+cdef inline const floating* at(const floating* p, Py_ssize_t off) noexcept nogil:
+    """p + off, or NULL for an absent (NULL) optional array."""
+    return NULL if p == NULL else p + off
+
+
+cdef inline void grad_sums_item(const activation* act, const Geometry* g, const floating* dy,
+                                const floating* out, const floating* x, const double* center,
+                                const floating* scale, floating* dx, Py_ssize_t k, double* pa,
+                                double* pb) noexcept nogil:
     """Partial sums of item k.  `center` and `scale` are per channel (planar) or per column
-    (columns); dx, when not NULL, receives scale * dy."""
+    (columns); dx, when not NULL, receives scale * (gated) dy."""
     cdef Py_ssize_t off, length, ch, slot, nrows, width, col0
     if g.planar:
         off = planar_item(g, k, &length, &ch, &slot)
-        segment_grad_sums(dy + off, x + off, length, center[ch],
-                          scale[ch] if dx != NULL else <floating>0, NULL if dx == NULL else dx + off,
-                          pa + slot, pb + slot)
+        segment_grad_sums(act, dy + off, at(out, off), x + off, length, center[ch],
+                          scale[ch] if dx != NULL else <floating>0, at(dx, off), pa + slot,
+                          pb + slot)
     else:
         off = columns_item(g, k, &nrows, &width, &col0)
         slot = columns_slot(g, k, col0)
-        tile_grad_sums(dy + off, x + off, g.period, nrows, width, center + col0,
-                       NULL if dx == NULL else scale + col0, NULL if dx == NULL else dx + off,
-                       pa + slot, pb + slot)
+        tile_grad_sums(act, dy + off, at(out, off), x + off, g.period, nrows, width, center + col0,
+                       NULL if dx == NULL else scale + col0, at(dx, off), pa + slot, pb + slot)
 
 
-cdef int grad_sums_pass(const Geometry* g, const floating* dy, const floating* x,
-                        const double* center, const floating* scale, floating* dx,
-                        double* sum_dy, double* sum_dy_xc, int n_threads) noexcept nogil:
-    """Per-channel sum(dy) and sum(dy * (x - center)); with dx, also dx = scale * dy in the
-    same pass.  center and scale are per channel.  -1 if out of memory."""
+cdef int grad_sums_pass(const activation* act, const Geometry* g, const floating* dy,
+                        const floating* out, const floating* x, const double* center,
+                        const floating* scale, floating* dx, double* sum_dy,
+                        double* sum_dy_xc, int n_threads) noexcept nogil:
+    """Per-channel sum(g) and sum(g * (x - center)), g being dy gated by the activation of the
+    output `out`; with dx, also dx = scale * g in the same pass.  center and scale are per
+    channel.  -1 if out of memory."""
     if g.total == 0:
         return 0
     cdef Py_ssize_t k, ch
@@ -771,10 +818,10 @@ cdef int grad_sums_pass(const Geometry* g, const floating* dy, const floating* x
             scale = per_column(g, scale, col_scale)
     if nt == 1:
         for k in range(g.items):
-            grad_sums_item(g, dy, x, center, scale, dx, k, pa, pb)
+            grad_sums_item(act, g, dy, out, x, center, scale, dx, k, pa, pb)
     else:
         for k in prange(g.items, num_threads=nt, schedule="static"):
-            grad_sums_item(g, dy, x, center, scale, dx, k, pa, pb)
+            grad_sums_item(act, g, dy, out, x, center, scale, dx, k, pa, pb)
     merge_sums(g, pa, pb, sum_dy, sum_dy_xc, 0, g.c)
     free(pa)
     free(col_center)
@@ -782,25 +829,28 @@ cdef int grad_sums_pass(const Geometry* g, const floating* dy, const floating* x
     return 0
 
 
-cdef inline void affine_item(const Geometry* g, const floating* x, floating* y, Py_ssize_t k,
-                             const floating* center, const floating* scale,
-                             const floating* shift) noexcept nogil:
+cdef inline void affine_item(const activation* act, const Geometry* g, const floating* x,
+                             floating* y, Py_ssize_t k, const floating* center,
+                             const floating* scale, const floating* shift) noexcept nogil:
     cdef Py_ssize_t off, length, ch, slot
     if g.planar:
         off = planar_item(g, k, &length, &ch, &slot)
-        affine_run(x + off, y + off, length, center[ch], scale[ch], shift[ch])
+        affine_run(act, x + off, y + off, length, center[ch], scale[ch], shift[ch])
     elif not by_rows(g):
         off = k * g.c * g.s
         for ch in range(g.c):
-            affine_run(x + off + ch * g.s, y + off + ch * g.s, g.s, center[ch], scale[ch], shift[ch])
+            affine_run(act, x + off + ch * g.s, y + off + ch * g.s, g.s, center[ch], scale[ch],
+                       shift[ch])
     else:
         off = k * g.period
-        affine_row(x + off, y + off, row_length(g, k), center, scale, shift)
+        affine_row(act, x + off, y + off, row_length(g, k), center, scale, shift)
 
 
-cdef int affine_pass(const Geometry* g, const floating* x, floating* y, const floating* center,
-                     const floating* scale, const floating* shift, int n_threads) noexcept nogil:
-    """y = (x - center) * scale + shift with per-channel coefficients; -1 if out of memory."""
+cdef int affine_pass(const activation* act, const Geometry* g, const floating* x, floating* y,
+                     const floating* center, const floating* scale, const floating* shift,
+                     int n_threads) noexcept nogil:
+    """y = activation((x - center) * scale + shift) with per-channel coefficients; -1 if out of
+    memory."""
     if g.total == 0:
         return 0
     cdef Py_ssize_t k, items = elementwise_items(g)
@@ -815,35 +865,41 @@ cdef int affine_pass(const Geometry* g, const floating* x, floating* y, const fl
         shift = per_column(g, shift, work + 2 * g.period)
     if nt == 1:
         for k in range(items):
-            affine_item(g, x, y, k, center, scale, shift)
+            affine_item(act, g, x, y, k, center, scale, shift)
     else:
         for k in prange(items, num_threads=nt, schedule="static"):
-            affine_item(g, x, y, k, center, scale, shift)
+            affine_item(act, g, x, y, k, center, scale, shift)
     free(work)
     return 0
 
 
-cdef inline void grad_input_item(const Geometry* g, const floating* dy, const floating* x,
-                                 floating* dx, Py_ssize_t k, const floating* a, const floating* b,
+cdef inline void grad_input_item(const activation* act, const Geometry* g, const floating* dy,
+                                 const floating* out, const floating* x, floating* dx,
+                                 Py_ssize_t k, const floating* a, const floating* b,
                                  const floating* center, const floating* c) noexcept nogil:
-    cdef Py_ssize_t off, length, ch, slot
+    cdef Py_ssize_t off, length, ch, slot, o
     if g.planar:
         off = planar_item(g, k, &length, &ch, &slot)
-        grad_input_run(dy + off, x + off, dx + off, length, a[ch], b[ch], center[ch], c[ch])
+        grad_input_run(act, dy + off, at(out, off), x + off, dx + off, length, a[ch], b[ch],
+                       center[ch], c[ch])
     elif not by_rows(g):
         off = k * g.c * g.s
         for ch in range(g.c):
-            grad_input_run(dy + off + ch * g.s, x + off + ch * g.s, dx + off + ch * g.s, g.s,
-                           a[ch], b[ch], center[ch], c[ch])
+            o = off + ch * g.s
+            grad_input_run(act, dy + o, at(out, o), x + o, dx + o, g.s, a[ch], b[ch], center[ch],
+                           c[ch])
     else:
         off = k * g.period
-        grad_input_row(dy + off, x + off, dx + off, row_length(g, k), a, b, center, c)
+        grad_input_row(act, dy + off, at(out, off), x + off, dx + off, row_length(g, k), a, b,
+                       center, c)
 
 
-cdef int grad_input_pass(const Geometry* g, const floating* dy, const floating* x, floating* dx,
+cdef int grad_input_pass(const activation* act, const Geometry* g, const floating* dy,
+                         const floating* out, const floating* x, floating* dx,
                          const floating* a, const floating* b, const floating* center,
                          const floating* c, int n_threads) noexcept nogil:
-    """dx = a * dy + b * (x - center) + c with per-channel coefficients; -1 if out of memory."""
+    """dx = a * g + b * (x - center) + c with per-channel coefficients, g being dy gated by the
+    activation of the output `out`; -1 if out of memory."""
     if g.total == 0:
         return 0
     cdef Py_ssize_t k, items = elementwise_items(g)
@@ -859,10 +915,10 @@ cdef int grad_input_pass(const Geometry* g, const floating* dy, const floating* 
         c = per_column(g, c, work + 3 * g.period)
     if nt == 1:
         for k in range(items):
-            grad_input_item(g, dy, x, dx, k, a, b, center, c)
+            grad_input_item(act, g, dy, out, x, dx, k, a, b, center, c)
     else:
         for k in prange(items, num_threads=nt, schedule="static"):
-            grad_input_item(g, dy, x, dx, k, a, b, center, c)
+            grad_input_item(act, g, dy, out, x, dx, k, a, b, center, c)
     free(work)
     return 0
 
@@ -894,7 +950,8 @@ cdef inline void widen(const floating* src, double fill, double* dst, Py_ssize_t
             dst[i] = src[i]
 
 
-cdef int normalize(const Geometry* g, const floating* x, floating* y, const floating* weight,
+cdef int normalize(const activation* act, const Geometry* g, const floating* x, floating* y,
+                   const floating* weight,
                    const floating* bias, const double* mean, const double* mean_lo,
                    const double* invstd, int n_threads) noexcept nogil:
     """y = (x - mean) * invstd * weight + bias, the mean given as mean + mean_lo (mean_lo and
@@ -915,7 +972,7 @@ cdef int normalize(const Geometry* g, const floating* x, floating* y, const floa
         scale[ch] *= invstd[ch]
         coef[c + ch] = <floating>scale[ch]
         split_center(mean[ch], lo[ch], scale[ch], shift[ch], coef + ch, coef + 2 * c + ch)
-    rc = affine_pass(g, x, y, coef, coef + c, coef + 2 * c, n_threads)
+    rc = affine_pass(act, g, x, y, coef, coef + c, coef + 2 * c, n_threads)
     free(work)
     return rc
 
@@ -962,11 +1019,61 @@ cdef inline Py_ssize_t channel_segment(const Geometry* g, Py_ssize_t ch, Py_ssiz
 cdef inline bint fuse_channels(const Geometry* g, Py_ssize_t bytes_per_value, int nt) noexcept nogil:
     """Whether a pass goes channel by channel with its channels in cache (planar layout, small
     enough channels, and enough of them to keep every thread busy)."""
-    return (g.planar and g.n * g.s * bytes_per_value <= FUSE_BYTES
+    return (fusion_enabled and g.planar and g.n * g.s * bytes_per_value <= FUSE_BYTES
             and (nt == 1 or g.c >= 4 * nt))
 
 
-cdef inline void train_planar_channel(const Geometry* g, const floating* x, floating* y,
+cdef inline bint fuse_tiles(const Geometry* g, Py_ssize_t bytes_per_value, int nt) noexcept nogil:
+    """Whether a columns-layout pass goes tile by tile over all rows with each tile in cache:
+    tiles must hold whole channels (one sample per row, planes no longer than a tile), be
+    small enough, and be numerous enough to keep every thread busy."""
+    return (fusion_enabled and not g.planar and g.group == 1 and g.s <= TILE
+            and g.n * g.tile * bytes_per_value <= FUSE_BYTES and (nt == 1 or g.tiles >= 4 * nt))
+
+
+cdef inline void tile_channels(const Geometry* g, Py_ssize_t t, Py_ssize_t* col0,
+                               Py_ssize_t* width, Py_ssize_t* ch0, Py_ssize_t* ch1) noexcept nogil:
+    """Columns and (whole) channels of tile t when tiles hold whole channels."""
+    col0[0] = t * g.tile
+    width[0] = min(g.tile, g.period - col0[0])
+    ch0[0] = col0[0] // g.s
+    ch1[0] = ch0[0] + width[0] // g.s
+
+
+cdef inline int train_columns_tile(const activation* act, const Geometry* g, const floating* x,
+                                   floating* y,
+                                   Py_ssize_t t, const double* plan, double* pshift,
+                                   double* poffset, double* pm2, double count, double momentum,
+                                   double eps, double* mean, double* mean_lo, double* m2,
+                                   const floating* weight, const floating* bias,
+                                   floating* running_mean, floating* running_var,
+                                   double* save_invstd, floating* coef) noexcept nogil:
+    """The whole training forward of the channels of one column tile, over all rows: the same
+    items, merge and epilogue as the unfused passes (so the same bits), then their
+    normalisation while the tile is in cache.  -1 if out of memory."""
+    cdef Py_ssize_t b, r, ch, off, col0, width, ch0, ch1, c = g.c
+    tile_channels(g, t, &col0, &width, &ch0, &ch1)
+    for b in range(g.full_blocks):
+        moments_item(g, x, b * g.tiles + t, pshift, poffset, pm2)
+    if merge_columns_moments(g, plan, pshift, poffset, pm2, mean, mean_lo, m2, ch0, ch1) != 0:
+        return -1
+    for ch in range(ch0, ch1):
+        train_channel(ch, c, count, momentum, eps, mean, mean_lo, m2, weight, bias, running_mean,
+                      running_var, save_invstd, coef)
+    for r in range(g.rows):
+        off = r * g.period
+        if g.s == 1:
+            affine_row(act, x + off + col0, y + off + col0, width, coef + ch0, coef + c + ch0,
+                       coef + 2 * c + ch0)
+        else:
+            for ch in range(ch0, ch1):
+                affine_run(act, x + off + ch * g.s, y + off + ch * g.s, g.s, coef[ch], coef[c + ch],
+                           coef[2 * c + ch])
+    return 0
+
+
+cdef inline void train_planar_channel(const activation* act, const Geometry* g,
+                                      const floating* x, floating* y,
                                       Py_ssize_t ch, const double* plan, double* pshift,
                                       double* poffset, double* pm2, double count,
                                       double momentum, double eps, double* mean,
@@ -985,10 +1092,11 @@ cdef inline void train_planar_channel(const Geometry* g, const floating* x, floa
                   running_var, save_invstd, coef)
     for q in range(g.n * g.segs):
         off = planar_item(g, channel_segment(g, ch, q), &length, &chan, &slot)
-        affine_run(x + off, y + off, length, coef[ch], coef[g.c + ch], coef[2 * g.c + ch])
+        affine_run(act, x + off, y + off, length, coef[ch], coef[g.c + ch], coef[2 * g.c + ch])
 
 
-cdef int forward_train_impl(const Geometry* g, const floating* x, floating* y,
+cdef int forward_train_impl(const activation* act, const Geometry* g, const floating* x,
+                            floating* y,
                             const floating* weight, const floating* bias,
                             floating* running_mean, floating* running_var,
                             double momentum, double eps, double* save_mean, double* save_invstd,
@@ -1015,26 +1123,43 @@ cdef int forward_train_impl(const Geometry* g, const floating* x, floating* y,
         running_mean = fill + 2 * c
     if running_var == NULL:
         running_var = fill + 3 * c
+    cdef Py_ssize_t t
+    cdef int nt_tiles = threads_for(g, n_threads, g.tiles)
     if fuse_channels(g, sizeof(floating), nt):
         if nt == 1:
             for ch in range(c):
-                train_planar_channel(g, x, y, ch, plan, parts, parts + g.partial_len,
+                train_planar_channel(act, g, x, y, ch, plan, parts, parts + g.partial_len,
                                      parts + 2 * g.partial_len, count, momentum, eps, save_mean,
                                      mean_lo, m2, weight, bias, running_mean, running_var,
                                      save_invstd, coef)
         else:
             for ch in prange(c, num_threads=nt, schedule="static"):
-                train_planar_channel(g, x, y, ch, plan, parts, parts + g.partial_len,
+                train_planar_channel(act, g, x, y, ch, plan, parts, parts + g.partial_len,
                                      parts + 2 * g.partial_len, count, momentum, eps, save_mean,
                                      mean_lo, m2, weight, bias, running_mean, running_var,
                                      save_invstd, coef)
+    elif fuse_tiles(g, sizeof(floating), nt_tiles):
+        if nt_tiles == 1:
+            for t in range(g.tiles):
+                if train_columns_tile(act, g, x, y, t, plan, parts, parts + g.partial_len,
+                                      parts + 2 * g.partial_len, count, momentum, eps, save_mean,
+                                      mean_lo, m2, weight, bias, running_mean, running_var,
+                                      save_invstd, coef) != 0:
+                    rc = -1
+        else:
+            for t in prange(g.tiles, num_threads=nt_tiles, schedule="static"):
+                if train_columns_tile(act, g, x, y, t, plan, parts, parts + g.partial_len,
+                                      parts + 2 * g.partial_len, count, momentum, eps, save_mean,
+                                      mean_lo, m2, weight, bias, running_mean, running_var,
+                                      save_invstd, coef) != 0:
+                    rc = -1
     else:
         rc = moments_pass(g, x, save_mean, mean_lo, m2, n_threads)
         if rc == 0:
             for ch in range(c):
                 train_channel(ch, c, count, momentum, eps, save_mean, mean_lo, m2, weight, bias,
                               running_mean, running_var, save_invstd, coef)
-            rc = affine_pass(g, x, y, coef, coef + c, coef + 2 * c, n_threads)
+            rc = affine_pass(act, g, x, y, coef, coef + c, coef + 2 * c, n_threads)
     free(work)
     free(fill)
     free(plan)
@@ -1042,7 +1167,8 @@ cdef int forward_train_impl(const Geometry* g, const floating* x, floating* y,
     return rc
 
 
-cdef int forward_eval_impl(const Geometry* g, const floating* x, floating* y,
+cdef int forward_eval_impl(const activation* act, const Geometry* g, const floating* x,
+                           floating* y,
                            const floating* weight, const floating* bias,
                            const floating* running_mean, const floating* running_var, double eps,
                            double* save_mean, double* save_invstd, int n_threads) noexcept nogil:
@@ -1050,7 +1176,7 @@ cdef int forward_eval_impl(const Geometry* g, const floating* x, floating* y,
     for ch in range(g.c):
         save_mean[ch] = running_mean[ch]
         save_invstd[ch] = 1.0 / sqrt(<double>running_var[ch] + eps)
-    return normalize(g, x, y, weight, bias, save_mean, NULL, save_invstd, n_threads)
+    return normalize(act, g, x, y, weight, bias, save_mean, NULL, save_invstd, n_threads)
 
 
 cdef inline void parameter_grads(Py_ssize_t c, const double* sum_dy, const double* sum_dy_xc,
@@ -1086,8 +1212,8 @@ cdef inline void backward_channel(Py_ssize_t ch, Py_ssize_t c, double count, con
     split_center(mean[ch], 0.0, b, -a * sum_dy[ch] / count, coef + 2 * c + ch, coef + 3 * c + ch)
 
 
-cdef int grad_input_from_sums(const Geometry* g, const floating* dy, const floating* x,
-                              floating* dx, const floating* weight, const double* mean,
+cdef int grad_input_from_sums(const activation* act, const Geometry* g, const floating* dy,
+                              const floating* out, const floating* x, floating* dx, const floating* weight, const double* mean,
                               const double* invstd, const double* sum_dy,
                               const double* sum_dy_xc, double count, floating* grad_weight,
                               floating* grad_bias, int n_threads) noexcept nogil:
@@ -1105,14 +1231,16 @@ cdef int grad_input_from_sums(const Geometry* g, const floating* dy, const float
                          fill if weight == NULL else weight,
                          fill + 2 * c if grad_weight == NULL else grad_weight,
                          fill + 3 * c if grad_bias == NULL else grad_bias, coef)
-    rc = grad_input_pass(g, dy, x, dx, coef, coef + c, coef + 2 * c, coef + 3 * c, n_threads)
+    rc = grad_input_pass(act, g, dy, out, x, dx, coef, coef + c, coef + 2 * c, coef + 3 * c,
+                         n_threads)
     free(coef)
     free(fill)
     return rc
 
 
-cdef inline void backward_planar_channel(const Geometry* g, const floating* dy, const floating* x,
-                                         floating* dx, Py_ssize_t ch, double* pa, double* pb,
+cdef inline void backward_planar_channel(const activation* act, const Geometry* g,
+                                         const floating* dy, const floating* out,
+                                         const floating* x, floating* dx, Py_ssize_t ch, double* pa, double* pb,
                                          double count, const double* mean, const double* invstd,
                                          double* sum_dy, double* sum_dy_xc,
                                          const floating* weight, floating* grad_weight,
@@ -1123,8 +1251,8 @@ cdef inline void backward_planar_channel(const Geometry* g, const floating* dy, 
     cdef double ta = 0.0, tb = 0.0
     for q in range(g.n * g.segs):
         off = planar_item(g, channel_segment(g, ch, q), &length, &chan, &slot)
-        segment_grad_sums(dy + off, x + off, length, mean[ch], <floating>0, <floating*>NULL,
-                          pa + slot, pb + slot)
+        segment_grad_sums(act, dy + off, at(out, off), x + off, length, mean[ch], <floating>0,
+                          <floating*>NULL, pa + slot, pb + slot)
         ta += pa[slot]
         tb += pb[slot]
     sum_dy[ch] = ta
@@ -1133,12 +1261,44 @@ cdef inline void backward_planar_channel(const Geometry* g, const floating* dy, 
                      grad_bias, coef)
     for q in range(g.n * g.segs):
         off = planar_item(g, channel_segment(g, ch, q), &length, &chan, &slot)
-        grad_input_run(dy + off, x + off, dx + off, length, coef[ch], coef[g.c + ch],
+        grad_input_run(act, dy + off, at(out, off), x + off, dx + off, length, coef[ch], coef[g.c + ch],
                        coef[2 * g.c + ch], coef[3 * g.c + ch])
 
 
-cdef int backward_train_impl(const Geometry* g, const floating* dy, const floating* x,
-                             floating* dx, const floating* weight, const double* mean,
+cdef inline void backward_columns_tile(const activation* act, const Geometry* g,
+                                       const floating* dy, const floating* out,
+                                       const floating* x, floating* dx, Py_ssize_t t, double* pa, double* pb,
+                                       const double* col_center, double count,
+                                       const double* mean, const double* invstd, double* sum_dy,
+                                       double* sum_dy_xc, const floating* weight,
+                                       floating* grad_weight, floating* grad_bias,
+                                       floating* coef) noexcept nogil:
+    """The whole training backward of the channels of one column tile, over all rows: the same
+    items, sums and epilogue as the unfused passes, then their dx while the tile is in cache."""
+    cdef Py_ssize_t b, r, ch, off, col0, width, ch0, ch1, c = g.c
+    tile_channels(g, t, &col0, &width, &ch0, &ch1)
+    for b in range(g.full_blocks):
+        grad_sums_item(act, g, dy, out, x, col_center, <floating*>NULL, <floating*>NULL,
+                       b * g.tiles + t, pa, pb)
+    merge_sums(g, pa, pb, sum_dy, sum_dy_xc, ch0, ch1)
+    for ch in range(ch0, ch1):
+        backward_channel(ch, c, count, mean, invstd, sum_dy, sum_dy_xc, weight, grad_weight,
+                         grad_bias, coef)
+    for r in range(g.rows):
+        off = r * g.period
+        if g.s == 1:
+            grad_input_row(act, dy + off + col0, at(out, off + col0), x + off + col0,
+                           dx + off + col0, width, coef + ch0,
+                           coef + c + ch0, coef + 2 * c + ch0, coef + 3 * c + ch0)
+        else:
+            for ch in range(ch0, ch1):
+                grad_input_run(act, dy + off + ch * g.s, at(out, off + ch * g.s), x + off + ch * g.s,
+                               dx + off + ch * g.s, g.s,
+                               coef[ch], coef[c + ch], coef[2 * c + ch], coef[3 * c + ch])
+
+
+cdef int backward_train_impl(const activation* act, const Geometry* g, const floating* dy,
+                             const floating* out, const floating* x, floating* dx, const floating* weight, const double* mean,
                              const double* invstd, floating* grad_weight, floating* grad_bias,
                              int n_threads) noexcept nogil:
     """Backward of training-mode normalisation (batch statistics depend on x)."""
@@ -1147,24 +1307,31 @@ cdef int backward_train_impl(const Geometry* g, const floating* dy, const floati
     cdef int rc = 0
     cdef int nt = threads_for(g, n_threads, c)
     cdef double* sums
+    cdef double* center_work = NULL
+    cdef const double* col_center
     cdef floating* coef
     cdef floating* fill
-    if not fuse_channels(g, sizeof(floating), nt):
+    cdef Py_ssize_t t
+    cdef int nt_tiles = threads_for(g, n_threads, g.tiles)
+    cdef bint tiles = not fuse_channels(g, sizeof(floating), nt) and fuse_tiles(g, sizeof(floating), nt_tiles)
+    if not fuse_channels(g, sizeof(floating), nt) and not tiles:
         sums = <double*>malloc(2 * c * sizeof(double))
         if sums == NULL:
             return -1
-        rc = grad_sums_pass(g, dy, x, mean, <floating*>NULL, <floating*>NULL,
+        rc = grad_sums_pass(act, g, dy, out, x, mean, <floating*>NULL, <floating*>NULL,
                             sums, sums + c, n_threads)
         if rc == 0:
-            rc = grad_input_from_sums(g, dy, x, dx, weight, mean, invstd, sums, sums + c,
+            rc = grad_input_from_sums(act, g, dy, out, x, dx, weight, mean, invstd, sums, sums + c,
                                       count, grad_weight, grad_bias, n_threads)
         free(sums)
         return rc
     sums = <double*>malloc((2 * c + 2 * g.partial_len) * sizeof(double))
     coef = <floating*>malloc(4 * c * sizeof(floating))
     fill = fillers(x, c)
-    if sums == NULL or coef == NULL or fill == NULL:
-        free(sums); free(coef); free(fill)
+    if tiles:
+        center_work = <double*>malloc(g.period * sizeof(double))
+    if sums == NULL or coef == NULL or fill == NULL or (tiles and center_work == NULL):
+        free(sums); free(coef); free(fill); free(center_work)
         return -1
     if weight == NULL:
         weight = fill
@@ -1172,24 +1339,38 @@ cdef int backward_train_impl(const Geometry* g, const floating* dy, const floati
         grad_weight = fill + 2 * c
     if grad_bias == NULL:
         grad_bias = fill + 3 * c
-    if nt == 1:
+    if tiles:
+        # the tiles' sums take the mean per column, as the unfused pass's do
+        col_center = per_column(g, mean, center_work)
+        if nt_tiles == 1:
+            for t in range(g.tiles):
+                backward_columns_tile(act, g, dy, out, x, dx, t, sums + 2 * c, sums + 2 * c + g.partial_len,
+                                      col_center, count, mean, invstd, sums, sums + c, weight,
+                                      grad_weight, grad_bias, coef)
+        else:
+            for t in prange(g.tiles, num_threads=nt_tiles, schedule="static"):
+                backward_columns_tile(act, g, dy, out, x, dx, t, sums + 2 * c, sums + 2 * c + g.partial_len,
+                                      col_center, count, mean, invstd, sums, sums + c, weight,
+                                      grad_weight, grad_bias, coef)
+    elif nt == 1:
         for ch in range(c):
-            backward_planar_channel(g, dy, x, dx, ch, sums + 2 * c, sums + 2 * c + g.partial_len,
+            backward_planar_channel(act, g, dy, out, x, dx, ch, sums + 2 * c, sums + 2 * c + g.partial_len,
                                     count, mean, invstd, sums, sums + c, weight, grad_weight,
                                     grad_bias, coef)
     else:
         for ch in prange(c, num_threads=nt, schedule="static"):
-            backward_planar_channel(g, dy, x, dx, ch, sums + 2 * c, sums + 2 * c + g.partial_len,
+            backward_planar_channel(act, g, dy, out, x, dx, ch, sums + 2 * c, sums + 2 * c + g.partial_len,
                                     count, mean, invstd, sums, sums + c, weight, grad_weight,
                                     grad_bias, coef)
+    free(center_work)
     free(sums)
     free(coef)
     free(fill)
     return rc
 
 
-cdef int backward_eval_impl(const Geometry* g, const floating* dy, const floating* x,
-                            floating* dx, const floating* weight, const double* mean,
+cdef int backward_eval_impl(const activation* act, const Geometry* g, const floating* dy,
+                            const floating* out, const floating* x, floating* dx, const floating* weight, const double* mean,
                             const double* invstd, floating* grad_weight, floating* grad_bias,
                             int n_threads) noexcept nogil:
     """Backward of eval-mode normalisation (fixed statistics): dx = weight * invstd * dy, in the
@@ -1206,11 +1387,13 @@ cdef int backward_eval_impl(const Geometry* g, const floating* dy, const floatin
         coef[ch] = <floating>(work[ch] * invstd[ch])
         coef[c + ch] = 0
         coef[2 * c + ch] = 0
-    if grad_weight == NULL and grad_bias == NULL:
+    if grad_weight == NULL and grad_bias == NULL and activation is Identity:
         # dx = scale * (dy - 0) + 0: the normalisation pass applied to dy.
-        rc = affine_pass(g, dy, dx, coef + c, coef, coef + 2 * c, n_threads)
+        rc = affine_pass(act, g, dy, dx, coef + c, coef, coef + 2 * c, n_threads)
     else:
-        rc = grad_sums_pass(g, dy, x, mean, coef, dx, sums, sums + c, n_threads)
+        # (with an activation, dy must be gated: the sums pass does that, and its sums are
+        # the parameter gradients when those are wanted)
+        rc = grad_sums_pass(act, g, dy, out, x, mean, coef, dx, sums, sums + c, n_threads)
         if rc == 0:
             parameter_grads(c, sums, sums + c, invstd, grad_weight, grad_bias)
     free(work)
@@ -1246,6 +1429,13 @@ def _force_layout(name):
     forced_layout = {None: 0, "planar": 1, "columns": 2}[name]
 
 
+def _set_fusion(enabled):
+    """Allow (True) or forbid (False) the fused passes.  For tests and tuning only: fused and
+    unfused passes must give the same bits."""
+    global fusion_enabled
+    fusion_enabled = bool(enabled)
+
+
 def describe_layout(shape):
     """How the kernels walk an input of this shape: a dict of the geometry (for tests and bench)."""
     cdef Geometry g
@@ -1275,8 +1465,8 @@ def moments(cnp.ndarray x, cnp.ndarray mean, cnp.ndarray m2, int n_threads):
 
 
 def normalize_given(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
-                    cnp.ndarray mean, cnp.ndarray invstd, int n_threads):
-    """y = (x - mean) * invstd * weight + bias with given float64 statistics."""
+                    cnp.ndarray mean, cnp.ndarray invstd, int n_threads, bint relu=False):
+    """y = (x - mean) * invstd * weight + bias with given float64 statistics (then ReLU)."""
     cdef Geometry g
     cdef int rc = 0
     cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
@@ -1290,20 +1480,26 @@ def normalize_given(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
     if g.total == 0:
         return
     with nogil:
-        if f32:
-            rc = normalize(&g, <const float*>xp, <float*>yp, <const float*>wp, <const float*>bp,
-                           mp, NULL, ip, n_threads)
+        if f32 and relu:
+            rc = normalize(<ReLU*>NULL, &g, <const float*>xp, <float*>yp, <const float*>wp,
+                           <const float*>bp, mp, NULL, ip, n_threads)
+        elif f32:
+            rc = normalize(<Identity*>NULL, &g, <const float*>xp, <float*>yp, <const float*>wp,
+                           <const float*>bp, mp, NULL, ip, n_threads)
+        elif relu:
+            rc = normalize(<ReLU*>NULL, &g, <const double*>xp, <double*>yp, <const double*>wp,
+                           <const double*>bp, mp, NULL, ip, n_threads)
         else:
-            rc = normalize(&g, <const double*>xp, <double*>yp, <const double*>wp,
+            rc = normalize(<Identity*>NULL, &g, <const double*>xp, <double*>yp, <const double*>wp,
                            <const double*>bp, mp, NULL, ip, n_threads)
     check(rc)
 
 
 def forward_train(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
                   object running_mean, object running_var, double momentum, double eps,
-                  cnp.ndarray save_mean, cnp.ndarray save_invstd, int n_threads):
+                  cnp.ndarray save_mean, cnp.ndarray save_invstd, int n_threads, bint relu=False):
     """Training-mode forward: batch statistics into save_mean/save_invstd (float64), running
-    buffers (when not None) updated in place, y written.  Needs N * S >= 2."""
+    buffers (when not None) updated in place, y written (then ReLU).  Needs N * S >= 2."""
     cdef Geometry g
     cdef int rc = 0
     cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
@@ -1319,22 +1515,30 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
     if g.total == 0:
         return
     with nogil:
-        if f32:
-            rc = forward_train_impl(&g, <const float*>xp, <float*>yp, <const float*>wp,
+        if f32 and relu:
+            rc = forward_train_impl(<ReLU*>NULL, &g, <const float*>xp, <float*>yp, <const float*>wp,
                                     <const float*>bp, <float*>rmp, <float*>rvp, momentum, eps,
                                     mp, ip, n_threads)
+        elif f32:
+            rc = forward_train_impl(<Identity*>NULL, &g, <const float*>xp, <float*>yp,
+                                    <const float*>wp, <const float*>bp, <float*>rmp, <float*>rvp,
+                                    momentum, eps, mp, ip, n_threads)
+        elif relu:
+            rc = forward_train_impl(<ReLU*>NULL, &g, <const double*>xp, <double*>yp,
+                                    <const double*>wp, <const double*>bp, <double*>rmp,
+                                    <double*>rvp, momentum, eps, mp, ip, n_threads)
         else:
-            rc = forward_train_impl(&g, <const double*>xp, <double*>yp, <const double*>wp,
-                                    <const double*>bp, <double*>rmp, <double*>rvp, momentum, eps,
-                                    mp, ip, n_threads)
+            rc = forward_train_impl(<Identity*>NULL, &g, <const double*>xp, <double*>yp,
+                                    <const double*>wp, <const double*>bp, <double*>rmp,
+                                    <double*>rvp, momentum, eps, mp, ip, n_threads)
     check(rc)
 
 
 def forward_eval(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
                  cnp.ndarray running_mean, cnp.ndarray running_var, double eps,
-                 cnp.ndarray save_mean, cnp.ndarray save_invstd, int n_threads):
-    """Eval-mode forward with running statistics; save_mean/save_invstd (float64) receive the
-    statistics used: running_mean and 1 / sqrt(running_var + eps)."""
+                 cnp.ndarray save_mean, cnp.ndarray save_invstd, int n_threads, bint relu=False):
+    """Eval-mode forward with running statistics (then ReLU); save_mean/save_invstd (float64)
+    receive the statistics used: running_mean and 1 / sqrt(running_var + eps)."""
     cdef Geometry g
     cdef int rc = 0
     cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
@@ -1348,24 +1552,35 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
     cdef double* ip = <double*>ptr(save_invstd)
     set_geometry(&g, x)
     with nogil:
-        if f32:
-            rc = forward_eval_impl(&g, <const float*>xp, <float*>yp, <const float*>wp,
+        if f32 and relu:
+            rc = forward_eval_impl(<ReLU*>NULL, &g, <const float*>xp, <float*>yp, <const float*>wp,
                                    <const float*>bp, <const float*>rmp, <const float*>rvp, eps,
                                    mp, ip, n_threads)
+        elif f32:
+            rc = forward_eval_impl(<Identity*>NULL, &g, <const float*>xp, <float*>yp,
+                                   <const float*>wp, <const float*>bp, <const float*>rmp,
+                                   <const float*>rvp, eps, mp, ip, n_threads)
+        elif relu:
+            rc = forward_eval_impl(<ReLU*>NULL, &g, <const double*>xp, <double*>yp,
+                                   <const double*>wp, <const double*>bp, <const double*>rmp,
+                                   <const double*>rvp, eps, mp, ip, n_threads)
         else:
-            rc = forward_eval_impl(&g, <const double*>xp, <double*>yp, <const double*>wp,
-                                   <const double*>bp, <const double*>rmp, <const double*>rvp, eps,
-                                   mp, ip, n_threads)
+            rc = forward_eval_impl(<Identity*>NULL, &g, <const double*>xp, <double*>yp,
+                                   <const double*>wp, <const double*>bp, <const double*>rmp,
+                                   <const double*>rvp, eps, mp, ip, n_threads)
     check(rc)
 
 
 def grad_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray center, cnp.ndarray sum_dy,
-              cnp.ndarray sum_dy_xc, int n_threads):
-    """Per-channel sum(dy) and sum(dy * (x - center)) into float64 arrays."""
+              cnp.ndarray sum_dy_xc, int n_threads, object output=None):
+    """Per-channel sum(g) and sum(g * (x - center)) into float64 arrays, g being dy, or, when
+    the forward's output is given, dy gated by its ReLU (dy where output > 0)."""
     cdef Geometry g
     cdef int rc = 0
     cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef bint relu = output is not None
     cdef void* dyp = ptr(dy)
+    cdef void* op = ptr(output)
     cdef void* xp = ptr(x)
     cdef double* cp = <double*>ptr(center)
     cdef double* sap = <double*>ptr(sum_dy)
@@ -1374,19 +1589,30 @@ def grad_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray center, cnp.ndarray sum
     if g.total == 0:
         return
     with nogil:
-        if f32:
-            rc = grad_sums_pass(&g, <const float*>dyp, <const float*>xp, cp, <float*>NULL,
-                                <float*>NULL, sap, sbp, n_threads)
+        if f32 and relu:
+            rc = grad_sums_pass(<ReLU*>NULL, &g, <const float*>dyp, <const float*>op,
+                                <const float*>xp, cp, <float*>NULL, <float*>NULL, sap, sbp,
+                                n_threads)
+        elif f32:
+            rc = grad_sums_pass(<Identity*>NULL, &g, <const float*>dyp, <const float*>NULL,
+                                <const float*>xp, cp, <float*>NULL, <float*>NULL, sap, sbp,
+                                n_threads)
+        elif relu:
+            rc = grad_sums_pass(<ReLU*>NULL, &g, <const double*>dyp, <const double*>op,
+                                <const double*>xp, cp, <double*>NULL, <double*>NULL, sap, sbp,
+                                n_threads)
         else:
-            rc = grad_sums_pass(&g, <const double*>dyp, <const double*>xp, cp, <double*>NULL,
-                                <double*>NULL, sap, sbp, n_threads)
+            rc = grad_sums_pass(<Identity*>NULL, &g, <const double*>dyp, <const double*>NULL,
+                                <const double*>xp, cp, <double*>NULL, <double*>NULL, sap, sbp,
+                                n_threads)
     check(rc)
 
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight, cnp.ndarray mean,
              cnp.ndarray invstd, object grad_weight, object grad_bias, bint training,
-             int n_threads):
-    """dx (and grad_weight/grad_bias when not None) of y = (x - mean) * invstd * weight + bias.
+             int n_threads, object output=None):
+    """dx (and grad_weight/grad_bias when not None) of y = (x - mean) * invstd * weight + bias,
+    or of ReLU(y) when the forward's output is given (it supplies the ReLU's mask).
 
     training=True: mean and invstd are the batch statistics of x (so depend on it);
     training=False: they are constants (running statistics).
@@ -1394,7 +1620,9 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight, cnp.n
     cdef Geometry g
     cdef int rc = 0
     cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef bint relu = output is not None
     cdef void* dyp = ptr(dy)
+    cdef void* op = ptr(output)
     cdef void* xp = ptr(x)
     cdef void* dxp = ptr(dx)
     cdef void* wp = ptr(weight)
@@ -1406,32 +1634,57 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight, cnp.n
     if g.total == 0:
         return
     with nogil:
-        if f32 and training:
-            rc = backward_train_impl(&g, <const float*>dyp, <const float*>xp, <float*>dxp,
-                                     <const float*>wp, mp, ip, <float*>gwp, <float*>gbp, n_threads)
-        elif f32:
-            rc = backward_eval_impl(&g, <const float*>dyp, <const float*>xp, <float*>dxp,
-                                    <const float*>wp, mp, ip, <float*>gwp, <float*>gbp, n_threads)
-        elif training:
-            rc = backward_train_impl(&g, <const double*>dyp, <const double*>xp, <double*>dxp,
-                                     <const double*>wp, mp, ip, <double*>gwp, <double*>gbp,
-                                     n_threads)
+        if f32:
+            if training and relu:
+                rc = backward_train_impl(<ReLU*>NULL, &g, <const float*>dyp, <const float*>op,
+                                         <const float*>xp, <float*>dxp, <const float*>wp, mp, ip,
+                                         <float*>gwp, <float*>gbp, n_threads)
+            elif training:
+                rc = backward_train_impl(<Identity*>NULL, &g, <const float*>dyp, <const float*>NULL,
+                                         <const float*>xp, <float*>dxp, <const float*>wp, mp, ip,
+                                         <float*>gwp, <float*>gbp, n_threads)
+            elif relu:
+                rc = backward_eval_impl(<ReLU*>NULL, &g, <const float*>dyp, <const float*>op,
+                                        <const float*>xp, <float*>dxp, <const float*>wp, mp, ip,
+                                        <float*>gwp, <float*>gbp, n_threads)
+            else:
+                rc = backward_eval_impl(<Identity*>NULL, &g, <const float*>dyp, <const float*>NULL,
+                                        <const float*>xp, <float*>dxp, <const float*>wp, mp, ip,
+                                        <float*>gwp, <float*>gbp, n_threads)
         else:
-            rc = backward_eval_impl(&g, <const double*>dyp, <const double*>xp, <double*>dxp,
-                                    <const double*>wp, mp, ip, <double*>gwp, <double*>gbp,
-                                    n_threads)
+            if training and relu:
+                rc = backward_train_impl(<ReLU*>NULL, &g, <const double*>dyp, <const double*>op,
+                                         <const double*>xp, <double*>dxp, <const double*>wp, mp,
+                                         ip, <double*>gwp, <double*>gbp, n_threads)
+            elif training:
+                rc = backward_train_impl(<Identity*>NULL, &g, <const double*>dyp,
+                                         <const double*>NULL, <const double*>xp, <double*>dxp,
+                                         <const double*>wp, mp, ip, <double*>gwp, <double*>gbp,
+                                         n_threads)
+            elif relu:
+                rc = backward_eval_impl(<ReLU*>NULL, &g, <const double*>dyp, <const double*>op,
+                                        <const double*>xp, <double*>dxp, <const double*>wp, mp,
+                                        ip, <double*>gwp, <double*>gbp, n_threads)
+            else:
+                rc = backward_eval_impl(<Identity*>NULL, &g, <const double*>dyp,
+                                        <const double*>NULL, <const double*>xp, <double*>dxp,
+                                        <const double*>wp, mp, ip, <double*>gwp, <double*>gbp,
+                                        n_threads)
     check(rc)
 
 
 def backward_from_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
                        cnp.ndarray mean, cnp.ndarray invstd, cnp.ndarray sum_dy,
-                       cnp.ndarray sum_dy_xc, double count, int n_threads):
-    """Training-mode dx given per-channel sum(dy) and sum(dy * (x - mean)) over `count` values
-    per channel, which may span several processes (distributed batch norm)."""
+                       cnp.ndarray sum_dy_xc, double count, int n_threads, object output=None):
+    """Training-mode dx given per-channel sums of g and g * (x - mean) over `count` values per
+    channel, which may span several processes (distributed batch norm); g is dy, or dy gated
+    by the ReLU of the forward's output when that is given."""
     cdef Geometry g
     cdef int rc = 0
     cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef bint relu = output is not None
     cdef void* dyp = ptr(dy)
+    cdef void* op = ptr(output)
     cdef void* xp = ptr(x)
     cdef void* dxp = ptr(dx)
     cdef void* wp = ptr(weight)
@@ -1443,12 +1696,21 @@ def backward_from_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object wei
     if g.total == 0:
         return
     with nogil:
-        if f32:
-            rc = grad_input_from_sums(&g, <const float*>dyp, <const float*>xp, <float*>dxp,
-                                      <const float*>wp, mp, ip, sap, sbp, count, <float*>NULL,
-                                      <float*>NULL, n_threads)
+        if f32 and relu:
+            rc = grad_input_from_sums(<ReLU*>NULL, &g, <const float*>dyp, <const float*>op,
+                                      <const float*>xp, <float*>dxp, <const float*>wp, mp, ip,
+                                      sap, sbp, count, <float*>NULL, <float*>NULL, n_threads)
+        elif f32:
+            rc = grad_input_from_sums(<Identity*>NULL, &g, <const float*>dyp, <const float*>NULL,
+                                      <const float*>xp, <float*>dxp, <const float*>wp, mp, ip,
+                                      sap, sbp, count, <float*>NULL, <float*>NULL, n_threads)
+        elif relu:
+            rc = grad_input_from_sums(<ReLU*>NULL, &g, <const double*>dyp, <const double*>op,
+                                      <const double*>xp, <double*>dxp, <const double*>wp, mp, ip,
+                                      sap, sbp, count, <double*>NULL, <double*>NULL, n_threads)
         else:
-            rc = grad_input_from_sums(&g, <const double*>dyp, <const double*>xp, <double*>dxp,
+            rc = grad_input_from_sums(<Identity*>NULL, &g, <const double*>dyp,
+                                      <const double*>NULL, <const double*>xp, <double*>dxp,
                                       <const double*>wp, mp, ip, sap, sbp, count, <double*>NULL,
                                       <double*>NULL, n_threads)
     check(rc)

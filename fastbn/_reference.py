@@ -105,10 +105,16 @@ def grad_sums(dy, x, center):
     return dy3.sum(axis=(0, 2)), (dy3 * (x3 - center[None, :, None])).sum(axis=(0, 2))
 
 
+def relu(y):
+    """torch's ReLU: 0 where y < 0, y itself otherwise (-0.0 and NaN pass through)."""
+    return np.where(y < 0, 0.0, y)
+
+
 def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None, training=False,
-                       momentum=0.1, eps=1e-5):
+                       momentum=0.1, eps=1e-5, *, activation=None):
     """(output, save_mean, save_invstd), all float64; running buffers updated in place in
-    training mode (as ``fastbn.functional.batch_norm_forward``)."""
+    training mode (as ``fastbn.functional.batch_norm_forward``); ReLU applied to the output
+    with activation='relu'."""
     x = np.asarray(input, dtype=np.float64)
     if training:
         count, mean, m2 = batch_stats(x)
@@ -122,26 +128,31 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     else:
         mean = np.asarray(running_mean, dtype=np.float64).copy()
         invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
-    return normalize_given(x, weight, bias, mean, invstd), mean, invstd
+    y = normalize_given(x, weight, bias, mean, invstd)
+    return (relu(y) if activation == "relu" else y), mean, invstd
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
-    """float64 ``torch.nn.functional.batch_norm``."""
+               momentum=0.1, eps=1e-5, *, activation=None):
+    """float64 ``torch.nn.functional.batch_norm`` (then ReLU with activation='relu')."""
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training,
-                              momentum, eps)[0]
+                              momentum, eps, activation=activation)[0]
 
 
-def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None, training=True):
+def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None, training=True,
+                        *, output=None, activation=None):
     """(grad_input, grad_weight, grad_bias) in float64.
 
-    With xhat = (x - mean) * invstd, per channel:
+    With activation='relu', dy is first replaced by 0 where the forward's output <= 0 (torch's
+    ReLU backward).  Then, with xhat = (x - mean) * invstd, per channel:
         grad_bias   = sum(dy)
         grad_weight = sum(dy * xhat)
         training:   dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
         eval:       dx = weight * invstd * dy
     """
     dy = np.asarray(grad_output, dtype=np.float64)
+    if activation == "relu":
+        dy = np.where(np.asarray(output) <= 0, 0.0, dy)
     x = np.asarray(input, dtype=np.float64)
     nd = x.ndim
     mean = _broadcast(save_mean, nd)

@@ -151,17 +151,27 @@ def check_module_dtype(dtype):
     return dt
 
 
+def check_activation(activation):
+    """None or 'relu' (the activations the kernels apply in the normalisation's pass)."""
+    if activation is None:
+        return None
+    if isinstance(activation, str) and activation.lower() == "relu":
+        return "relu"
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+
+
 def check_out(out, shape, dtype, name="out"):
-    """numpy's rules for out=: exactly the result's shape and dtype; here also C-contiguous
-    and writable, since the kernels write it directly."""
+    """numpy's rules for out=: exactly the result's shape and dtype; here also writable and
+    C-contiguous or channels-last (contiguous as (N, *spatial, C)), since the kernels write it
+    directly."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
     if out.shape != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(out.shape)} but expected {tuple(shape)}")
     if out.dtype != dtype:
         raise TypeError(f"{name} has dtype {out.dtype} but expected {np.dtype(dtype)}")
-    if not out.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
+    if not (out.flags.c_contiguous or (out.ndim >= 3 and np.moveaxis(out, 1, -1).flags.c_contiguous)):
+        raise ValueError(f"{name} must be C-contiguous or channels-last (contiguous as (N, *spatial, C))")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     return out

@@ -59,14 +59,15 @@ def _world():
 class _Synced:
     """What a synchronised training forward saves for backward."""
 
-    __slots__ = ("input", "dtype", "mean", "invstd", "count")
+    __slots__ = ("input", "dtype", "mean", "invstd", "count", "output")
 
-    def __init__(self, input, dtype, mean, invstd, count):
+    def __init__(self, input, dtype, mean, invstd, count, output=None):
         self.input = input    # as the kernels read it (C-contiguous, float16 widened)
         self.dtype = dtype    # the caller's dtype, which grad_input takes
         self.mean = mean      # global statistics, float64 (C,)
         self.invstd = invstd
         self.count = count    # global number of values per channel
+        self.output = output  # with an activation, its mask: the output as the kernels wrote it
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -104,6 +105,8 @@ class SyncBatchNorm(_BatchNorm):
         input for a float32 module, computed in float32).
     bias : bool, default True (keyword only)
         With ``affine=True``, whether to learn the bias; ``bias=False`` keeps a weight only.
+    activation : None or 'relu', default None (keyword only)
+        Applied in the same pass as the normalisation, as in :class:`fastbn.BatchNorm2d`.
     comm : mpi4py communicator, optional (keyword only)
         The ranks that share statistics.  None (the default) means ``MPI.COMM_WORLD``, looked
         up when a training forward first needs it (mpi4py is imported then, not before).  Any
@@ -145,9 +148,10 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, *, bias=True, comm=None):
+                 track_running_stats=True, dtype=np.float32, *, bias=True, comm=None,
+                 activation=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
-                         bias=bias)
+                         bias=bias, activation=activation)
         if comm is not None:
             missing = [name for name in _COMM_METHODS if not callable(getattr(comm, name, None))]
             if missing:
@@ -237,9 +241,8 @@ class SyncBatchNorm(_BatchNorm):
             invstd = np.zeros(c)
         else:
             invstd = 1.0 / np.sqrt(m2 / count + self.eps)  # the biased variance normalises
-            y = F.batch_norm_elemt(xk, mean, invstd, self.weight, self.bias)
-            if y.dtype != x.dtype:  # float16 data computed in float32
-                y = y.astype(x.dtype)
+            y = F.batch_norm_elemt(xk, mean, invstd, self.weight, self.bias,
+                                   activation=self.activation)
 
         # State changes last, once nothing can fail; the same on every rank.
         counter = self.num_batches_tracked
@@ -255,7 +258,9 @@ class SyncBatchNorm(_BatchNorm):
                 rm[...] = momentum * mean + (1.0 - momentum) * rm.astype(np.float64)
                 rv[...] = momentum * (m2 / (count - 1.0)) + (1.0 - momentum) * rv.astype(np.float64)
             counter += 1
-        self._saved = _Synced(xk, x.dtype, mean, invstd, count)
+        self._saved = _Synced(xk, x.dtype, mean, invstd, count, y if self.activation else None)
+        if y.dtype != x.dtype:  # float16 data computed in float32
+            y = y.astype(x.dtype)
         return y
 
     __call__ = forward
@@ -284,7 +289,8 @@ class SyncBatchNorm(_BatchNorm):
                 raise TypeError(f"grad_output has dtype {dy.dtype} but the last forward's input "
                                 f"had dtype {saved.dtype}; they must match")
             dyk = F.kernel_view(dy)
-            sum_dy, sum_dy_xmu = F.batch_norm_backward_reduce(dyk, saved.input, saved.mean)
+            sum_dy, sum_dy_xmu = F.batch_norm_backward_reduce(
+                dyk, saved.input, saved.mean, output=saved.output, activation=self.activation)
             row[1:1 + c] = sum_dy
             row[1 + c:] = sum_dy_xmu
         except Exception as exc:  # noqa: BLE001 - this rank must still join the collective
@@ -299,7 +305,8 @@ class SyncBatchNorm(_BatchNorm):
         sum_dy, sum_dy_xmu = total[:c], total[c:]
         if saved.count > 0:
             dx = F.batch_norm_backward_elemt(dyk, saved.input, saved.mean, saved.invstd,
-                                             self.weight, sum_dy, sum_dy_xmu, saved.count)
+                                             self.weight, sum_dy, sum_dy_xmu, saved.count,
+                                             output=saved.output, activation=self.activation)
         else:
             dx = np.empty(saved.input.shape, saved.input.dtype)
         if self.weight is not None:

@@ -46,30 +46,94 @@ def as_input(value, name="input"):
     return x
 
 
-def kernel_view(x):
-    """x as the C-contiguous array the kernels read: float16 widened to float32."""
+def is_channels_last(x):
+    """Whether x, logically (N, C, *spatial), lies in memory as a contiguous (N, *spatial, C)
+    array (torch's channels_last / channels_last_3d), and not also as (N, C, *spatial)."""
+    return x.ndim >= 3 and not x.flags.c_contiguous and np.moveaxis(x, 1, -1).flags.c_contiguous
+
+
+def to_kernels(x, channels_last):
+    """x as the C-contiguous array the kernels read, float16 widened to float32.
+
+    Channels-last memory is read as the (N * spatial, C) matrix it is -- BatchNorm1d's layout,
+    one row per position -- without a copy; anything else as (N, C, *spatial), copied once if
+    it is not C-contiguous.
+    """
     if x.dtype == V.FLOAT16:
-        return x.astype(np.float32)
-    if not x.flags.c_contiguous:
-        return np.ascontiguousarray(x)
-    return x
+        x = x.astype(np.float32, order="K")  # keeps the memory format
+    if channels_last:
+        return np.ascontiguousarray(np.moveaxis(x, 1, -1)).reshape(-1, x.shape[1])
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
-def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, out, n_threads):
-    """The forward on validated arguments: (output, save_mean, save_invstd).
+def from_kernels(yk, shape, channels_last):
+    """A result the kernels wrote in to_kernels' layout, seen with the logical shape (N, C, *)."""
+    if channels_last:
+        return np.moveaxis(yk.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],)), -1, 1)
+    return yk
+
+
+def kernel_view(x):
+    """x as the C-contiguous (N, C, *spatial) array the kernels read (float16 widened)."""
+    return to_kernels(x, False)
+
+
+def _same_memory(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides and a.shape == b.shape)
+
+
+def _kernel_output(x, xk, out, channels_last):
+    """(xk, yk): where the kernels read and write.  yk is a view of `out` when out can be written
+    directly; an out that overlaps the input without being it gets a copy of the input."""
+    if out is None or out.dtype != xk.dtype:
+        return xk, np.empty(xk.shape, xk.dtype)
+    yk = to_kernels(out, channels_last)  # a view: out is C-contiguous or channels-last
+    if not _same_memory(yk, xk) and np.may_share_memory(yk, xk):
+        xk = xk.copy()
+    return xk, yk
+
+
+def _result(yk, x, out, channels_last):
+    """The kernels' output as the caller sees it: `out` when given, x's shape, dtype and memory
+    format otherwise."""
+    y = from_kernels(yk, x.shape, channels_last)
+    if out is not None:
+        if y.dtype != out.dtype:  # float16 data computed in float32
+            out[...] = y
+        return out
+    return y.astype(x.dtype, order="K") if y.dtype != x.dtype else y
+
+
+class ForwardContext:
+    """What a forward keeps for its backward: its input (and, with an activation, its output)
+    as the kernels read them, and the statistics it used."""
+
+    __slots__ = ("input", "output", "mean", "invstd", "training", "channels_last", "shape", "dtype")
+
+    def __init__(self, input, output, mean, invstd, training, channels_last, shape, dtype):
+        self.input = input
+        self.output = output
+        self.mean = mean
+        self.invstd = invstd
+        self.training = training
+        self.channels_last = channels_last
+        self.shape = tuple(shape)
+        self.dtype = dtype
+
+
+def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, relu, out,
+            n_threads):
+    """The forward on validated arguments: (output, save_mean, save_invstd, context).
 
     training=True normalises with batch statistics and, when the running buffers are given,
-    updates them in place; training=False normalises with the running buffers.
+    updates them in place; training=False normalises with the running buffers.  relu applies
+    ReLU in the same pass.  The computation happens in out's memory format when out is given,
+    else in the input's (channels-last stays channels-last).
     """
-    xk = kernel_view(x)
+    channels_last = is_channels_last(x if out is None else out)
+    xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
     channels = x.shape[1]
-    if out is not None and out.dtype == xk.dtype:
-        if out is not x and np.may_share_memory(out, xk):
-            # Overlapping but not identical memory would be read after being written.
-            xk = xk.copy()
-        y = out
-    else:
-        y = np.empty(xk.shape, xk.dtype)
     save_mean = np.empty(channels)
     save_invstd = np.empty(channels)
     if training:
@@ -78,35 +142,31 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
             save_mean[:] = 0.0
             save_invstd[:] = 0.0
         else:
-            _kernels.forward_train(xk, y, weight, bias, running_mean, running_var, momentum, eps,
-                                   save_mean, save_invstd, n_threads)
+            _kernels.forward_train(xk, yk, weight, bias, running_mean, running_var, momentum, eps,
+                                   save_mean, save_invstd, n_threads, relu)
     else:
-        _kernels.forward_eval(xk, y, weight, bias, running_mean, running_var, eps, save_mean,
-                              save_invstd, n_threads)
-    if y.dtype != x.dtype:  # float16 data computed in float32
-        if out is not None:
-            out[...] = y
-            y = out
-        else:
-            y = y.astype(x.dtype)
-    return y, save_mean, save_invstd
+        _kernels.forward_eval(xk, yk, weight, bias, running_mean, running_var, eps, save_mean,
+                              save_invstd, n_threads, relu)
+    context = ForwardContext(xk, yk if relu else None, save_mean, save_invstd, training,
+                             channels_last, x.shape, x.dtype)
+    return _result(yk, x, out, channels_last), save_mean, save_invstd, context
 
 
-def backward(dy, x, weight, save_mean, save_invstd, training, param_grads, n_threads):
-    """The backward on validated arguments: (grad_input, grad_weight, grad_bias); the parameter
+def backward(dy, context, weight, param_grads, n_threads):
+    """The backward of a forward's context: (grad_input, grad_weight, grad_bias); the parameter
     gradients are None when param_grads is False."""
-    xk = kernel_view(x)
-    dyk = kernel_view(dy)
-    channels = x.shape[1]
-    dx = np.empty(xk.shape, xk.dtype)
+    xk = context.input
+    dyk = to_kernels(dy, context.channels_last)
+    dxk = np.empty(xk.shape, xk.dtype)
     grad_weight = grad_bias = None
     if param_grads:
-        grad_weight = np.zeros(channels, xk.dtype)
-        grad_bias = np.zeros(channels, xk.dtype)
-    _kernels.backward(dyk, xk, dx, weight, save_mean, save_invstd, grad_weight, grad_bias,
-                      training, n_threads)
-    if dx.dtype != x.dtype:
-        dx = dx.astype(x.dtype)
+        grad_weight = np.zeros(context.shape[1], xk.dtype)
+        grad_bias = np.zeros(context.shape[1], xk.dtype)
+    _kernels.backward(dyk, xk, dxk, weight, context.mean, context.invstd, grad_weight, grad_bias,
+                      context.training, n_threads, context.output)
+    dx = from_kernels(dxk, context.shape, context.channels_last)
+    if dx.dtype != context.dtype:
+        dx = dx.astype(context.dtype, order="K")
     return dx, grad_weight, grad_bias
 
 
@@ -129,18 +189,35 @@ def _check_forward_args(x, running_mean, running_var, weight, bias, training, mo
     return weight, bias, rm, rv, momentum, eps
 
 
+def _gating_output(activation, output, x):
+    """The forward's output as the backward's ReLU mask (None without an activation)."""
+    if V.check_activation(activation) is None:
+        if output is not None:
+            raise ValueError("output is only used with activation='relu' (it supplies the ReLU's mask)")
+        return None
+    if output is None:
+        raise ValueError("activation='relu' needs output=, the forward's output: its ReLU's mask")
+    output = as_input(output, "output")
+    V.check_same_shape(output, x, "output", "input")
+    if output.dtype != x.dtype:
+        raise TypeError(f"output has dtype {output.dtype} but input has dtype {x.dtype}; they must match")
+    return output
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
 
 def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None, training=False,
-                       momentum=0.1, eps=1e-5, *, out=None, n_threads=None):
+                       momentum=0.1, eps=1e-5, *, activation=None, out=None, n_threads=None):
     """Batch normalisation forward, returning the statistics it used.
 
     Parameters
     ----------
     input : ndarray, shape (N, C, *)
-        float16, float32 or float64 data; any strides (non-contiguous input is copied once).
+        float16, float32 or float64 data.  C-contiguous and channels-last memory (torch's
+        channels_last: contiguous as (N, *spatial, C)) are read in place, and the output keeps
+        the input's memory format; other strides are copied once.
     running_mean, running_var : ndarray, shape (C,), or None
         Running statistics, of the computing dtype.  In training mode they are updated in place
         (``new = (1 - momentum) * old + momentum * batch``, the variance unbiased) when given;
@@ -153,16 +230,19 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
         Update factor of the running buffers (training only).
     eps : float
         Added to the variance; must be > 0 in training, >= 0 in eval.
+    activation : None or 'relu'
+        Applied to the output in the same pass over memory (``max(0, .)``, as torch's ReLU).
     out : ndarray, optional
-        Where to write the output: exactly input's shape and dtype, C-contiguous (``out=input``
-        normalises in place).
+        Where to write the output: exactly input's shape and dtype, C-contiguous or
+        channels-last (``out=input`` normalises in place).
     n_threads : int or None
         OpenMP threads (None: the runtime's current setting).
 
     Returns
     -------
-    output : ndarray, input's shape and dtype
-        ``(input - mean) / sqrt(var + eps) * weight + bias``, var being the biased variance.
+    output : ndarray, input's shape and dtype (and memory format)
+        ``(input - mean) / sqrt(var + eps) * weight + bias``, var being the biased variance,
+        then the activation.
     save_mean, save_invstd : ndarray, shape (C,), float64
         The mean and ``1 / sqrt(var + eps)`` used, whatever the mode, so that
         :func:`batch_norm_backward` needs nothing else (torch returns empty tensors in eval
@@ -172,8 +252,9 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     x = as_input(input)
     weight, bias, rm, rv, momentum, eps = _check_forward_args(
         x, running_mean, running_var, weight, bias, training, momentum, eps, out)
-    result = forward(x, weight, bias, rm, rv, bool(training), momentum, eps, out,
-                     effective_n_threads(n_threads))
+    relu = V.check_activation(activation) == "relu"
+    result = forward(x, weight, bias, rm, rv, bool(training), momentum, eps, relu, out,
+                     effective_n_threads(n_threads))[:3]
     # A non-contiguous buffer was updated through a contiguous copy: write it back.
     if training:
         for given, used in ((running_mean, rm), (running_var, rv)):
@@ -183,7 +264,7 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, out=None, n_threads=None):
+               momentum=0.1, eps=1e-5, *, activation=None, out=None, n_threads=None):
     """``torch.nn.functional.batch_norm`` for numpy arrays.
 
     ``output = (input - mean) / sqrt(var + eps) * weight + bias`` per channel (dimension 1),
@@ -203,11 +284,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     array([0.35, 0.55], dtype=float32)
     """
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training,
-                              momentum, eps, out=out, n_threads=n_threads)[0]
+                              momentum, eps, activation=activation, out=out,
+                              n_threads=n_threads)[0]
 
 
 def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None, training=True,
-                        *, n_threads=None):
+                        *, output=None, activation=None, n_threads=None):
     """Gradients of :func:`batch_norm_forward`.
 
     Parameters
@@ -223,6 +305,11 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
     training : bool
         True when the forward normalised with batch statistics (they then depend on the input
         and contribute to its gradient); False when it used running statistics.
+    output : ndarray, optional
+        The forward's output, needed with ``activation='relu'``: the gradient passes where it
+        is not <= 0 (torch's ReLU backward).
+    activation : None or 'relu'
+        The forward's activation.
     n_threads : int or None
         As in :func:`batch_norm_forward`.
 
@@ -234,10 +321,14 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
         normalised input; returned whether or not the forward had affine parameters.
     """
     dy, x = _grad_and_input(grad_output, input)
+    output = _gating_output(activation, output, x)
     mean, invstd = _statistics(x.shape[1], save_mean=save_mean, save_invstd=save_invstd)
     weight = V.check_per_channel(weight, "weight", x.shape[1], compute_dtype(x.dtype))
-    return backward(dy, x, weight, mean, invstd, bool(training), True,
-                    effective_n_threads(n_threads))
+    channels_last = is_channels_last(x)
+    context = ForwardContext(to_kernels(x, channels_last),
+                             None if output is None else to_kernels(output, channels_last),
+                             mean, invstd, bool(training), channels_last, x.shape, x.dtype)
+    return backward(dy, context, weight, True, effective_n_threads(n_threads))
 
 
 def _grad_and_input(grad_output, input):
@@ -269,13 +360,13 @@ def batch_stats(input, *, n_threads=None):
     ``M2 / (count - 1)`` (unbiased).  count is an int; mean and M2 are float64 arrays.  An
     empty batch gives ``(0, zeros, zeros)``, the identity of the merge.
     """
-    x = kernel_view(as_input(input))
+    x = as_input(input)
     channels = x.shape[1]
     count = x.shape[0] * int(np.prod(x.shape[2:], dtype=np.int64))
     mean = np.zeros(channels)
     m2 = np.zeros(channels)
     if count:
-        _kernels.moments(x, mean, m2, effective_n_threads(n_threads))
+        _kernels.moments(to_kernels(x, is_channels_last(x)), mean, m2, effective_n_threads(n_threads))
     return count, mean, m2
 
 
@@ -327,12 +418,13 @@ def _check_triple(triple, i):
     return int(count), mean, m2
 
 
-def batch_norm_elemt(input, mean, invstd, weight=None, bias=None, *, out=None, n_threads=None):
+def batch_norm_elemt(input, mean, invstd, weight=None, bias=None, *, activation=None, out=None,
+                     n_threads=None):
     """``(input - mean) * invstd * weight + bias`` with given per-channel statistics.
 
     The normalisation step of distributed batch norm, where mean and invstd come from all
     workers' merged statistics (torch: ``torch.batch_norm_elemt``).  mean and invstd are cast to
-    float64; weight and bias must have the computing dtype; ``out`` as in
+    float64; weight and bias must have the computing dtype; ``activation`` and ``out`` as in
     :func:`batch_norm_forward`.
     """
     x = as_input(input)
@@ -340,54 +432,59 @@ def batch_norm_elemt(input, mean, invstd, weight=None, bias=None, *, out=None, n
     dtype = compute_dtype(x.dtype)
     weight = V.check_per_channel(weight, "weight", x.shape[1], dtype)
     bias = V.check_per_channel(bias, "bias", x.shape[1], dtype)
+    relu = V.check_activation(activation) == "relu"
     if out is not None:
         V.check_out(out, x.shape, x.dtype)
-    xk = kernel_view(x)
-    y = out if out is not None and out.dtype == xk.dtype else np.empty(xk.shape, xk.dtype)
-    if y is out and out is not x and np.may_share_memory(out, xk):
-        xk = xk.copy()
-    _kernels.normalize_given(xk, y, weight, bias, mean, invstd, effective_n_threads(n_threads))
-    if y.dtype != x.dtype:
-        if out is None:
-            return y.astype(x.dtype)
-        out[...] = y
-        return out
-    return y
+    channels_last = is_channels_last(x if out is None else out)
+    xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
+    _kernels.normalize_given(xk, yk, weight, bias, mean, invstd, effective_n_threads(n_threads), relu)
+    return _result(yk, x, out, channels_last)
 
 
-def batch_norm_backward_reduce(grad_output, input, mean, *, n_threads=None):
+def batch_norm_backward_reduce(grad_output, input, mean, *, output=None, activation=None,
+                               n_threads=None):
     """Per-channel ``(sum(grad_output), sum(grad_output * (input - mean)))``, float64.
 
     The local part of the training-mode backward; distributed batch norm sums these over all
     workers and passes the totals to :func:`batch_norm_backward_elemt`.  The parameter
     gradients follow from the totals: ``grad_bias = sum_dy``, ``grad_weight = sum_dy_xmu * invstd``.
+    With ``activation='relu'`` and the forward's ``output``, grad_output is first gated by the
+    ReLU (as in :func:`batch_norm_backward`).
     """
     dy, x = _grad_and_input(grad_output, input)
+    output = _gating_output(activation, output, x)
     (mean,) = _statistics(x.shape[1], mean=mean)
     sum_dy = np.zeros(x.shape[1])
     sum_dy_xmu = np.zeros(x.shape[1])
-    _kernels.grad_sums(kernel_view(dy), kernel_view(x), mean, sum_dy, sum_dy_xmu,
-                       effective_n_threads(n_threads))
+    channels_last = is_channels_last(x)
+    _kernels.grad_sums(to_kernels(dy, channels_last), to_kernels(x, channels_last), mean, sum_dy,
+                       sum_dy_xmu, effective_n_threads(n_threads),
+                       None if output is None else to_kernels(output, channels_last))
     return sum_dy, sum_dy_xmu
 
 
 def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
-                              *, n_threads=None):
+                              *, output=None, activation=None, n_threads=None):
     """Training-mode ``grad_input`` from per-channel sums over ``count`` values per channel.
 
     ``sum_dy`` and ``sum_dy_xmu`` are :func:`batch_norm_backward_reduce`'s results summed over
     every worker, and ``count`` the total number of values per channel (all workers' N * S);
-    on a single process this equals :func:`batch_norm_backward`'s grad_input.
+    on a single process this equals :func:`batch_norm_backward`'s grad_input.  ``output`` and
+    ``activation`` as in :func:`batch_norm_backward_reduce`.
     """
     dy, x = _grad_and_input(grad_output, input)
+    output = _gating_output(activation, output, x)
     channels = x.shape[1]
     mean, invstd, sum_dy, sum_dy_xmu = _statistics(channels, mean=mean, invstd=invstd, sum_dy=sum_dy,
                                                    sum_dy_xmu=sum_dy_xmu)
     weight = V.check_per_channel(weight, "weight", channels, compute_dtype(x.dtype))
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
         raise ValueError(f"count must be a positive int (values per channel over all workers), got {count!r}")
-    xk = kernel_view(x)
-    dx = np.empty(xk.shape, xk.dtype)
-    _kernels.backward_from_sums(kernel_view(dy), xk, dx, weight, mean, invstd, sum_dy, sum_dy_xmu,
-                                float(count), effective_n_threads(n_threads))
-    return dx.astype(x.dtype, copy=False)
+    channels_last = is_channels_last(x)
+    xk = to_kernels(x, channels_last)
+    dxk = np.empty(xk.shape, xk.dtype)
+    _kernels.backward_from_sums(to_kernels(dy, channels_last), xk, dxk, weight, mean, invstd, sum_dy,
+                                sum_dy_xmu, float(count), effective_n_threads(n_threads),
+                                None if output is None else to_kernels(output, channels_last))
+    dx = from_kernels(dxk, x.shape, channels_last)
+    return dx.astype(x.dtype, order="K") if dx.dtype != x.dtype else dx

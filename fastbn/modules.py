@@ -15,9 +15,13 @@ import numpy as np
 
 from . import _validation as V
 from . import functional as F
+from .fusion import bn_scale_shift
 from ._openmp import effective_n_threads
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys"]
+
+#: What a module keeps after a forward that wrote over its own input (out=input).
+_OVERWRITTEN = object()
 
 #: What ``load_state_dict`` returns, as torch's ``_IncompatibleKeys``.
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
@@ -58,12 +62,17 @@ class _BatchNorm:
         input for a float32 module, computed in float32).
     bias : bool, default True (keyword only)
         With ``affine=True``, whether to learn the bias; ``bias=False`` keeps a weight only.
+    activation : None or 'relu', default None (keyword only)
+        Applied to the output in the same pass over memory (torch's ReLU), forward and
+        backward: BatchNorm followed by ReLU for the cost of BatchNorm alone.  Not part of
+        torch's BatchNorm; the ``repr`` shows it only when set, and it is not part of the
+        state_dict.
     """
 
     _input_dims = ()  # the input ndims a subclass accepts
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, *, bias=True):
+                 track_running_stats=True, dtype=np.float32, *, bias=True, activation=None):
         self.num_features = V.check_num_features(num_features)
         self.eps = V.check_eps(eps, training=False)
         self.momentum = V.check_momentum(momentum, allow_none=True)
@@ -71,6 +80,7 @@ class _BatchNorm:
         self.track_running_stats = V.check_flag(track_running_stats, "track_running_stats")
         self.dtype = V.check_module_dtype(dtype)
         use_bias = V.check_flag(bias, "bias")
+        self.activation = V.check_activation(activation)
         self.training = True
         c = self.num_features
         self.weight = np.empty(c, self.dtype) if self.affine else None
@@ -83,7 +93,7 @@ class _BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.grad_weight = None
         self.grad_bias = None
-        self._saved = None  # (input as the kernels read it, mean, invstd, batch statistics?)
+        self._saved = None  # the last forward's functional.ForwardContext, for backward()
         self.reset_parameters()
 
     # -- state --------------------------------------------------------------------------------
@@ -126,14 +136,22 @@ class _BatchNorm:
                             f"(convert the input with .astype, or build the module with dtype=)")
         return x
 
-    def forward(self, input):
-        """Normalise ``input`` (N, C, ...); returns an array of input's shape and dtype.
+    def forward(self, input, *, out=None):
+        """Normalise ``input`` (N, C, ...); returns an array of input's shape, dtype and memory
+        format (C-contiguous or channels-last), then the activation if one is set.
 
         In training mode (with ``track_running_stats``) the running estimates and
-        ``num_batches_tracked`` are updated.  The input and the statistics used are kept for
-        :meth:`backward`; do not modify the input in place before calling it.
+        ``num_batches_tracked`` are updated.  The input (and, with an activation, the output)
+        and the statistics used are kept for :meth:`backward`; do not modify them in place
+        before calling it.
+
+        ``out`` (keyword only): an array of input's shape and dtype, C-contiguous or
+        channels-last, to write the output into and return; ``out=input`` normalises in place,
+        after which :meth:`backward` is unavailable (its input is gone).
         """
         x = self._check_input(input)
+        if out is not None:
+            V.check_out(out, x.shape, x.dtype)
         update = self.training and self.track_running_stats
         # torch: batch statistics in training mode, and in eval mode without running estimates.
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -145,13 +163,14 @@ class _BatchNorm:
         if update and counter is not None and self.momentum is None:
             momentum = 1.0 / float(counter + 1)  # cumulative moving average
         running = not self.training or self.track_running_stats
-        y, mean, invstd = F.forward(
+        y, _, _, context = F.forward(
             x, self.weight, self.bias,
             self.running_mean if running else None, self.running_var if running else None,
-            batch_stats, momentum, eps, None, effective_n_threads())
+            batch_stats, momentum, eps, self.activation == "relu", out, effective_n_threads())
         if update and counter is not None:
             counter += 1  # only once the call has succeeded
-        self._saved = (F.kernel_view(x), x.dtype, mean, invstd, batch_stats)
+        overwritten = out is not None and np.may_share_memory(out, x)
+        self._saved = _OVERWRITTEN if overwritten else context
         return y
 
     __call__ = forward
@@ -161,22 +180,39 @@ class _BatchNorm:
         with respect to its output.  Sets ``grad_weight`` and ``grad_bias`` (None without
         affine parameters); both are overwritten at each call, not accumulated.
         """
-        if self._saved is None:
+        context = self._saved
+        if context is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward(): there "
                                f"is no saved input to differentiate")
-        xk, dtype, mean, invstd, batch_stats = self._saved
+        if context is _OVERWRITTEN:
+            raise RuntimeError(f"{type(self).__name__}.backward(): the last forward wrote its "
+                               f"output over its input (out=), so there is no input left to "
+                               f"differentiate")
         dy = V.as_float_array(grad_output, "grad_output")
-        if dy.shape != xk.shape:
+        if dy.shape != context.shape:
             raise ValueError(f"grad_output has shape {tuple(dy.shape)} but the last forward's "
-                             f"input has shape {tuple(xk.shape)}; they must match")
-        if dy.dtype != dtype:
+                             f"input has shape {context.shape}; they must match")
+        if dy.dtype != context.dtype:
             raise TypeError(f"grad_output has dtype {dy.dtype} but the last forward's input had "
-                            f"dtype {dtype}; they must match")
-        dx, grad_weight, grad_bias = F.backward(dy, xk, self.weight, mean, invstd, batch_stats,
-                                                self.weight is not None, effective_n_threads())
+                            f"dtype {context.dtype}; they must match")
+        dx, grad_weight, grad_bias = F.backward(dy, context, self.weight, self.weight is not None,
+                                                effective_n_threads())
         self.grad_weight = grad_weight if self.weight is not None else None
         self.grad_bias = grad_bias if self.bias is not None else None
-        return dx.astype(dtype, copy=False)
+        return dx
+
+    def scale_shift(self, dtype=None):
+        """The per-channel ``(scale, shift)`` this layer applies in eval mode,
+        ``y = x * scale + shift`` (before any activation), for folding into a neighbouring
+        layer; computed in float64, returned in ``dtype`` (default: the module's)."""
+        if self.running_mean is None or self.running_var is None:
+            raise ValueError(f"{type(self).__name__} has no running statistics "
+                             f"(track_running_stats=False): in eval mode it normalises with each "
+                             f"batch's own, so it is no fixed affine map")
+        scale, shift = bn_scale_shift(self.running_mean, self.running_var, self.eps, self.weight,
+                                      self.bias)
+        dtype = self.dtype if dtype is None else V.check_module_dtype(dtype)
+        return scale.astype(dtype), shift.astype(dtype)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -331,7 +367,8 @@ class _BatchNorm:
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, bias={self.bias is not None}, "
-                f"track_running_stats={self.track_running_stats}")
+                f"track_running_stats={self.track_running_stats}"
+                + (f", activation={self.activation!r}" if self.activation else ""))
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"

@@ -44,12 +44,17 @@ def cases(size):
         for tail in TAILS:
             for dtype in ("float32", "float64"):
                 out.append(dict(sizes=sizes, tail=tail, dtype=dtype, momentum=0.1, affine=True,
-                                bias=True, track=True))
+                                bias=True, track=True, activation=None))
     for momentum in (0.1, None):
         for affine, bias in ((True, True), (True, False), (False, True)):
             for track in (True, False):
                 out.append(dict(sizes=OPTION_SPLIT[size], tail=(4, 5), dtype="float64",
-                                momentum=momentum, affine=affine, bias=bias, track=track))
+                                momentum=momentum, affine=affine, bias=bias, track=track,
+                                activation=None))
+    # the fused ReLU, whose backward gates the gradient by the output on every rank
+    for dtype in ("float32", "float64"):
+        out.append(dict(sizes=OPTION_SPLIT[size], tail=(4, 5), dtype=dtype, momentum=0.1,
+                        affine=True, bias=True, track=True, activation="relu"))
     return out
 
 
@@ -95,7 +100,8 @@ def run_case(comm, case):
     assert len(sizes) == size, f"case {case_id(case)} needs {len(sizes)} ranks, got {size}"
     dtype = np.dtype(case["dtype"])
     options = dict(momentum=case["momentum"], affine=case["affine"],
-                   track_running_stats=case["track"], dtype=dtype, bias=case["bias"])
+                   track_running_stats=case["track"], dtype=dtype, bias=case["bias"],
+                   activation=case.get("activation"))
     counting = CountingComm(comm)
     sync = fastbn.SyncBatchNorm(CHANNELS, comm=counting, **options)
     ref = MODULES[2 + len(case["tail"])](CHANNELS, **options)
