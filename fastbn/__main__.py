@@ -16,7 +16,9 @@ def main(argv=None):
     bench.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     bench.add_argument("--against", default="torch,onnxruntime,numpy",
                        help="comma-separated peers among torch, onnxruntime, numpy (missing ones are skipped)")
-    bench.add_argument("--ops", default="eval,train,train+backward", help="operations to time")
+    bench.add_argument("--ops", default="eval,train,train+backward",
+                       help="operations to time: eval, train, train+backward, and feature variants "
+                            "such as train+relu, train:nhwc, eval:fp16 (see fastbn.bench.VARIANTS)")
     bench.add_argument("--shapes", default=None,
                        help="semicolon-separated shapes, e.g. '32,64,56,56;4096,1024' (default: the suite)")
     bench.add_argument("--json", dest="json_path", metavar="F", help="also write the results to F as JSON")
@@ -42,8 +44,9 @@ def main(argv=None):
         ops = [o.strip() for o in args.ops.split(",") if o.strip()]
         if unknown:
             parser.error(f"unknown peer(s) {sorted(unknown)}; choose from {list(bench_module.PEERS)}")
-        if set(ops) - set(bench_module.OPS):
-            parser.error(f"unknown op(s) {sorted(set(ops) - set(bench_module.OPS))}; choose from {list(bench_module.OPS)}")
+        known = list(bench_module.OPS) + list(bench_module.VARIANTS)
+        if set(ops) - set(known):
+            parser.error(f"unknown op(s) {sorted(set(ops) - set(known))}; choose from {known}")
         bench_module.main(threads=threads, against=against, quick=args.quick, json_path=args.json_path,
                           plot_path=args.plot_path, shapes=shapes, ops=ops)
         return 0

@@ -17,6 +17,12 @@ train              3       read x (statistics), read x and write y
 train+backward     8       the training forward, then read x and dy (sums), read x and dy and
                            write dx
 =================  ======  ==================================================================
+
+Variants of these operations time the features that change speed: ``+relu`` (the fused ReLU;
+torch runs its BatchNorm then an in-place ReLU), ``:nhwc`` (channels-last input and output;
+torch gets a channels_last tensor) and ``:fp16`` (float16 data into a float32 module, computed
+in float32 by both).  Their floors count the bytes of the data as given (two per value for
+float16).
 """
 
 import json
@@ -38,6 +44,31 @@ SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (64, 32, 32, 32), (256, 512, 7, 7)
           (16, 3, 224, 224), (128, 2048, 1, 1), (4, 64, 8, 8), (1, 2, 3, 4), (4096, 1024)]
 QUICK_SHAPES = [(8, 256, 28, 28), (128, 2048, 1, 1), (4, 64, 8, 8), (1, 2, 3, 4), (4096, 1024)]
 OPS = {"eval": 2, "train": 3, "train+backward": 8}
+#: Feature variants (``python -m fastbn bench --ops ...``): the base operation, then options.
+VARIANTS = {"eval+relu": ("eval", "relu"), "train+relu": ("train", "relu"),
+            "train+backward+relu": ("train+backward", "relu"),
+            "eval:nhwc": ("eval", "nhwc"), "train:nhwc": ("train", "nhwc"),
+            "train+backward:nhwc": ("train+backward", "nhwc"),
+            "eval:fp16": ("eval", "fp16"), "train:fp16": ("train", "fp16")}
+FEATURE_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (16, 3, 224, 224)]
+
+
+def split_op(op):
+    """(base operation, variant or None) of an operation name."""
+    return VARIANTS.get(op, (op, None))
+
+
+def passes(op):
+    return OPS[split_op(op)[0]]
+
+
+def variant_input(variant, x):
+    """The benchmark's input for a variant: channels-last memory, float16, or x itself."""
+    if variant == "nhwc":
+        return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    if variant == "fp16":
+        return x.astype(np.float16)
+    return x
 PEERS = ("torch", "onnxruntime", "numpy")
 
 
@@ -47,7 +78,10 @@ PEERS = ("torch", "onnxruntime", "numpy")
 
 def fastbn_case(op, x, dy, threads):
     set_max_threads(threads)
-    bn = (BatchNorm1d if x.ndim == 2 else BatchNorm2d)(x.shape[1], dtype=x.dtype)
+    op, variant = split_op(op)
+    dtype = np.float32 if x.dtype == np.float16 else x.dtype
+    bn = (BatchNorm1d if x.ndim == 2 else BatchNorm2d)(x.shape[1], dtype=dtype,
+                                                        activation="relu" if variant == "relu" else None)
     if op == "eval":
         bn.eval()
         return lambda: bn(x)
@@ -62,6 +96,9 @@ def fastbn_case(op, x, dy, threads):
 
 def numpy_case(op, x, dy, threads):
     """Plain numpy, the way one writes batch norm without a library (single-threaded)."""
+    op, variant = split_op(op)
+    if variant is not None:
+        return None  # the plain-numpy baseline is timed on the base operations only
     axes = (0,) + tuple(range(2, x.ndim))
     shape = (1, -1) + (1,) * (x.ndim - 2)
     c = x.shape[1]
@@ -96,29 +133,36 @@ def numpy_case(op, x, dy, threads):
 def torch_case(op, x, dy, threads):
     import torch
     torch.set_num_threads(threads)
-    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[x.dtype]
+    op, variant = split_op(op)
+    dtype = {np.dtype(np.float64): torch.float64}.get(x.dtype, torch.float32)
     bn = (torch.nn.BatchNorm1d if x.ndim == 2 else torch.nn.BatchNorm2d)(x.shape[1], dtype=dtype)
-    tx = torch.from_numpy(x)
+    tx = torch.from_numpy(np.ascontiguousarray(x))
+    tdy = torch.from_numpy(np.ascontiguousarray(dy))
+    if variant == "nhwc":
+        tx = tx.contiguous(memory_format=torch.channels_last)
+        tdy = tdy.contiguous(memory_format=torch.channels_last)
+    relu = variant == "relu"
     if op in ("eval", "train"):
         bn.train(op == "train")
 
         def forward():
             with torch.no_grad():
-                return bn(tx)
+                y = bn(tx)
+                return y.relu_() if relu else y
         return forward
-    tdy = torch.from_numpy(dy)
     txg = tx.clone().requires_grad_()
 
     def forward_backward():
         txg.grad = None
         bn.weight.grad = bn.bias.grad = None
-        bn(txg).backward(tdy)
+        y = bn(txg)
+        (torch.relu(y) if relu else y).backward(tdy)
     return forward_backward
 
 
 def onnxruntime_case(op, x, dy, threads):
     """ONNX Runtime's BatchNormalization: an inference operator, so eval only."""
-    if op != "eval":
+    if op != "eval" or x.dtype == np.float16:
         return None
     import onnx
     import onnxruntime as ort
@@ -203,13 +247,15 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
             x = rng.standard_normal(shape).astype(dtype)
             dy = rng.standard_normal(shape).astype(dtype)
             for nthreads in threads:
-                floor_copy = copy_time(x, nthreads, budget)
                 for op in ops:
-                    record = dict(shape=list(shape), op=op, dtype=np.dtype(dtype).name,
-                                  threads=nthreads, bytes=int(x.nbytes), passes=OPS[op],
-                                  copy_s=floor_copy, floor_s=floor_copy * OPS[op] / 2, times={})
+                    variant = split_op(op)[1]
+                    xv, dyv = variant_input(variant, x), variant_input(variant, dy)
+                    floor_copy = copy_time(np.ascontiguousarray(xv), nthreads, budget)
+                    record = dict(shape=list(shape), op=op, dtype=xv.dtype.name,
+                                  threads=nthreads, bytes=int(xv.nbytes), passes=passes(op),
+                                  copy_s=floor_copy, floor_s=floor_copy * passes(op) / 2, times={})
                     for name in ["fastbn"] + peers:
-                        fn = IMPLEMENTATIONS[name](op, x, dy, nthreads)
+                        fn = IMPLEMENTATIONS[name](op, xv, dyv, nthreads)
                         if fn is not None:
                             record["times"][name] = median_time(fn, budget)
                     records.append(record)
