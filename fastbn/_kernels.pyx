@@ -45,7 +45,8 @@ Numerics
 """
 
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.float cimport DBL_EPSILON, DBL_MAX, FLT_EPSILON, FLT_MAX
+from libc.math cimport fabs, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -472,36 +473,42 @@ cdef inline void tile_grad_sums(const activation* act, const floating* dy, const
         sum_dy_xc[j] = s2[j]
 
 
+# The elementwise passes compute x - center as x * factor - center: factor is 1 (the
+# subtraction itself, exact for nearby values) except for channels whose center is so close to
+# the dtype's largest value that x - center could overflow; see guard_overflow.
+
 cdef inline void affine_run(const activation* act, const floating* x, floating* y, Py_ssize_t n,
-                            floating center, floating scale, floating shift) noexcept nogil:
+                            floating factor, floating center, floating scale,
+                            floating shift) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        y[i] = activate(act, (x[i] - center) * scale + shift)
+        y[i] = activate(act, (x[i] * factor - center) * scale + shift)
 
 
 cdef inline void affine_row(const activation* act, const floating* x, floating* y, Py_ssize_t n,
-                            const floating* center, const floating* scale,
+                            const floating* factor, const floating* center, const floating* scale,
                             const floating* shift) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        y[i] = activate(act, (x[i] - center[i]) * scale[i] + shift[i])
+        y[i] = activate(act, (x[i] * factor[i] - center[i]) * scale[i] + shift[i])
 
 
 cdef inline void grad_input_run(const activation* act, const floating* dy, const floating* out,
                                 const floating* x, floating* dx, Py_ssize_t n, floating a,
-                                floating b, floating center, floating c) noexcept nogil:
+                                floating b, floating factor, floating center,
+                                floating c) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        dx[i] = a * gate(act, dy, out, i) + b * (x[i] - center) + c
+        dx[i] = a * gate(act, dy, out, i) + b * (x[i] * factor - center) + c
 
 
 cdef inline void grad_input_row(const activation* act, const floating* dy, const floating* out,
                                 const floating* x, floating* dx, Py_ssize_t n, const floating* a,
-                                const floating* b, const floating* center,
+                                const floating* b, const floating* factor, const floating* center,
                                 const floating* c) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        dx[i] = a[i] * gate(act, dy, out, i) + b[i] * (x[i] - center[i]) + c[i]
+        dx[i] = a[i] * gate(act, dy, out, i) + b[i] * (x[i] * factor[i] - center[i]) + c[i]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -830,45 +837,50 @@ cdef int grad_sums_pass(const activation* act, const Geometry* g, const floating
 
 
 cdef inline void affine_item(const activation* act, const Geometry* g, const floating* x,
-                             floating* y, Py_ssize_t k, const floating* center,
-                             const floating* scale, const floating* shift) noexcept nogil:
+                             floating* y, Py_ssize_t k, const floating* factor,
+                             const floating* center, const floating* scale,
+                             const floating* shift) noexcept nogil:
     cdef Py_ssize_t off, length, ch, slot
     if g.planar:
         off = planar_item(g, k, &length, &ch, &slot)
-        affine_run(act, x + off, y + off, length, center[ch], scale[ch], shift[ch])
+        affine_run(act, x + off, y + off, length, factor[ch], center[ch], scale[ch], shift[ch])
     elif not by_rows(g):
         off = k * g.c * g.s
         for ch in range(g.c):
-            affine_run(act, x + off + ch * g.s, y + off + ch * g.s, g.s, center[ch], scale[ch],
-                       shift[ch])
+            affine_run(act, x + off + ch * g.s, y + off + ch * g.s, g.s, factor[ch], center[ch],
+                       scale[ch], shift[ch])
     else:
         off = k * g.period
-        affine_row(act, x + off, y + off, row_length(g, k), center, scale, shift)
+        affine_row(act, x + off, y + off, row_length(g, k), factor, center, scale, shift)
 
 
 cdef int affine_pass(const activation* act, const Geometry* g, const floating* x, floating* y,
-                     const floating* center, const floating* scale, const floating* shift,
-                     int n_threads) noexcept nogil:
-    """y = activation((x - center) * scale + shift) with per-channel coefficients; -1 if out of
-    memory."""
+                     const floating* coef, int n_threads) noexcept nogil:
+    """y = activation((x * factor - center) * scale + shift) with per-channel coefficients
+    coef = [center, scale, shift, factor] (4 * C values); -1 if out of memory."""
     if g.total == 0:
         return 0
     cdef Py_ssize_t k, items = elementwise_items(g)
     cdef int nt = threads_for(g, n_threads, items)
+    cdef const floating* center = coef
+    cdef const floating* scale = coef + g.c
+    cdef const floating* shift = coef + 2 * g.c
+    cdef const floating* factor = coef + 3 * g.c
     cdef floating* work = NULL
     if needs_expansion(g):
-        work = <floating*>malloc(3 * g.period * sizeof(floating))
+        work = <floating*>malloc(4 * g.period * sizeof(floating))
         if work == NULL:
             return -1
         center = per_column(g, center, work)
         scale = per_column(g, scale, work + g.period)
         shift = per_column(g, shift, work + 2 * g.period)
+        factor = per_column(g, factor, work + 3 * g.period)
     if nt == 1:
         for k in range(items):
-            affine_item(act, g, x, y, k, center, scale, shift)
+            affine_item(act, g, x, y, k, factor, center, scale, shift)
     else:
         for k in prange(items, num_threads=nt, schedule="static"):
-            affine_item(act, g, x, y, k, center, scale, shift)
+            affine_item(act, g, x, y, k, factor, center, scale, shift)
     free(work)
     return 0
 
@@ -876,49 +888,56 @@ cdef int affine_pass(const activation* act, const Geometry* g, const floating* x
 cdef inline void grad_input_item(const activation* act, const Geometry* g, const floating* dy,
                                  const floating* out, const floating* x, floating* dx,
                                  Py_ssize_t k, const floating* a, const floating* b,
-                                 const floating* center, const floating* c) noexcept nogil:
+                                 const floating* factor, const floating* center,
+                                 const floating* c) noexcept nogil:
     cdef Py_ssize_t off, length, ch, slot, o
     if g.planar:
         off = planar_item(g, k, &length, &ch, &slot)
         grad_input_run(act, dy + off, at(out, off), x + off, dx + off, length, a[ch], b[ch],
-                       center[ch], c[ch])
+                       factor[ch], center[ch], c[ch])
     elif not by_rows(g):
         off = k * g.c * g.s
         for ch in range(g.c):
             o = off + ch * g.s
-            grad_input_run(act, dy + o, at(out, o), x + o, dx + o, g.s, a[ch], b[ch], center[ch],
-                           c[ch])
+            grad_input_run(act, dy + o, at(out, o), x + o, dx + o, g.s, a[ch], b[ch], factor[ch],
+                           center[ch], c[ch])
     else:
         off = k * g.period
         grad_input_row(act, dy + off, at(out, off), x + off, dx + off, row_length(g, k), a, b,
-                       center, c)
+                       factor, center, c)
 
 
 cdef int grad_input_pass(const activation* act, const Geometry* g, const floating* dy,
                          const floating* out, const floating* x, floating* dx,
-                         const floating* a, const floating* b, const floating* center,
-                         const floating* c, int n_threads) noexcept nogil:
-    """dx = a * g + b * (x - center) + c with per-channel coefficients, g being dy gated by the
-    activation of the output `out`; -1 if out of memory."""
+                         const floating* coef, int n_threads) noexcept nogil:
+    """dx = a * g + b * (x * factor - center) + shift with per-channel coefficients
+    coef = [a, b, center, shift, factor] (5 * C values), g being dy gated by the activation of
+    the output `out`; -1 if out of memory."""
     if g.total == 0:
         return 0
     cdef Py_ssize_t k, items = elementwise_items(g)
     cdef int nt = threads_for(g, n_threads, items)
+    cdef const floating* a = coef
+    cdef const floating* b = coef + g.c
+    cdef const floating* center = coef + 2 * g.c
+    cdef const floating* c = coef + 3 * g.c
+    cdef const floating* factor = coef + 4 * g.c
     cdef floating* work = NULL
     if needs_expansion(g):
-        work = <floating*>malloc(4 * g.period * sizeof(floating))
+        work = <floating*>malloc(5 * g.period * sizeof(floating))
         if work == NULL:
             return -1
         a = per_column(g, a, work)
         b = per_column(g, b, work + g.period)
         center = per_column(g, center, work + 2 * g.period)
         c = per_column(g, c, work + 3 * g.period)
+        factor = per_column(g, factor, work + 4 * g.period)
     if nt == 1:
         for k in range(items):
-            grad_input_item(act, g, dy, out, x, dx, k, a, b, center, c)
+            grad_input_item(act, g, dy, out, x, dx, k, a, b, factor, center, c)
     else:
         for k in prange(items, num_threads=nt, schedule="static"):
-            grad_input_item(act, g, dy, out, x, dx, k, a, b, center, c)
+            grad_input_item(act, g, dy, out, x, dx, k, a, b, factor, center, c)
     free(work)
     return 0
 
@@ -928,14 +947,28 @@ cdef int grad_input_pass(const activation* act, const Geometry* g, const floatin
 # ---------------------------------------------------------------------------------------------
 
 cdef inline void split_center(double mean_hi, double mean_lo, double scale, double shift,
-                              floating* center, floating* shift_out) noexcept nogil:
-    """center = the mean (mean_hi + mean_lo) rounded to the data's dtype; shift_out folds the
-    rest back in, so that (x - center) * scale + shift_out == (x - mean) * scale + shift."""
-    center[0] = <floating>mean_hi
-    cdef double rest = (mean_hi - <double>center[0]) + mean_lo
-    # (a select, not a branch, so that loops over channels vectorise; a zero rest must not
-    # meet an infinite scale, 0 * inf being NaN)
+                              floating* center, floating* scale_out, floating* shift_out,
+                              floating* factor) noexcept nogil:
+    """The coefficients of (x - mean) * scale + shift as the elementwise passes compute it,
+    (x * factor - center) * scale_out + shift_out.
+
+    center is the mean (mean_hi + mean_lo) rounded to the data's dtype and shift_out folds the
+    rest back in.  factor is 1, except where x - center could overflow: that needs |center|
+    within 2**-(mantissa bits + 2) of the dtype's largest value, and such channels get
+    factor = 1/2, center and scale_out halved and doubled (exact), so that no intermediate
+    exceeds the range.
+    """
+    cdef double limit = FLT_MAX if floating is float else DBL_MAX
+    cdef double ulp = FLT_EPSILON if floating is float else DBL_EPSILON
+    cdef floating c = <floating>mean_hi
+    cdef double rest = (mean_hi - <double>c) + mean_lo
+    cdef bint huge = fabs(<double>c) >= limit * ulp * 0.25
+    # (selects, not branches, so that loops over channels vectorise; a zero rest must not meet
+    # an infinite scale, 0 * inf being NaN)
     shift_out[0] = <floating>(shift - (rest * scale if rest != 0.0 else 0.0))
+    center[0] = <floating>(c * 0.5) if huge else c
+    scale_out[0] = <floating>(scale * 2.0) if huge else <floating>scale
+    factor[0] = 0.5 if huge else 1.0
 
 
 cdef inline void widen(const floating* src, double fill, double* dst, Py_ssize_t n) noexcept nogil:
@@ -958,7 +991,7 @@ cdef int normalize(const activation* act, const Geometry* g, const floating* x, 
     weight and bias may be NULL)."""
     cdef Py_ssize_t ch, c = g.c
     cdef int rc
-    cdef double* work = <double*>malloc(3 * c * sizeof(double) + 3 * c * sizeof(floating))
+    cdef double* work = <double*>malloc(3 * c * sizeof(double) + 4 * c * sizeof(floating))
     if work == NULL:
         return -1
     cdef double* scale = work
@@ -970,9 +1003,9 @@ cdef int normalize(const activation* act, const Geometry* g, const floating* x, 
     widen(<double*>mean_lo, 0.0, lo, c)
     for ch in range(c):
         scale[ch] *= invstd[ch]
-        coef[c + ch] = <floating>scale[ch]
-        split_center(mean[ch], lo[ch], scale[ch], shift[ch], coef + ch, coef + 2 * c + ch)
-    rc = affine_pass(act, g, x, y, coef, coef + c, coef + 2 * c, n_threads)
+        split_center(mean[ch], lo[ch], scale[ch], shift[ch], coef + ch, coef + c + ch,
+                     coef + 2 * c + ch, coef + 3 * c + ch)
+    rc = affine_pass(act, g, x, y, coef, n_threads)
     free(work)
     return rc
 
@@ -998,8 +1031,8 @@ cdef inline void train_channel(Py_ssize_t ch, Py_ssize_t c, double count, double
                                floating* running_mean, floating* running_var,
                                double* save_invstd, floating* coef) noexcept nogil:
     """Channel ch's epilogue of a training forward: invstd, the running buffers, and the
-    coefficients (center, scale, shift) of its normalisation in coef[ch], coef[c + ch],
-    coef[2c + ch].  No pointer is NULL (see fillers)."""
+    coefficients (center, scale, shift, factor) of its normalisation in coef[ch + k * c].  No
+    pointer is NULL (see fillers)."""
     cdef double invstd = 1.0 / sqrt(m2[ch] / count + eps)
     cdef double scale = invstd * <double>weight[ch]
     save_invstd[ch] = invstd
@@ -1007,8 +1040,8 @@ cdef inline void train_channel(Py_ssize_t ch, Py_ssize_t c, double count, double
     # running_var tracks the unbiased variance; normalisation uses the biased one.
     running_var[ch] = <floating>(momentum * (m2[ch] / (count - 1.0))
                                  + (1.0 - momentum) * running_var[ch])
-    coef[c + ch] = <floating>scale
-    split_center(mean[ch], mean_lo[ch], scale, <double>bias[ch], coef + ch, coef + 2 * c + ch)
+    split_center(mean[ch], mean_lo[ch], scale, <double>bias[ch], coef + ch, coef + c + ch,
+                 coef + 2 * c + ch, coef + 3 * c + ch)
 
 
 cdef inline Py_ssize_t channel_segment(const Geometry* g, Py_ssize_t ch, Py_ssize_t q) noexcept nogil:
@@ -1063,12 +1096,12 @@ cdef inline int train_columns_tile(const activation* act, const Geometry* g, con
     for r in range(g.rows):
         off = r * g.period
         if g.s == 1:
-            affine_row(act, x + off + col0, y + off + col0, width, coef + ch0, coef + c + ch0,
-                       coef + 2 * c + ch0)
+            affine_row(act, x + off + col0, y + off + col0, width, coef + 3 * c + ch0, coef + ch0,
+                       coef + c + ch0, coef + 2 * c + ch0)
         else:
             for ch in range(ch0, ch1):
-                affine_run(act, x + off + ch * g.s, y + off + ch * g.s, g.s, coef[ch], coef[c + ch],
-                           coef[2 * c + ch])
+                affine_run(act, x + off + ch * g.s, y + off + ch * g.s, g.s, coef[3 * c + ch],
+                           coef[ch], coef[c + ch], coef[2 * c + ch])
     return 0
 
 
@@ -1092,7 +1125,8 @@ cdef inline void train_planar_channel(const activation* act, const Geometry* g,
                   running_var, save_invstd, coef)
     for q in range(g.n * g.segs):
         off = planar_item(g, channel_segment(g, ch, q), &length, &chan, &slot)
-        affine_run(act, x + off, y + off, length, coef[ch], coef[g.c + ch], coef[2 * g.c + ch])
+        affine_run(act, x + off, y + off, length, coef[3 * g.c + ch], coef[ch], coef[g.c + ch],
+                   coef[2 * g.c + ch])
 
 
 cdef int forward_train_impl(const activation* act, const Geometry* g, const floating* x,
@@ -1105,7 +1139,7 @@ cdef int forward_train_impl(const activation* act, const Geometry* g, const floa
     cdef double count = <double>(g.n * g.s)
     cdef int rc = 0
     cdef int nt = threads_for(g, n_threads, c)
-    cdef double* work = <double*>malloc(2 * c * sizeof(double) + 3 * c * sizeof(floating))
+    cdef double* work = <double*>malloc(2 * c * sizeof(double) + 4 * c * sizeof(floating))
     cdef floating* fill = fillers(x, c)
     cdef double* plan = merge_plan(g)
     cdef double* parts = <double*>malloc(3 * g.partial_len * sizeof(double))
@@ -1159,7 +1193,7 @@ cdef int forward_train_impl(const activation* act, const Geometry* g, const floa
             for ch in range(c):
                 train_channel(ch, c, count, momentum, eps, save_mean, mean_lo, m2, weight, bias,
                               running_mean, running_var, save_invstd, coef)
-            rc = affine_pass(act, g, x, y, coef, coef + c, coef + 2 * c, n_threads)
+            rc = affine_pass(act, g, x, y, coef, n_threads)
     free(work)
     free(fill)
     free(plan)
@@ -1198,8 +1232,8 @@ cdef inline void backward_channel(Py_ssize_t ch, Py_ssize_t c, double count, con
                                   floating* grad_weight, floating* grad_bias,
                                   floating* coef) noexcept nogil:
     """Channel ch's epilogue of a training backward: the parameter gradients and the
-    coefficients (a, b, center, shift) of dx = a * dy + b * (x - center) + shift in
-    coef[ch + k * c].  No pointer is NULL (see fillers).
+    coefficients (a, b, center, shift, factor) of dx = a * dy + b * (x * factor - center) +
+    shift in coef[ch + k * c].  No pointer is NULL (see fillers).
 
     dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
     """
@@ -1208,8 +1242,8 @@ cdef inline void backward_channel(Py_ssize_t ch, Py_ssize_t c, double count, con
     grad_bias[ch] = <floating>sum_dy[ch]
     grad_weight[ch] = <floating>(sum_dy_xc[ch] * invstd[ch])
     coef[ch] = <floating>a
-    coef[c + ch] = <floating>b
-    split_center(mean[ch], 0.0, b, -a * sum_dy[ch] / count, coef + 2 * c + ch, coef + 3 * c + ch)
+    split_center(mean[ch], 0.0, b, -a * sum_dy[ch] / count, coef + 2 * c + ch, coef + c + ch,
+                 coef + 3 * c + ch, coef + 4 * c + ch)
 
 
 cdef int grad_input_from_sums(const activation* act, const Geometry* g, const floating* dy,
@@ -1221,7 +1255,7 @@ cdef int grad_input_from_sums(const activation* act, const Geometry* g, const fl
     `count` values of each channel (on one process, or gathered from several)."""
     cdef Py_ssize_t ch, c = g.c
     cdef int rc
-    cdef floating* coef = <floating*>malloc(4 * c * sizeof(floating))
+    cdef floating* coef = <floating*>malloc(5 * c * sizeof(floating))
     cdef floating* fill = fillers(x, c)
     if coef == NULL or fill == NULL:
         free(coef); free(fill)
@@ -1231,8 +1265,7 @@ cdef int grad_input_from_sums(const activation* act, const Geometry* g, const fl
                          fill if weight == NULL else weight,
                          fill + 2 * c if grad_weight == NULL else grad_weight,
                          fill + 3 * c if grad_bias == NULL else grad_bias, coef)
-    rc = grad_input_pass(act, g, dy, out, x, dx, coef, coef + c, coef + 2 * c, coef + 3 * c,
-                         n_threads)
+    rc = grad_input_pass(act, g, dy, out, x, dx, coef, n_threads)
     free(coef)
     free(fill)
     return rc
@@ -1261,8 +1294,8 @@ cdef inline void backward_planar_channel(const activation* act, const Geometry* 
                      grad_bias, coef)
     for q in range(g.n * g.segs):
         off = planar_item(g, channel_segment(g, ch, q), &length, &chan, &slot)
-        grad_input_run(act, dy + off, at(out, off), x + off, dx + off, length, coef[ch], coef[g.c + ch],
-                       coef[2 * g.c + ch], coef[3 * g.c + ch])
+        grad_input_run(act, dy + off, at(out, off), x + off, dx + off, length, coef[ch],
+                       coef[g.c + ch], coef[4 * g.c + ch], coef[2 * g.c + ch], coef[3 * g.c + ch])
 
 
 cdef inline void backward_columns_tile(const activation* act, const Geometry* g,
@@ -1288,13 +1321,14 @@ cdef inline void backward_columns_tile(const activation* act, const Geometry* g,
         off = r * g.period
         if g.s == 1:
             grad_input_row(act, dy + off + col0, at(out, off + col0), x + off + col0,
-                           dx + off + col0, width, coef + ch0,
-                           coef + c + ch0, coef + 2 * c + ch0, coef + 3 * c + ch0)
+                           dx + off + col0, width, coef + ch0, coef + c + ch0,
+                           coef + 4 * c + ch0, coef + 2 * c + ch0, coef + 3 * c + ch0)
         else:
             for ch in range(ch0, ch1):
                 grad_input_run(act, dy + off + ch * g.s, at(out, off + ch * g.s), x + off + ch * g.s,
                                dx + off + ch * g.s, g.s,
-                               coef[ch], coef[c + ch], coef[2 * c + ch], coef[3 * c + ch])
+                               coef[ch], coef[c + ch], coef[4 * c + ch], coef[2 * c + ch],
+                               coef[3 * c + ch])
 
 
 cdef int backward_train_impl(const activation* act, const Geometry* g, const floating* dy,
@@ -1326,7 +1360,7 @@ cdef int backward_train_impl(const activation* act, const Geometry* g, const flo
         free(sums)
         return rc
     sums = <double*>malloc((2 * c + 2 * g.partial_len) * sizeof(double))
-    coef = <floating*>malloc(4 * c * sizeof(floating))
+    coef = <floating*>malloc(5 * c * sizeof(floating))
     fill = fillers(x, c)
     if tiles:
         center_work = <double*>malloc(g.period * sizeof(double))
@@ -1377,23 +1411,26 @@ cdef int backward_eval_impl(const activation* act, const Geometry* g, const floa
     same pass as the sums for the parameter gradients when those are wanted."""
     cdef Py_ssize_t ch, c = g.c
     cdef int rc
-    cdef double* work = <double*>malloc(3 * c * sizeof(double) + 3 * c * sizeof(floating))
+    cdef double* work = <double*>malloc(3 * c * sizeof(double) + 5 * c * sizeof(floating))
     if work == NULL:
         return -1
     cdef double* sums = work + c
-    cdef floating* coef = <floating*>(work + 3 * c)
+    cdef floating* scale = <floating*>(work + 3 * c)
+    cdef floating* coef = scale + c   # [center 0, scale, shift 0, factor 1] of dx = scale * dy
     widen(weight, 1.0, work, c)
     for ch in range(c):
-        coef[ch] = <floating>(work[ch] * invstd[ch])
-        coef[c + ch] = 0
+        scale[ch] = <floating>(work[ch] * invstd[ch])
+        coef[ch] = 0
+        coef[c + ch] = scale[ch]
         coef[2 * c + ch] = 0
+        coef[3 * c + ch] = 1
     if grad_weight == NULL and grad_bias == NULL and activation is Identity:
-        # dx = scale * (dy - 0) + 0: the normalisation pass applied to dy.
-        rc = affine_pass(act, g, dy, dx, coef + c, coef, coef + 2 * c, n_threads)
+        # dx = (dy * 1 - 0) * scale + 0: the normalisation pass applied to dy.
+        rc = affine_pass(act, g, dy, dx, coef, n_threads)
     else:
         # (with an activation, dy must be gated: the sums pass does that, and its sums are
         # the parameter gradients when those are wanted)
-        rc = grad_sums_pass(act, g, dy, out, x, mean, coef, dx, sums, sums + c, n_threads)
+        rc = grad_sums_pass(act, g, dy, out, x, mean, scale, dx, sums, sums + c, n_threads)
         if rc == 0:
             parameter_grads(c, sums, sums + c, invstd, grad_weight, grad_bias)
     free(work)

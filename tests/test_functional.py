@@ -293,3 +293,27 @@ def test_momentum_grid_combinations_run():
         rm, rv = (np.zeros(2, np.float32), np.ones(2, np.float32)) if buffers else (None, None)
         y = F.batch_norm(x, rm, rv, w, w, training, momentum)
         assert np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("shape", [(1000, 2), (100, 2, 300)], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_values_near_float32_max_do_not_overflow(shape, training):
+    # x - mean would overflow float32 here (|x - mean| up to 5.4e38 > 3.4e38); float64
+    # statistics and the kernels' overflow guard keep every result finite and right.
+    x = np.full(shape, 3e38, np.float32)
+    x[:shape[0] // 10] = -3e38
+    x[:, 1] *= 0.5
+    count, mean, m2 = F.batch_stats(x)
+    rm, rv = mean.astype(np.float32), (m2 / (count - 1)).astype(np.float32)
+    y, save_mean, save_invstd = F.batch_norm_forward(x, rm, rv, training=training)
+    y_ref, mean_ref, invstd_ref = ref.batch_norm_forward(x, rm.astype(np.float64), rv.astype(np.float64),
+                                                        training=training)
+    assert np.isfinite(y).all(), "output overflowed"
+    assert_close(y, y_ref, np.float32, "output near float32's max")
+    dy = np.ones_like(x)
+    dy[0] = -2
+    dx = F.batch_norm_backward(dy, x, save_mean, save_invstd, None, training)[0]
+    dx_ref = ref.batch_norm_backward(dy, x, mean_ref, invstd_ref, None, training)[0]
+    assert np.isfinite(dx).all(), "grad_input overflowed"
+    assert_close(dx, dx_ref, np.float32, "grad_input near float32's max",
+                 scale=np.max(invstd_ref) * np.max(np.abs(dy)))
