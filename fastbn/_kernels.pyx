@@ -499,7 +499,7 @@ cdef inline void grad_input_run(const activation* act, const floating* dy, const
                                 floating c) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        dx[i] = a * gate(act, dy, out, i) + b * (x[i] * factor - center) + c
+        dx[i] = a * (gate(act, dy, out, i) + (x[i] * factor - center) * b + c)
 
 
 cdef inline void grad_input_row(const activation* act, const floating* dy, const floating* out,
@@ -508,7 +508,7 @@ cdef inline void grad_input_row(const activation* act, const floating* dy, const
                                 const floating* c) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        dx[i] = a[i] * gate(act, dy, out, i) + b[i] * (x[i] * factor[i] - center[i]) + c[i]
+        dx[i] = a[i] * (gate(act, dy, out, i) + (x[i] * factor[i] - center[i]) * b[i] + c[i])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -910,7 +910,7 @@ cdef inline void grad_input_item(const activation* act, const Geometry* g, const
 cdef int grad_input_pass(const activation* act, const Geometry* g, const floating* dy,
                          const floating* out, const floating* x, floating* dx,
                          const floating* coef, int n_threads) noexcept nogil:
-    """dx = a * g + b * (x * factor - center) + shift with per-channel coefficients
+    """dx = a * (g + (x * factor - center) * b + shift) with per-channel coefficients
     coef = [a, b, center, shift, factor] (5 * C values), g being dy gated by the activation of
     the output `out`; -1 if out of memory."""
     if g.total == 0:
@@ -1232,17 +1232,18 @@ cdef inline void backward_channel(Py_ssize_t ch, Py_ssize_t c, double count, con
                                   floating* grad_weight, floating* grad_bias,
                                   floating* coef) noexcept nogil:
     """Channel ch's epilogue of a training backward: the parameter gradients and the
-    coefficients (a, b, center, shift, factor) of dx = a * dy + b * (x * factor - center) +
-    shift in coef[ch + k * c].  No pointer is NULL (see fillers).
+    coefficients (a, b, center, shift, factor) of dx = a * (dy + b * (x * factor - center) +
+    shift) in coef[ch + k * c].  No pointer is NULL (see fillers).
 
-    dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
+    dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean))); the
+    factor a = w * invstd is applied last so that b ~ invstd * |dy| rather than invstd**3 * |dy|
+    stays representable when the data is huge (x ~ 1e38 in float32).
     """
-    cdef double a = <double>weight[ch] * invstd[ch]
-    cdef double b = -a * invstd[ch] * invstd[ch] * sum_dy_xc[ch] / count
+    cdef double b = -invstd[ch] * invstd[ch] * sum_dy_xc[ch] / count
     grad_bias[ch] = <floating>sum_dy[ch]
     grad_weight[ch] = <floating>(sum_dy_xc[ch] * invstd[ch])
-    coef[ch] = <floating>a
-    split_center(mean[ch], 0.0, b, -a * sum_dy[ch] / count, coef + 2 * c + ch, coef + c + ch,
+    coef[ch] = <floating>(<double>weight[ch] * invstd[ch])
+    split_center(mean[ch], 0.0, b, -sum_dy[ch] / count, coef + 2 * c + ch, coef + c + ch,
                  coef + 3 * c + ch, coef + 4 * c + ch)
 
 
