@@ -346,7 +346,8 @@ def plot(records, path):
 
 
 def main(threads=(1, 2), against=PEERS, quick=False, json_path=None, plot_path=None, shapes=None,
-         ops=None, out=sys.stdout):
+         ops=None, out=None):
+    out = sys.stdout if out is None else out
     print(header(against), file=out)
     print(f"threads: {', '.join(map(str, threads))}  |  dtype: float32  |  "
           f"{'quick run' if quick else 'full run'}", file=out)

@@ -1,0 +1,48 @@
+"""The benchmark harness runs (its timings are never asserted: only that it measures)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fastbn import bench
+from fastbn.__main__ import main
+
+
+def test_run_measures_every_op_and_floor():
+    ops = list(bench.OPS) + ["train+relu", "eval:nhwc", "eval:fp16"]
+    records = bench.run(shapes=[(4, 3, 8, 8), (64, 5)], ops=ops, threads=(1,), against=("numpy",),
+                        budget=0.002)
+    assert len(records) == 2 * len(ops)
+    for r in records:
+        assert r["times"]["fastbn"] > 0 and r["floor_s"] > 0
+        assert r["passes"] == bench.passes(r["op"])
+        if bench.split_op(r["op"])[1] is None:
+            assert r["times"]["numpy"] > 0
+    assert any(r["dtype"] == "float16" for r in records)
+    text = bench.table(records, ("numpy",))
+    assert "floor" in text and "vs numpy" in text
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--threads", "1", "--against", "numpy", "--shapes", "2,3,4,4",
+                 "--ops", "eval,train", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "fastbn" in out and "(2, 3, 4, 4)" in out
+    data = json.loads(path.read_text())
+    assert {r["op"] for r in data["records"]} == {"eval", "train"}
+
+
+@pytest.mark.parametrize("argv", [["bench", "--threads", "0"], ["bench", "--against", "tensorflow"],
+                                  ["bench", "--ops", "fly"], ["bench", "--shapes", "2,x"]])
+def test_cli_bench_rejects_bad_options(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+
+
+def test_numpy_baseline_is_correct():
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float64)
+    y, _, _ = bench.numpy_case("train", x, x, 1)()
+    np.testing.assert_allclose(y.mean(axis=(0, 2)), 0, atol=1e-12)
