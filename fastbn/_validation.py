@@ -12,9 +12,12 @@ import numbers
 import numpy as np
 
 #: dtypes the kernels compute in; float16 data is computed in float32 (see functional.py).
-KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT32 = np.dtype(np.float32)
+FLOAT64 = np.dtype(np.float64)
+KERNEL_DTYPES = (FLOAT32, FLOAT64)
 FLOAT16 = np.dtype(np.float16)
 INPUT_DTYPES = KERNEL_DTYPES + (FLOAT16,)
+_INF = float("inf")
 
 
 def _dtype_name(dt):
@@ -24,6 +27,9 @@ def _dtype_name(dt):
 def as_float_array(value, name):
     """``value`` as an ndarray of a supported float dtype, in native byte order (no copy when
     it already is one)."""
+    # Fast path (tiny calls are dominated by checks): numpy's own float32/float64 dtypes.
+    if type(value) is np.ndarray and (value.dtype is FLOAT32 or value.dtype is FLOAT64):
+        return value
     if not isinstance(value, np.ndarray):
         if value is None or isinstance(value, (str, bytes)):
             raise TypeError(f"{name} must be an array of floats, got {type(value).__name__}")
@@ -84,6 +90,8 @@ def check_running_pair(running_mean, running_var, training):
 
 def check_eps(eps, training):
     """torch 2.13's rules: eps > 0 in training, eps >= 0 otherwise; NaN and inf never."""
+    if type(eps) is float and 0.0 < eps < _INF:  # the common case, checked fast
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     eps = float(eps)

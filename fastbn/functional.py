@@ -35,7 +35,9 @@ __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_sta
 
 def compute_dtype(dtype):
     """The dtype the kernels compute in for data of this dtype."""
-    return np.dtype(np.float32) if dtype == V.FLOAT16 else dtype
+    if dtype is V.FLOAT32 or dtype is V.FLOAT64:
+        return dtype
+    return V.FLOAT32 if dtype == V.FLOAT16 else dtype
 
 
 def as_input(value, name="input"):
@@ -59,6 +61,8 @@ def to_kernels(x, channels_last):
     one row per position -- without a copy; anything else as (N, C, *spatial), copied once if
     it is not C-contiguous.
     """
+    if not channels_last and x.flags.c_contiguous and (x.dtype is V.FLOAT32 or x.dtype is V.FLOAT64):
+        return x  # the common case, checked fast
     if x.dtype == V.FLOAT16:
         x = x.astype(np.float32, order="K")  # keeps the memory format
     if channels_last:
