@@ -9,6 +9,7 @@
 
 from . import functional
 from ._dispatch import simd_level
+from ._openmp import get_num_threads, set_num_threads
 from ._version import __version__
 from .checkpoint import UnsafeCheckpointError, load_checkpoint, read_checkpoint
 from .distributed import SyncBatchNorm  # mpi4py is imported only when a module needs it
@@ -25,8 +26,10 @@ __all__ = [
     "batch_stats",
     "merge_stats",
     "functional",
+    "get_num_threads",
     "load_checkpoint",
     "read_checkpoint",
+    "set_num_threads",
     "simd_level",
     "__version__",
 ]
