@@ -32,8 +32,6 @@ import sys
 import tempfile
 import textwrap
 
-import numpy
-from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -146,8 +144,9 @@ class BuildExt(build_ext):
                     # Extensions are linked with LDFLAGS (setuptools adds it to the shared-object
                     # linker) but executables are not: pass it, so that the probe sees the same
                     # libraries as the build it stands for.
+                    ldflags = os.environ.get("LDFLAGS", "") if self.compiler.compiler_type != "msvc" else ""
                     self.compiler.link_executable(objects, "probe", output_dir=tmp,
-                                                  extra_preargs=shlex.split(os.environ.get("LDFLAGS", "")),
+                                                  extra_preargs=shlex.split(ldflags),
                                                   extra_postargs=list(link_flags))
             except Exception:
                 return False
@@ -200,6 +199,8 @@ SIMD_VARIANT_FLAGS = {}
 
 
 def _extension(name, source, libraries=()):
+    import numpy  # build requirements, imported when building (the tests import this file)
+
     return Extension(
         name,
         [source],
@@ -210,6 +211,8 @@ def _extension(name, source, libraries=()):
 
 
 def extensions():
+    from Cython.Build import cythonize
+
     exts = [
         # dladdr (which runtime is loaded) lives in libdl before glibc 2.34 (manylinux_2_28).
         _extension("fastbn._openmp", "fastbn/_openmp.pyx",
