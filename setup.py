@@ -19,16 +19,19 @@ FASTBN_DISABLE_OPENMP=1  build without OpenMP even where the compiler has it.
 FASTBN_NATIVE=1          opt in to ``-march=native`` for every variant (a local build only:
                          such binaries crash with SIGILL on CPUs older than the build host).
 FASTBN_NO_SIMD_VARIANTS=1  build only the baseline kernels (faster builds while developing).
+FASTBN_LIBOMP_PREFIX=DIR  macOS: where libomp is (DIR/include/omp.h, DIR/lib/libomp.dylib);
+                         by default Homebrew's (``brew --prefix libomp``) is looked for.
 """
 
 import os
 import platform
+import shlex
+import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
 
-import numpy
-from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -68,21 +71,61 @@ OPENMP_TEST_PROGRAM = textwrap.dedent(
 )
 
 
+def _target_machine():
+    """The architecture the extensions are built for: the host's, unless a cross-compiling
+    build (cibuildwheel's x86_64 wheels on Apple silicon) names another in
+    _PYTHON_HOST_PLATFORM (e.g. "macosx-10.9-x86_64")."""
+    host_platform = os.environ.get("_PYTHON_HOST_PLATFORM", "")
+    if host_platform:
+        return host_platform.rsplit("-", 1)[-1].lower()
+    return platform.machine().lower()
+
+
 def _is_x86_64():
-    return platform.machine().lower() in ("x86_64", "amd64", "x64")
+    return _target_machine() in ("x86_64", "amd64", "x64")
 
 
 def _env_flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _openmp_flags(compiler_type):
+def _libomp_prefix():
+    """macOS: the prefix of an LLVM libomp install (Homebrew's is keg-only, so not on the
+    compiler's search paths), or None.  FASTBN_LIBOMP_PREFIX wins, then ``brew --prefix
+    libomp``, then Homebrew's usual locations."""
+    candidates = []
+    if os.environ.get("FASTBN_LIBOMP_PREFIX"):
+        candidates.append(os.environ["FASTBN_LIBOMP_PREFIX"])
+    brew = shutil.which("brew")
+    if brew:
+        try:
+            found = subprocess.run([brew, "--prefix", "libomp"], capture_output=True, text=True,
+                                   timeout=120, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            found = ""
+        if found:
+            candidates.append(found)
+    candidates += ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+    for prefix in candidates:
+        if os.path.isfile(os.path.join(prefix, "include", "omp.h")):
+            return prefix
+    return None
+
+
+def _openmp_flags(compiler_type, platform_name=None, libomp_prefix=None):
     """(compile flags, link flags) that switch OpenMP on for this compiler."""
+    platform_name = sys.platform if platform_name is None else platform_name
     if compiler_type == "msvc":
+        # MSVC's own runtime (vcomp140.dll); a Windows wheel's repair step vendors it.
         return ["/openmp"], []
-    if sys.platform == "darwin":
-        # Apple clang has no -fopenmp driver flag; libomp (e.g. Homebrew's) supplies the runtime.
-        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+    if platform_name == "darwin":
+        # Apple clang has no -fopenmp driver flag: the preprocessor gets it, and LLVM's libomp
+        # (e.g. Homebrew's) supplies omp.h and the runtime.
+        compile_flags, link_flags = ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+        if libomp_prefix:
+            compile_flags.append(f"-I{os.path.join(libomp_prefix, 'include')}")
+            link_flags.insert(0, f"-L{os.path.join(libomp_prefix, 'lib')}")
+        return compile_flags, link_flags
     return ["-fopenmp"], ["-fopenmp"]
 
 
@@ -98,7 +141,12 @@ class BuildExt(build_ext):
             try:
                 objects = self.compiler.compile([path], output_dir=tmp, extra_postargs=list(compile_flags))
                 if link:
+                    # Extensions are linked with LDFLAGS (setuptools adds it to the shared-object
+                    # linker) but executables are not: pass it, so that the probe sees the same
+                    # libraries as the build it stands for.
+                    ldflags = os.environ.get("LDFLAGS", "") if self.compiler.compiler_type != "msvc" else ""
                     self.compiler.link_executable(objects, "probe", output_dir=tmp,
+                                                  extra_preargs=shlex.split(ldflags),
                                                   extra_postargs=list(link_flags))
             except Exception:
                 return False
@@ -108,18 +156,25 @@ class BuildExt(build_ext):
         compiler_type = self.compiler.compiler_type
         unix_like = compiler_type != "msvc"
 
-        openmp_compile, openmp_link = _openmp_flags(compiler_type)
+        libomp = _libomp_prefix() if sys.platform == "darwin" and unix_like else None
+        openmp_compile, openmp_link = _openmp_flags(compiler_type, libomp_prefix=libomp)
         if _env_flag("FASTBN_DISABLE_OPENMP"):
             use_openmp = False
             print("fastbn: OpenMP disabled by FASTBN_DISABLE_OPENMP; building serial kernels.")
         else:
             use_openmp = self._compiles(OPENMP_TEST_PROGRAM, openmp_compile, openmp_link)
             if not use_openmp:
+                hint = (" On macOS, install libomp (brew install libomp) or point FASTBN_LIBOMP_PREFIX "
+                        "at one." if sys.platform == "darwin" else "")
                 print("fastbn: WARNING: this compiler cannot build OpenMP programs "
-                      f"(tried {' '.join(openmp_compile)}); building serial kernels. "
-                      "fastbn works, on one thread.")
+                      f"(tried {' '.join(openmp_compile + openmp_link)}); building serial kernels. "
+                      "fastbn works, on one thread." + hint)
+            else:
+                print(f"fastbn: OpenMP enabled (compile: {' '.join(openmp_compile)}; link: {' '.join(openmp_link) or '-'}).")
 
-        base_flags = ["-O3", "-fno-math-errno"] if unix_like else ["/O2"]
+        # -g0: no debug information in the binaries (Python's own CFLAGS ask for -g), which
+        # would add about 1 MB per kernel variant to every wheel.
+        base_flags = ["-O3", "-fno-math-errno", "-g0"] if unix_like else ["/O2"]
         if _env_flag("FASTBN_NATIVE") and unix_like:
             base_flags.append("-march=native")
 
@@ -145,18 +200,25 @@ class BuildExt(build_ext):
 SIMD_VARIANT_FLAGS = {}
 
 
-def _extension(name, source):
+def _extension(name, source, libraries=()):
+    import numpy  # build requirements, imported when building (the tests import this file)
+
     return Extension(
         name,
         [source],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        libraries=list(libraries),
     )
 
 
 def extensions():
+    from Cython.Build import cythonize
+
     exts = [
-        _extension("fastbn._openmp", "fastbn/_openmp.pyx"),
+        # dladdr (which runtime is loaded) lives in libdl before glibc 2.34 (manylinux_2_28).
+        _extension("fastbn._openmp", "fastbn/_openmp.pyx",
+                   libraries=["dl"] if sys.platform.startswith("linux") else []),
         _extension("fastbn._cpu", "fastbn/_cpu.pyx"),
         _extension("fastbn._kernels", "fastbn/_kernels.pyx"),
     ]
@@ -168,4 +230,5 @@ def extensions():
     return cythonize(exts, compiler_directives=COMPILER_DIRECTIVES, quiet=True)
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":  # importable by the tests of the helpers above
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

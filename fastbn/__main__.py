@@ -1,15 +1,25 @@
-"""fastbn's command line: ``python -m fastbn {demo,info,bench} ...``."""
+"""fastbn's command line: ``python -m fastbn {demo,info,bench} ...``.
+
+demo   BatchNorm2d on a tiny input, with the first output recomputed by hand.
+info   this build and machine: versions, SIMD variant dispatched to, OpenMP runtime, threads
+       (``fastbn.show_config()``); ``--json`` for the same as JSON.
+bench  fastbn against its peers and the memory-bandwidth floor.
+"""
 
 import argparse
 import sys
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="BatchNorm2d on a tiny input, checked by hand")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+
+    info = commands.add_parser("info", help="versions, SIMD variant, OpenMP runtime and threads of this build")
+    info.add_argument("--json", action="store_true", help="print the configuration as JSON")
 
     bench = commands.add_parser("bench", help="time fastbn against its peers and the bandwidth floor")
     bench.add_argument("--quick", action="store_true", help="fewer shapes, shorter timings")
@@ -29,6 +39,13 @@ def main(argv=None):
     if args.command == "demo":
         from ._demo import run
         return 0 if run(seed=args.seed) else 1
+    if args.command == "info":
+        from ._config import config_json, show_config
+        if args.json:
+            print(config_json())
+        else:
+            show_config()
+        return 0
     if args.command == "bench":
         from . import bench as bench_module
         try:

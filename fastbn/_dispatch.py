@@ -48,4 +48,6 @@ def load(level=None):
     return level, module
 
 
-simd_level, kernels = load()
+#: FASTBN_SIMD as it was when the kernels were chosen at import (None when unset).
+requested_level = os.environ.get("FASTBN_SIMD", "").strip().lower() or None
+simd_level, kernels = load(requested_level)

@@ -7,9 +7,15 @@ Thread counts follow scikit-learn's convention (``sklearn/utils/_openmp_helpers.
 ``n_threads=None`` means "whatever the OpenMP runtime allows now", which honours
 ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits`` (it calls ``omp_set_num_threads``
 on the runtime these kernels are linked against).
+
+Every kernel module is linked against the same OpenMP runtime as this one (setup.py gives
+them the same flags), so the runtime this module reports and sets is the kernels' runtime.
 """
 
+import operator
 import os
+
+from numpy import bool_ as np_bool
 
 cdef extern from *:
     """
@@ -21,10 +27,29 @@ cdef extern from *:
     static int omp_get_max_threads(void) { return 1; }
     static void omp_set_num_threads(int n) { (void)n; }
     #endif
+
+    /* The file of the shared library that defines omp_get_max_threads for this module: the
+       OpenMP runtime actually loaded (the vendored copy in a repaired wheel).  dladdr is a
+       glibc/musl/macOS extension; elsewhere, and without OpenMP, there is no answer. */
+    #if defined(_OPENMP) && (defined(__linux__) || defined(__APPLE__))
+    #ifndef _GNU_SOURCE
+    #define _GNU_SOURCE
+    #endif
+    #include <dlfcn.h>
+    static const char *fastbn_openmp_library(void) {
+        Dl_info info;
+        if (dladdr((void *)&omp_get_max_threads, &info) && info.dli_fname != NULL)
+            return info.dli_fname;
+        return NULL;
+    }
+    #else
+    static const char *fastbn_openmp_library(void) { return NULL; }
+    #endif
     """
     int FASTBN_OPENMP_VERSION
     int omp_get_max_threads() noexcept nogil
     void omp_set_num_threads(int n) noexcept nogil
+    const char* fastbn_openmp_library() noexcept nogil
 
 
 def openmp_version():
@@ -37,16 +62,91 @@ def openmp_enabled():
     return FASTBN_OPENMP_VERSION != 0
 
 
-def get_max_threads():
-    """Threads an OpenMP region started now on this Python thread would use."""
-    return omp_get_max_threads()
+def openmp_library():
+    """Path of the OpenMP runtime library the kernels call, or None where it cannot be told.
+
+    Found with ``dladdr`` on Linux and macOS; None without OpenMP and on Windows (where
+    ``threadpoolctl.threadpool_info()`` can tell instead).
+    """
+    cdef const char* path = fastbn_openmp_library()
+    if path == NULL:
+        return None
+    return os.fsdecode(<bytes>path)
+
+
+def get_num_threads():
+    """Number of threads fastbn's kernels use by default on the calling thread.
+
+    This is the OpenMP runtime's ``omp_get_max_threads()``: ``OMP_NUM_THREADS`` (or the
+    number of CPUs) unless :func:`set_num_threads` or ``threadpoolctl.threadpool_limits``
+    changed it.  It is what ``n_threads=None`` means in :mod:`fastbn.functional` and what the
+    modules use.  Small arrays run on fewer threads, as starting threads would cost more than
+    it saves.
+
+    Returns
+    -------
+    int
+        At least 1; always 1 in a build without OpenMP.
+
+    See Also
+    --------
+    set_num_threads
+    """
+    return omp_get_max_threads() if FASTBN_OPENMP_VERSION else 1
+
+
+def set_num_threads(n):
+    """Set the number of threads fastbn's kernels use by default on the calling thread.
+
+    Calls ``omp_set_num_threads(n)`` on the OpenMP runtime fastbn is linked against, as
+    ``threadpoolctl.threadpool_limits`` does.
+
+    Parameters
+    ----------
+    n : int
+        A positive number of threads.  It may exceed the number of CPUs (the threads then
+        share them, usually slower).
+
+    Raises
+    ------
+    TypeError
+        If `n` is not an integer.
+    ValueError
+        If `n` is less than 1.
+
+    Notes
+    -----
+    The setting belongs to the calling Python thread, as OpenMP defines it: other threads,
+    including threads started afterwards, keep their own setting, which starts at the
+    process default (``OMP_NUM_THREADS``, else the number of CPUs).  It is shared with
+    everything else in the process that uses the same OpenMP runtime (the same library
+    file), and it is not restored automatically; ``with threadpoolctl.threadpool_limits(n):``
+    sets and restores it.  In a build without OpenMP the value is checked and has no effect.
+
+    See Also
+    --------
+    get_num_threads
+    """
+    if isinstance(n, bool):
+        raise TypeError("number of threads must be an int, got bool")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"number of threads must be an int, got {type(n).__name__}") from None
+    if n < 1:
+        raise ValueError(f"number of threads must be at least 1, got {n}")
+    if n > 0x7FFFFFFF:
+        raise ValueError(f"number of threads must be at most {0x7FFFFFFF}, got {n}")
+    omp_set_num_threads(<int>n)
+
+
+# The names the rest of the package (fastbn/bench.py) has used.
+get_max_threads = get_num_threads
 
 
 def set_max_threads(int n):
     """Set the OpenMP runtime's default thread count for this Python thread (n >= 1)."""
-    if n < 1:
-        raise ValueError(f"number of threads must be at least 1, got {n}")
-    omp_set_num_threads(n)
+    set_num_threads(n)
 
 
 def effective_n_threads(n_threads=None):
@@ -58,7 +158,9 @@ def effective_n_threads(n_threads=None):
     """
     if n_threads is None:
         return omp_get_max_threads() if FASTBN_OPENMP_VERSION else 1
-    if isinstance(n_threads, bool) or not isinstance(n_threads, int):
+    if isinstance(n_threads, (bool, np_bool)):
+        raise TypeError(f"n_threads must be None or an int, got {type(n_threads).__name__}")
+    if not isinstance(n_threads, int):
         try:
             n_threads = n_threads.__index__()
         except (AttributeError, TypeError):

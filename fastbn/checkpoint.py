@@ -135,7 +135,7 @@ class _Storage(_Inert):
 
     __slots__ = ("key", "element", "numel")
     _what = "storage"
-    __hash__ = None  # pickle must not put one in a set or use it as a dict key
+    __hash__ = None  # type: ignore[assignment]  # pickle must not put one in a set or use it as a dict key
 
     def __init__(self, key, element, numel):
         self.key = key
@@ -153,7 +153,7 @@ class _Tensor(_Inert):
 
     __slots__ = ("storage", "offset", "size", "stride", "element", "conj", "neg")
     _what = "tensor"
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]
 
     def __init__(self, storage, offset, size, stride, element, conj=False, neg=False):
         self.storage = storage

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import _validation as V
 from . import functional as F
-from .modules import _BatchNorm
+from .modules import _OVERWRITTEN, _BatchNorm
 
 __all__ = ["SyncBatchNorm"]
 
@@ -200,17 +200,18 @@ class SyncBatchNorm(_BatchNorm):
                             f"(convert the input with .astype, or build the module with dtype=)")
         return x
 
-    def forward(self, input):
+    def forward(self, input, *, out=None):
         """Normalise this rank's ``input`` (N, C, ...) with the global batch statistics.
 
         In training mode every rank of ``comm`` must call this together (one ``Allgather``);
         the running estimates and ``num_batches_tracked`` are updated identically on every
-        rank.  In eval mode there is no communication.  Returns an array of input's shape and
+        rank.  In eval mode there is no communication.  ``out`` (keyword only) receives the
+        output, as in the base class.  Returns an array of input's shape and
         dtype.  The input and the statistics used are kept for :meth:`backward`; do not modify
         the input in place before calling it.
         """
         if not self.training:
-            return super().forward(input)
+            return super().forward(input, out=out)
         comm = self.comm
         c = self.num_features
         row = np.zeros(2 + 2 * c)
@@ -218,6 +219,8 @@ class SyncBatchNorm(_BatchNorm):
         try:
             x = self._check_input(input)
             V.check_eps(self.eps, training=True)
+            if out is not None:
+                V.check_out(out, x.shape, x.dtype)
             xk = F.kernel_view(x)
             count, mean, m2 = F.batch_stats(xk)
             row[1] = count
@@ -258,7 +261,11 @@ class SyncBatchNorm(_BatchNorm):
                 rm[...] = momentum * mean + (1.0 - momentum) * rm.astype(np.float64)
                 rv[...] = momentum * (m2 / (count - 1.0)) + (1.0 - momentum) * rv.astype(np.float64)
             counter += 1
-        self._saved = _Synced(xk, x.dtype, mean, invstd, count, y if self.activation else None)
+        saved = _Synced(xk, x.dtype, mean, invstd, count, y if self.activation else None)
+        self._saved = _OVERWRITTEN if out is not None and np.may_share_memory(out, x) else saved
+        if out is not None:
+            out[...] = y
+            return out
         if y.dtype != x.dtype:  # float16 data computed in float32
             y = y.astype(x.dtype)
         return y

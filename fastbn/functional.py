@@ -239,8 +239,12 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     out : ndarray, optional
         Where to write the output: exactly input's shape and dtype, C-contiguous or
         channels-last (``out=input`` normalises in place).
-    n_threads : int or None
-        OpenMP threads (None: the runtime's current setting).
+    n_threads : int or None, default None
+        OpenMP threads, as scikit-learn's ``n_threads``: None uses
+        :func:`fastbn.get_num_threads` (which honours ``OMP_NUM_THREADS``,
+        :func:`fastbn.set_num_threads` and ``threadpoolctl.threadpool_limits``); a positive
+        count is used as given; -1 means all CPUs, -2 all but one.  Results are bitwise
+        identical for any value.
 
     Returns
     -------
@@ -273,8 +277,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
     ``output = (input - mean) / sqrt(var + eps) * weight + bias`` per channel (dimension 1),
     with the batch's statistics in training mode (the running buffers, when given, are updated
-    in place) and the running statistics otherwise.  See :func:`batch_norm_forward` for the
-    parameters; this returns only the output.
+    in place) and the running statistics otherwise.
+
+    Parameters
+    ----------
+    input, running_mean, running_var, weight, bias, training, momentum, eps, out, n_threads
+        As in :func:`batch_norm_forward`.
+
+    Returns
+    -------
+    output : ndarray, input's shape and dtype
 
     Examples
     --------
@@ -282,10 +294,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     >>> x = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
     >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
     >>> F.batch_norm(x, rm, rv, training=True).round(3)[0]
-    array([[-1.131, -0.754],
-           [-1.131, -0.754]], dtype=float32)
+    array([[-1.213, -0.728],
+           [-1.213, -0.728]], dtype=float32)
     >>> rm
-    array([0.35, 0.55], dtype=float32)
+    array([0.25, 0.45], dtype=float32)
     """
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training,
                               momentum, eps, activation=activation, out=out,
@@ -314,7 +326,7 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
         is not <= 0 (torch's ReLU backward).
     activation : None or 'relu'
         The forward's activation.
-    n_threads : int or None
+    n_threads : int or None, default None
         As in :func:`batch_norm_forward`.
 
     Returns
@@ -361,8 +373,22 @@ def batch_stats(input, *, n_threads=None):
 
     These are what distributed batch norm combines across workers (see
     :func:`fastbn.merge_stats`): the variance is ``M2 / count`` (biased) or
-    ``M2 / (count - 1)`` (unbiased).  count is an int; mean and M2 are float64 arrays.  An
-    empty batch gives ``(0, zeros, zeros)``, the identity of the merge.
+    ``M2 / (count - 1)`` (unbiased).
+
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, *)
+        float16, float32 or float64 data.
+    n_threads : int or None, default None
+        As in :func:`batch_norm_forward`.
+
+    Returns
+    -------
+    count : int
+        Values per channel, N times the spatial size.
+    mean, m2 : ndarray, shape (C,), float64
+        Per-channel mean and sum of squared deviations from it.  An empty batch gives
+        ``(0, zeros, zeros)``, the identity of the merge.
     """
     x = as_input(input)
     channels = x.shape[1]
@@ -382,6 +408,19 @@ def merge_stats(*stats):
     same triples in the same order give the same bits on every worker.  Empty batches
     (count 0) are the identity.
 
+    Parameters
+    ----------
+    *stats : tuple of (int, array_like, array_like)
+        One or more ``(count, mean, m2)`` triples with the same number of channels.
+
+    Returns
+    -------
+    count : int
+    mean, m2 : ndarray, shape (C,), float64
+        The statistics of the union of the batches.
+
+    Examples
+    --------
     >>> a, b = np.arange(6.0).reshape(3, 2), np.arange(6.0, 10.0).reshape(2, 2)
     >>> count, mean, m2 = merge_stats(batch_stats(a), batch_stats(b))
     >>> count, mean, m2 / count
@@ -427,9 +466,26 @@ def batch_norm_elemt(input, mean, invstd, weight=None, bias=None, *, activation=
     """``(input - mean) * invstd * weight + bias`` with given per-channel statistics.
 
     The normalisation step of distributed batch norm, where mean and invstd come from all
-    workers' merged statistics (torch: ``torch.batch_norm_elemt``).  mean and invstd are cast to
-    float64; weight and bias must have the computing dtype; ``activation`` and ``out`` as in
-    :func:`batch_norm_forward`.
+    workers' merged statistics (torch: ``torch.batch_norm_elemt``).
+
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, *)
+        float16, float32 or float64 data, C-contiguous or channels-last (kept in the output).
+    mean, invstd : array_like, shape (C,)
+        The statistics to normalise with, cast to float64.
+    weight, bias : ndarray, shape (C,), or None
+        Affine parameters of the computing dtype (None: 1 and 0).
+    activation : None or 'relu'
+        As in :func:`batch_norm_forward`.
+    out : ndarray, optional
+        As in :func:`batch_norm_forward`.
+    n_threads : int or None, default None
+        As in :func:`batch_norm_forward`.
+
+    Returns
+    -------
+    output : ndarray, input's shape and dtype
     """
     x = as_input(input)
     mean, invstd = _statistics(x.shape[1], mean=mean, invstd=invstd)
@@ -454,6 +510,25 @@ def batch_norm_backward_reduce(grad_output, input, mean, *, output=None, activat
     gradients follow from the totals: ``grad_bias = sum_dy``, ``grad_weight = sum_dy_xmu * invstd``.
     With ``activation='relu'`` and the forward's ``output``, grad_output is first gated by the
     ReLU (as in :func:`batch_norm_backward`).
+
+    Parameters
+    ----------
+    grad_output : ndarray
+        Gradient with respect to the forward's output: input's shape and dtype.
+    input : ndarray, shape (N, C, *)
+        The forward's input.
+    mean : array_like, shape (C,)
+        The mean the forward normalised with (all workers' merged mean).
+    output : ndarray, optional
+        The forward's output, with ``activation='relu'``.
+    activation : None or 'relu'
+        The forward's activation.
+    n_threads : int or None, default None
+        As in :func:`batch_norm_forward`.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xmu : ndarray, shape (C,), float64
     """
     dy, x = _grad_and_input(grad_output, input)
     output = _gating_output(activation, output, x)
@@ -473,8 +548,30 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
 
     ``sum_dy`` and ``sum_dy_xmu`` are :func:`batch_norm_backward_reduce`'s results summed over
     every worker, and ``count`` the total number of values per channel (all workers' N * S);
-    on a single process this equals :func:`batch_norm_backward`'s grad_input.  ``output`` and
-    ``activation`` as in :func:`batch_norm_backward_reduce`.
+    on a single process this equals :func:`batch_norm_backward`'s grad_input.
+
+    Parameters
+    ----------
+    grad_output : ndarray
+        Gradient with respect to the forward's output: input's shape and dtype.
+    input : ndarray, shape (N, C, *)
+        The forward's input.
+    mean, invstd : array_like, shape (C,)
+        The statistics the forward normalised with.
+    weight : ndarray, shape (C,), or None
+        The forward's weight (None: 1).
+    sum_dy, sum_dy_xmu : array_like, shape (C,)
+        The totals of :func:`batch_norm_backward_reduce` over all workers.
+    count : int
+        Values per channel over all workers.
+    output, activation
+        As in :func:`batch_norm_backward_reduce`.
+    n_threads : int or None, default None
+        As in :func:`batch_norm_forward`.
+
+    Returns
+    -------
+    grad_input : ndarray, input's shape and dtype
     """
     dy, x = _grad_and_input(grad_output, input)
     output = _gating_output(activation, output, x)

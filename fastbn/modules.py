@@ -69,7 +69,7 @@ class _BatchNorm:
         state_dict.
     """
 
-    _input_dims = ()  # the input ndims a subclass accepts
+    _input_dims: "tuple[int, ...]" = ()  # the input ndims a subclass accepts
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, *, bias=True, activation=None):
@@ -417,17 +417,17 @@ def _norm_prefixes(state_dict, limit=6):
 
 class BatchNorm1d(_BatchNorm):
     __doc__ = ("Batch normalisation over a 2D (N, C) or 3D (N, C, L) input.\n"
-               + _BatchNorm.__doc__.split("\n", 1)[1])
+               + (_BatchNorm.__doc__ or "\n").split("\n", 1)[1])  # None under python -OO
     _input_dims = (2, 3)
 
 
 class BatchNorm2d(_BatchNorm):
     __doc__ = ("Batch normalisation over a 4D (N, C, H, W) input.\n"
-               + _BatchNorm.__doc__.split("\n", 1)[1])
+               + (_BatchNorm.__doc__ or "\n").split("\n", 1)[1])  # None under python -OO
     _input_dims = (4,)
 
 
 class BatchNorm3d(_BatchNorm):
     __doc__ = ("Batch normalisation over a 5D (N, C, D, H, W) input.\n"
-               + _BatchNorm.__doc__.split("\n", 1)[1])
+               + (_BatchNorm.__doc__ or "\n").split("\n", 1)[1])  # None under python -OO
     _input_dims = (5,)

@@ -1,0 +1,3 @@
+# The kernels compiled for the AVX2 SIMD level: the same functions as fastbn._kernels.
+from ._kernels import *
+from ._kernels import _force_layout as _force_layout
