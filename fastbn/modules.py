@@ -140,10 +140,13 @@ class _BatchNorm:
         eps = V.check_eps(self.eps, batch_stats)
         if batch_stats:
             V.check_batch_size(x.shape)
-        momentum = 0.0 if self.momentum is None else self.momentum
         counter = self.num_batches_tracked
-        if update and counter is not None and self.momentum is None:
-            momentum = 1.0 / float(counter + 1)  # cumulative moving average
+        momentum = 0.0
+        if update:
+            # An attribute a user may set, as eps: checked where it is used.
+            momentum = V.check_momentum(self.momentum, allow_none=True)
+            if momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
         running = not self.training or self.track_running_stats
         y, mean, invstd = F.forward(
             x, self.weight, self.bias,
@@ -359,7 +362,16 @@ def _checkpoint_value(name, value, target):
     if target.dtype.kind == "i":
         if array.dtype.kind == "f" and not np.all(np.isfinite(array) & (array == np.round(array))):
             raise ValueError(f'"{name}" must hold whole numbers, got {array!r}')
+        # A count: non-negative, and within int64 (a cast would wrap or saturate silently).
+        if np.any(array < 0) or np.any(array >= 2 ** 63):
+            raise ValueError(f'"{name}" must be a count between 0 and 2**63 - 1, got {array!r}')
         array = array.astype(target.dtype)
+    elif array.dtype.kind == "f" and array.dtype.itemsize > target.dtype.itemsize:
+        # float64 values beyond float32's range would become inf: an error, not a silent inf.
+        big = np.isfinite(array) & (np.abs(array) > np.finfo(target.dtype).max)
+        if np.any(big):
+            raise ValueError(f'"{name}" holds values outside the range of {target.dtype} (the '
+                             f"module's dtype), e.g. {array[big][0]!r}: they would become inf")
     return array
 
 
