@@ -102,6 +102,8 @@ def _as_float(value, name):
 
 def check_eps(eps, training):
     """torch 2.13's rules: eps > 0 in training, eps >= 0 otherwise; NaN and inf never."""
+    if type(eps) is float and 0.0 < eps < math.inf:  # the common case, at ~1/10 of the cost
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     eps = _as_float(eps, "batch_norm eps")
@@ -116,6 +118,8 @@ def check_eps(eps, training):
 
 def check_momentum(momentum, allow_none=False):
     """A finite real number (None too, where the caller supports a cumulative average)."""
+    if type(momentum) is float and math.isfinite(momentum):  # the common case, fast
+        return momentum
     if momentum is None:
         if allow_none:
             return None
