@@ -9,6 +9,7 @@ Unlike torch, a call that is rejected changes nothing: torch increments
 ``num_batches_tracked`` before it validates its input, fastbn validates first.
 """
 
+import threading
 from collections import OrderedDict, namedtuple
 
 import numpy as np
@@ -84,6 +85,8 @@ class _BatchNorm:
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None  # (input as the kernels read it, mean, invstd, batch statistics?)
+        # Held while the running statistics and the counter change (see forward).
+        self._lock = threading.Lock()
         self.reset_parameters()
 
     # -- state --------------------------------------------------------------------------------
@@ -91,9 +94,10 @@ class _BatchNorm:
     def reset_running_stats(self):
         """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place)."""
         if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked[...] = 0
+            with self._lock:
+                self.running_mean[...] = 0
+                self.running_var[...] = 1
+                self.num_batches_tracked[...] = 0
 
     def reset_parameters(self):
         """Reset the running statistics, and weight = 1, bias = 0 (in place)."""
@@ -140,20 +144,27 @@ class _BatchNorm:
         eps = V.check_eps(self.eps, batch_stats)
         if batch_stats:
             V.check_batch_size(x.shape)
-        counter = self.num_batches_tracked
-        momentum = 0.0
         if update:
             # An attribute a user may set, as eps: checked where it is used.
             momentum = V.check_momentum(self.momentum, allow_none=True)
-            if momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
-        running = not self.training or self.track_running_stats
-        y, mean, invstd = F.forward(
-            x, self.weight, self.bias,
-            self.running_mean if running else None, self.running_var if running else None,
-            batch_stats, momentum, eps, None, effective_n_threads())
-        if update and counter is not None:
-            counter += 1  # only once the call has succeeded
+            # One training step at a time: the kernel updates the running statistics in place
+            # with the GIL released, and momentum=None reads the counter, so that concurrent
+            # calls from several threads would lose updates.  (Uncontended: ~0.1 us a call.)
+            with self._lock:
+                counter = self.num_batches_tracked
+                if momentum is None:  # cumulative moving average
+                    momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
+                y, mean, invstd = F.forward(x, self.weight, self.bias, self.running_mean,
+                                            self.running_var, True, momentum, eps, None,
+                                            effective_n_threads())
+                if counter is not None:
+                    counter += 1  # only once the call has succeeded
+        else:
+            running = not self.training  # eval with running statistics, else batch statistics
+            y, mean, invstd = F.forward(
+                x, self.weight, self.bias,
+                self.running_mean if running else None, self.running_var if running else None,
+                batch_stats, 0.0, eps, None, effective_n_threads())
         self._saved = (F.kernel_view(x), x.dtype, mean, invstd, batch_stats)
         return y
 
@@ -237,8 +248,9 @@ class _BatchNorm:
         if problems:
             raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
                              + "\n\t".join(problems))
-        for target, value in updates:
-            target[...] = value
+        with self._lock:  # not in the middle of another thread's training step
+            for target, value in updates:
+                target[...] = value
         return IncompatibleKeys(missing, unexpected)
 
     @classmethod
@@ -340,10 +352,16 @@ class _BatchNorm:
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def __getstate__(self):
-        # The last forward's input is scratch for backward(), not state worth pickling.
+        # The last forward's input is scratch for backward(), not state worth pickling; a lock
+        # cannot be pickled, and a copy gets its own.
         state = self.__dict__.copy()
         state["_saved"] = None
+        state.pop("_lock", None)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 def _checkpoint_value(name, value, target):
