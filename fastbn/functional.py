@@ -49,7 +49,7 @@ def as_input(value, name="input"):
 def kernel_view(x):
     """x as the C-contiguous array the kernels read: float16 widened to float32."""
     if x.dtype == V.FLOAT16:
-        return x.astype(np.float32)
+        return x.astype(np.float32, order="C")  # (astype keeps a Fortran order by default)
     if not x.flags.c_contiguous:
         return np.ascontiguousarray(x)
     return x
