@@ -29,7 +29,9 @@ SHAPES = {
 ALL_SHAPES = [shape for shapes in SHAPES.values() for shape in shapes]
 
 # Per-dtype tolerances against the float64 reference, relative to the result's scale.
-TOLERANCE = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-12}
+TOLERANCE = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-12,
+             # float16 data is computed in float32 and rounded: half an ulp, 2**-11, and a margin
+             np.dtype(np.float16): 2.0 ** -10}
 
 
 def kernel_levels():
