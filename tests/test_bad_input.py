@@ -71,6 +71,32 @@ def masked(a):
     return np.ma.masked_array(a, mask=np.zeros(a.shape, bool))
 
 
+# Case.make builders: each returns a function making fresh state and (call, watched).
+
+def plain(call, *watched):
+    """A call with no state of its own; `watched`: arrays it must leave alone."""
+    return lambda: (call, list(watched))
+
+
+def on_module(make_module, call):
+    """call(module) on a fresh make_module(), which must be left alone."""
+    def make():
+        module = make_module()
+        return (lambda: call(module)), [module]
+    return make
+
+
+def with_args(fn, defaults, change):
+    """fn(**args), args being defaults() updated with `change`; every array argument must be
+    left alone (out included), except the huge views, which nothing can write anyway."""
+    def make():
+        args = defaults()
+        args.update(change)
+        watched = [v for v in args.values() if isinstance(v, np.ndarray) and v.size < 2 ** 20]
+        return (lambda: fn(**args)), watched
+    return make
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad values shared by every array argument
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +193,7 @@ def constructor_cases():
     for cls in MODULES:
         for desc, kwargs, error, match in bad:
             kwargs = {"num_features": C, **kwargs}
-            yield Case(f"{cls.__name__}({desc})", lambda cls=cls, kwargs=kwargs: (lambda: cls(**kwargs), []),
+            yield Case(f"{cls.__name__}({desc})", plain(lambda cls=cls, kwargs=kwargs: cls(**kwargs)),
                        error, match)
 
 
@@ -223,15 +249,14 @@ def forward_input_problems(cls, dtype):
 def module_forward_cases():
     for label, cls, dtype, make in module_setups():
         for desc, value, error, match in forward_input_problems(cls, dtype):
-            yield Case(f"{label}.forward: {desc}",
-                       lambda make=make, value=value: (lambda bn=make(): (lambda: bn(value), [bn]))(),
+            yield Case(f"{label}.forward: {desc}", on_module(make, lambda bn, value=value: bn(value)),
                        error, match)
         training = "train" in label
         one = (1, C) + (1,) * (MODULES[cls][-1] - 2)
         if training:
-            yield Case(f"{label}.forward: one value per channel", lambda make=make, one=one, dtype=dtype: (
-                lambda bn=make(): (lambda: bn(np.ones(one, dtype)), [bn]))(),
-                ValueError, rf"Expected more than 1 value per channel when training, got input size \({', '.join(map(str, one))}\)")
+            yield Case(f"{label}.forward: one value per channel",
+                       on_module(make, lambda bn, one=one, dtype=dtype: bn(np.ones(one, dtype))), ValueError,
+                       rf"Expected more than 1 value per channel when training, got input size \({', '.join(map(str, one))}\)")
         # Hyperparameters are attributes a user may set; they are checked at every call.
         shape = valid_shape(MODULES[cls][-1])
         for attr, value, error, match in [
@@ -245,11 +270,12 @@ def module_forward_cases():
                 continue  # eval allows eps = 0
             if attr == "momentum" and not training:
                 continue  # eval does not use it
-            def make_case(make=make, attr=attr, value=value, shape=shape, dtype=dtype):
+            def make_module(make=make, attr=attr, value=value):
                 bn = make()
                 setattr(bn, attr, value)
-                return (lambda: bn(data(shape, dtype))), [bn]
-            yield Case(f"{label}.forward: {attr}={value!r} set after construction", make_case, error, match)
+                return bn
+            yield Case(f"{label}.forward: {attr}={value!r} set after construction",
+                       on_module(make_module, lambda bn, shape=shape, dtype=dtype: bn(data(shape, dtype))), error, match)
 
 
 def eps_zero_without_running_stats_cases():
@@ -258,10 +284,9 @@ def eps_zero_without_running_stats_cases():
     for cls in MODULES:
         shape = valid_shape(MODULES[cls][-1])
 
-        def make(cls=cls, shape=shape):
-            bn = cls(C, eps=0.0, track_running_stats=False).eval()
-            return (lambda: bn(data(shape, np.float32))), [bn]
-        yield Case(f"{cls.__name__}(eps=0, track_running_stats=False).eval().forward", make,
+        yield Case(f"{cls.__name__}(eps=0, track_running_stats=False).eval().forward",
+                   on_module(lambda cls=cls: cls(C, eps=0.0, track_running_stats=False).eval(),
+                             lambda bn, shape=shape: bn(data(shape, np.float32))),
                    ValueError, "batch_norm eps must be positive during training, but got 0.0")
 
 
@@ -283,14 +308,13 @@ def module_backward_cases():
             bn(data(shape, dtype, 4))  # the saved forward has `shape`
             return bn
         for desc, value, error, match in problems:
-            yield Case(f"{label}.backward: {desc}",
-                       lambda mk=make_module, value=value: (lambda bn=mk(): (lambda: bn.backward(value), [bn]))(),
+            yield Case(f"{label}.backward: {desc}", on_module(make_module, lambda bn, value=value: bn.backward(value)),
                        error, match)
         if "train" in label:
             continue
-        fresh = lambda cls=cls, dtype=dtype: cls(C, dtype=dtype)  # noqa: E731
         yield Case(f"{cls.__name__}[{np.dtype(dtype).name}].backward before any forward",
-                   lambda fresh=fresh, shape=shape, dtype=dtype: (lambda bn=fresh(): (lambda: bn.backward(np.zeros(shape, dtype)), [bn]))(),
+                   on_module(lambda cls=cls, dtype=dtype: cls(C, dtype=dtype),
+                             lambda bn, shape=shape, dtype=dtype: bn.backward(np.zeros(shape, dtype))),
                    RuntimeError, r"backward\(\) called before forward\(\)")
 
 
@@ -298,7 +322,7 @@ def train_mode_cases():
     for cls in MODULES:
         for mode in ("yes", 1, None, np.float64(1.0)):
             yield Case(f"{cls.__name__}.train({mode!r})",
-                       lambda cls=cls, mode=mode: (lambda bn=trained_module(cls, np.float32, True): (lambda: bn.train(mode), [bn]))(),
+                       on_module(lambda cls=cls: trained_module(cls, np.float32, True), lambda bn, mode=mode: bn.train(mode)),
                        ValueError, "training mode is expected to be boolean")
 
 
@@ -336,25 +360,18 @@ def state_dict_problems(c):
 
 def load_state_dict_cases():
     for cls in MODULES:
+        module = lambda cls=cls: trained_module(cls, np.float32, True)  # noqa: E731
         for desc, change, match in state_dict_problems(C):
-            def make(cls=cls, change=change):
-                bn = trained_module(cls, np.float32, True)
-                state = full_state(C)
-                for key, value in change.items():
-                    if isinstance(value, str) and value == "DELETE":
-                        del state[key]
-                    else:
-                        state[key] = value
-                return (lambda: bn.load_state_dict(state)), [bn]
-            yield Case(f"{cls.__name__}.load_state_dict: {desc}", make, ValueError, match)
+            state = {k: v for k, v in {**full_state(C), **change}.items() if not (isinstance(v, str) and v == "DELETE")}
+            yield Case(f"{cls.__name__}.load_state_dict: {desc}",
+                       on_module(module, lambda bn, state=state: bn.load_state_dict(state)), ValueError, match)
         for desc, value in [("a list of pairs", [("weight", np.ones(C))]), ("None", None), ("an array", np.ones(C))]:
             yield Case(f"{cls.__name__}.load_state_dict({desc})",
-                       lambda cls=cls, value=value: (lambda bn=trained_module(cls, np.float32, True): (lambda: bn.load_state_dict(value), [bn]))(),
+                       on_module(module, lambda bn, value=value: bn.load_state_dict(value)),
                        TypeError, "Expected state_dict to be dict-like")
         # strict=False still refuses values it cannot load, and then loads nothing
         yield Case(f"{cls.__name__}.load_state_dict(strict=False): a bad value beside a good one",
-                   lambda cls=cls: (lambda bn=trained_module(cls, np.float32, True): (
-                       lambda: bn.load_state_dict({"bias": np.zeros(C), "weight": np.ones(2)}, strict=False), [bn]))(),
+                   on_module(module, lambda bn: bn.load_state_dict({"bias": np.zeros(C), "weight": np.ones(2)}, strict=False)),
                    ValueError, "size mismatch for weight")
 
 
@@ -373,8 +390,9 @@ def from_state_dict_cases():
     ]
     for cls in MODULES:
         for desc, sd, kwargs, error, match in cases:
+            arrays = [v for v in (sd.values() if isinstance(sd, dict) else []) if isinstance(v, np.ndarray)]
             yield Case(f"{cls.__name__}.from_state_dict: {desc}",
-                       lambda cls=cls, sd=sd, kwargs=kwargs: ((lambda: cls.from_state_dict(sd, **kwargs)), [v for v in (sd.values() if isinstance(sd, dict) else []) if isinstance(v, np.ndarray)]),
+                       plain(lambda cls=cls, sd=sd, kwargs=kwargs: cls.from_state_dict(sd, **kwargs), *arrays),
                        error, match)
 
 
@@ -458,13 +476,9 @@ def functional_forward_cases():
                                       "running_mean and running_var are required when training=False"))
                 overrides += list(scalar_problems(training))
                 overrides += [(desc, dict(out=value), error, match) for desc, value, error, match in out_problems(dtype)]
+                defaults = lambda dtype=dtype, training=training: forward_args(dtype, training)  # noqa: E731
                 for desc, change, error, match in overrides:
-                    def make(fn=fn, dtype=dtype, training=training, change=change):
-                        args = forward_args(dtype, training)
-                        args.update(change)
-                        watched = [v for v in args.values() if isinstance(v, np.ndarray) and v.size < 2 ** 20]
-                        return (lambda: fn(**args)), watched
-                    yield Case(f"{label}: {desc}", make, error, match)
+                    yield Case(f"{label}: {desc}", with_args(fn, defaults, change), error, match)
 
 
 def functional_backward_cases():
@@ -487,14 +501,11 @@ def functional_backward_cases():
         for name in ("save_mean", "save_invstd"):
             overrides += [(f"{name} {d}", {name: v}, e, m) for d, v, e, m in statistic_problems(name, C)]
         overrides += [(f"weight {d}", dict(weight=v), e, m) for d, v, e, m in per_channel_problems("weight", C, dtype)]
+        def defaults(dtype=dtype):
+            return dict(grad_output=data(SHAPE, dtype, 6), input=data(SHAPE, dtype, 7), save_mean=np.zeros(C),
+                        save_invstd=np.ones(C), weight=np.ones(C, dtype), training=True)
         for desc, change, error, match in overrides:
-            def make(dtype=dtype, change=change):
-                args = dict(grad_output=data(SHAPE, dtype, 6), input=data(SHAPE, dtype, 7), save_mean=np.zeros(C),
-                            save_invstd=np.ones(C), weight=np.ones(C, dtype), training=True)
-                args.update(change)
-                watched = [v for v in args.values() if isinstance(v, np.ndarray) and v.size < 2 ** 20]
-                return (lambda: F.batch_norm_backward(**args)), watched
-            yield Case(f"{label}: {desc}", make, error, match)
+            yield Case(f"{label}: {desc}", with_args(F.batch_norm_backward, defaults, change), error, match)
 
 
 def building_block_cases():
@@ -504,7 +515,7 @@ def building_block_cases():
     for desc, value, error, match in list(not_float_arrays("input", SHAPE)) + [
             ("a 1-D input", np.zeros(4, dtype), ValueError, r"at least 2 dimensions \(N, C, \*\) \(got 1D input\)"),
             ("a huge input", huge_view(4, C, dtype), MemoryError, MEMORY)]:
-        yield Case(f"batch_stats: {desc}", lambda value=value: ((lambda: F.batch_stats(value)), []), error, match)
+        yield Case(f"batch_stats: {desc}", plain(lambda value=value: F.batch_stats(value)), error, match)
     # merge_stats
     ok = (4, np.zeros(C), np.ones(C))
     for desc, triples, error, match in [
@@ -523,7 +534,7 @@ def building_block_cases():
             ("m2 of another length", ((4, np.zeros(C), np.ones(C + 1)),), ValueError, "mean and m2 must be 1-D arrays of the same length"),
             ("channels disagree", (ok, (4, np.zeros(C + 1), np.ones(C + 1))), ValueError, f"triple 1 has {C + 1} channels but triple 0 has {C}")]:
         watched = [a for t in triples if isinstance(t, tuple) for a in t if isinstance(a, np.ndarray)]
-        yield Case(f"merge_stats: {desc}", lambda triples=triples, watched=watched: ((lambda: F.merge_stats(*triples)), watched), error, match)
+        yield Case(f"merge_stats: {desc}", plain(lambda triples=triples: F.merge_stats(*triples), *watched), error, match)
     # batch_norm_elemt
     overrides = [(f"input {d}", dict(input=v), e, m) for d, v, e, m in not_float_arrays("input", SHAPE)]
     overrides += [("a huge input", dict(input=huge_view(3, C, dtype), out=None), MemoryError, MEMORY)]
@@ -533,25 +544,20 @@ def building_block_cases():
         overrides += [(f"{name} {d}", {name: v}, e, m) for d, v, e, m in per_channel_problems(name, C, dtype)]
     overrides += [(d, dict(out=v), e, m) for d, v, e, m in out_problems(dtype)]
     overrides += [("n_threads=-2**31", dict(n_threads=-2 ** 31), ValueError, "n_threads=-2147483648 is out of range")]
+    def defaults():
+        return dict(input=x(), mean=np.zeros(C), invstd=np.ones(C), weight=np.ones(C, dtype),
+                    bias=np.zeros(C, dtype), out=np.full(SHAPE, 7.25, dtype))
     for desc, change, error, match in overrides:
-        def make(change=change):
-            args = dict(input=x(), mean=np.zeros(C), invstd=np.ones(C), weight=np.ones(C, dtype),
-                        bias=np.zeros(C, dtype), out=np.full(SHAPE, 7.25, dtype))
-            args.update(change)
-            watched = [v for v in args.values() if isinstance(v, np.ndarray) and v.size < 2 ** 20]
-            return (lambda: F.batch_norm_elemt(**args)), watched
-        yield Case(f"batch_norm_elemt: {desc}", make, error, match)
+        yield Case(f"batch_norm_elemt: {desc}", with_args(F.batch_norm_elemt, defaults, change), error, match)
     # batch_norm_backward_reduce
     overrides = [(f"grad_output {d}", dict(grad_output=v), e, m) for d, v, e, m in not_float_arrays("grad_output", SHAPE)]
     overrides += [("grad_output of another shape", dict(grad_output=np.zeros((4, C, 6), dtype)), ValueError, "grad_output has shape \\(4, 3, 6\\) but input has shape \\(4, 3, 5\\)")]
     overrides += [("huge", dict(grad_output=huge_view(3, C, dtype), input=huge_view(3, C, dtype)), MemoryError, MEMORY)]
     overrides += [(f"mean {d}", dict(mean=v), e, m) for d, v, e, m in statistic_problems("mean", C)]
     for desc, change, error, match in overrides:
-        def make(change=change):
-            args = dict(grad_output=x(), input=x(), mean=np.zeros(C))
-            args.update(change)
-            return (lambda: F.batch_norm_backward_reduce(**args)), [v for v in args.values() if isinstance(v, np.ndarray) and v.size < 2 ** 20]
-        yield Case(f"batch_norm_backward_reduce: {desc}", make, error, match)
+        yield Case(f"batch_norm_backward_reduce: {desc}",
+                   with_args(F.batch_norm_backward_reduce, lambda: dict(grad_output=x(), input=x(), mean=np.zeros(C)), change),
+                   error, match)
     # batch_norm_backward_elemt
     overrides = [(f"input {d}", dict(input=v), e, m) for d, v, e, m in not_float_arrays("input", SHAPE)]
     for name in ("mean", "invstd", "sum_dy", "sum_dy_xmu"):
@@ -561,13 +567,12 @@ def building_block_cases():
                   for n in (0, -4)]
     overrides += [(f"count={n!r}", dict(count=n), TypeError, rf"count must be an int \(values per channel over all workers\), got {type(n).__name__}")
                   for n in (2.5, True, "20", None)]
+    def defaults_elemt():
+        return dict(grad_output=x(), input=x(), mean=np.zeros(C), invstd=np.ones(C), weight=np.ones(C, dtype),
+                    sum_dy=np.zeros(C), sum_dy_xmu=np.zeros(C), count=20)
     for desc, change, error, match in overrides:
-        def make(change=change):
-            args = dict(grad_output=x(), input=x(), mean=np.zeros(C), invstd=np.ones(C), weight=np.ones(C, dtype),
-                        sum_dy=np.zeros(C), sum_dy_xmu=np.zeros(C), count=20)
-            args.update(change)
-            return (lambda: F.batch_norm_backward_elemt(**args)), [v for v in args.values() if isinstance(v, np.ndarray) and v.size < 2 ** 20]
-        yield Case(f"batch_norm_backward_elemt: {desc}", make, error, match)
+        yield Case(f"batch_norm_backward_elemt: {desc}", with_args(F.batch_norm_backward_elemt, defaults_elemt, change),
+                   error, match)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,13 +584,13 @@ def checkpoint_cases():
     fixture = os.path.join(here, "data", "resnet_like.pt")
     for fn in (fastbn.load_checkpoint, fastbn.read_checkpoint):
         name = fn.__name__
-        yield Case(f"{name}(None)", lambda fn=fn: ((lambda: fn(None)), []), TypeError, "expected str, bytes or os.PathLike object, not NoneType")
-        yield Case(f"{name}(3.5)", lambda fn=fn: ((lambda: fn(3.5)), []), TypeError, "not float")
-        yield Case(f"{name}(a directory)", lambda fn=fn: ((lambda: fn(here)), []), IsADirectoryError, "Is a directory")
-        yield Case(f"{name}(a missing file)", lambda fn=fn: ((lambda: fn(os.path.join(here, "no-such.pt"))), []), FileNotFoundError, "no-such.pt")
-    yield Case("load_checkpoint(key=5)", lambda: ((lambda: fastbn.load_checkpoint(fixture, key=5)), []), TypeError,
+        yield Case(f"{name}(None)", plain(lambda fn=fn: fn(None)), TypeError, "expected str, bytes or os.PathLike object, not NoneType")
+        yield Case(f"{name}(3.5)", plain(lambda fn=fn: fn(3.5)), TypeError, "not float")
+        yield Case(f"{name}(a directory)", plain(lambda fn=fn: fn(here)), IsADirectoryError, "Is a directory")
+        yield Case(f"{name}(a missing file)", plain(lambda fn=fn: fn(os.path.join(here, "no-such.pt"))), FileNotFoundError, "no-such.pt")
+    yield Case("load_checkpoint(key=5)", plain(lambda: fastbn.load_checkpoint(fixture, key=5)), TypeError,
                "key must be a string or a sequence of strings, got int")
-    yield Case("load_checkpoint(key='nope')", lambda: ((lambda: fastbn.load_checkpoint(fixture, key="nope")), []), ValueError,
+    yield Case("load_checkpoint(key='nope')", plain(lambda: fastbn.load_checkpoint(fixture, key="nope")), ValueError,
                "has no key 'nope'; its keys:")
 
 
@@ -616,7 +621,7 @@ def sync_module(dtype, training):
 
 def sync_cases():
     for comm in (object(), "MPI.COMM_WORLD"):
-        yield Case(f"SyncBatchNorm(comm={type(comm).__name__})", lambda comm=comm: ((lambda: fastbn.SyncBatchNorm(C, comm=comm)), []),
+        yield Case(f"SyncBatchNorm(comm={type(comm).__name__})", plain(lambda comm=comm: fastbn.SyncBatchNorm(C, comm=comm)),
                    TypeError, "comm must be an MPI communicator .* without Allgather, Get_rank, Get_size")
     for dtype in (np.float32, np.float64):
         for training in (True, False):
@@ -636,17 +641,18 @@ def sync_cases():
             for desc, value, error, match in problems:
                 anchored = match if match.startswith("Expected more") else rank + match
                 yield Case(f"{label}.forward: {desc}",
-                           lambda dtype=dtype, training=training, value=value: (lambda bn=sync_module(dtype, training): ((lambda: bn(value)), [bn]))(),
+                           on_module(lambda dtype=dtype, training=training: sync_module(dtype, training), lambda bn, value=value: bn(value)),
                            error, anchored)
             bwd = [("grad_output of another shape", np.zeros((4, C, 6), dtype), ValueError, "grad_output has shape \\(4, 3, 6\\) but the last forward's input has shape \\(4, 3, 5\\)"),
                    (f"{np.dtype(other).name} grad_output", np.zeros((4, C, 5), other), TypeError, "grad_output has dtype")]
             bwd += list(not_float_arrays("grad_output", (4, C, 5)))
+            def after_a_forward(dtype=dtype, training=training):
+                bn = sync_module(dtype, training)
+                bn(data((4, C, 5), dtype, 9))
+                return bn
             for desc, value, error, match in bwd:
-                def make(dtype=dtype, training=training, value=value):
-                    bn = sync_module(dtype, training)
-                    bn(data((4, C, 5), dtype, 9))
-                    return (lambda: bn.backward(value)), [bn]
-                yield Case(f"{label}.backward: {desc}", make, error, rank + match)
+                yield Case(f"{label}.backward: {desc}", on_module(after_a_forward, lambda bn, value=value: bn.backward(value)),
+                           error, rank + match)
 
 
 # ---------------------------------------------------------------------------------------------
