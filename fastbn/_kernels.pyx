@@ -321,6 +321,33 @@ cdef inline void prefetch_row(const floating* p, Py_ssize_t n) noexcept nogil:
         i += step
 
 
+cdef inline double finite_or_zero(double v) noexcept nogil:
+    """v, or 0 when it is infinite or NaN (a shift must be finite to be one)."""
+    return v if fabs(v) <= DBL_MAX else 0.0
+
+
+cdef inline double nonnegative(double v) noexcept nogil:
+    """max(v, 0) that keeps NaN (a channel with infinities has an undefined variance)."""
+    return 0.0 if v < 0.0 else v
+
+
+cdef inline double difference(double a, double b) noexcept nogil:
+    """a - b, but 0 for equal a and b: two infinite means of the same sign are the same mean,
+    where inf - inf would make it NaN."""
+    return 0.0 if a == b else a - b
+
+
+cdef inline bint finite(double v) noexcept nogil:
+    return fabs(v) <= DBL_MAX
+
+
+cdef inline double merged_mean(double mean, double other, double r) noexcept nogil:
+    """Chan's update of a mean towards another by the weight r; where either is infinite or
+    NaN, the arithmetic of the sums they stand for instead (inf + finite = inf, inf - inf =
+    NaN), as torch and numpy compute a mean."""
+    return mean + (other - mean) * r if finite(mean) and finite(other) else mean + other
+
+
 cdef inline double fold_lanes(double* acc) noexcept nogil:
     """Sum of LANES partial sums, pairwise (fixed order)."""
     cdef int width = LANES // 2, j
@@ -335,8 +362,9 @@ cdef inline void segment_moments(const floating* x, Py_ssize_t n, double* shift_
                                  double* offset, double* m2) noexcept nogil:
     """Moments of x[:n] (n >= 1) as shift = x[0], offset = mean - shift and M2, by sums of
     d = x - shift in LANES float64 lanes.  The mean is kept as two parts so that merging
-    chunks loses nothing to its rounding."""
-    cdef double shift = x[0]
+    chunks loses nothing to its rounding.  (A non-finite first value is no shift: 0 is used, so
+    that a chunk holding +inf has mean +inf, as torch and numpy say, rather than inf - inf.)"""
+    cdef double shift = finite_or_zero(x[0])
     cdef double s1[LANES]
     cdef double s2[LANES]
     cdef double d, t1, t2
@@ -358,7 +386,7 @@ cdef inline void segment_moments(const floating* x, Py_ssize_t n, double* shift_
     t2 = fold_lanes(s2)
     shift_out[0] = shift
     offset[0] = t1 / n
-    m2[0] = max(t2 - t1 * t1 / n, 0.0)
+    m2[0] = nonnegative(t2 - t1 * t1 / n)
 
 
 cdef inline void segment_grad_sums(const activation* act, const floating* dy, const floating* out,
@@ -410,12 +438,13 @@ cdef inline void tile_moments(const floating* x, Py_ssize_t stride, Py_ssize_t n
     cdef double d, e, f, h, inv_n = 1.0 / nrows
     cdef Py_ssize_t r, j
     for j in range(width):
-        shift[j] = x[j]
+        shift[j] = finite_or_zero(x[j])
         s1[j] = 0.0
         s2[j] = 0.0
     # Four rows per sweep: the accumulators are loaded and stored once per four rows, which
-    # halves the time of a one-row sweep (bound by those stores).
-    r = 1
+    # halves the time of a one-row sweep (bound by those stores).  Row 0 is swept too: its
+    # deviation is 0 unless its value was no shift (infinite or NaN), which must still count.
+    r = 0
     while r + 4 <= nrows:
         row = x + r * stride
         for j in range(width):
@@ -436,7 +465,7 @@ cdef inline void tile_moments(const floating* x, Py_ssize_t stride, Py_ssize_t n
     for j in range(width):
         shift_out[j] = shift[j]
         offset[j] = s1[j] * inv_n
-        m2[j] = max(s2[j] - s1[j] * s1[j] * inv_n, 0.0)
+        m2[j] = nonnegative(s2[j] - s1[j] * s1[j] * inv_n)
 
 
 cdef inline void tile_grad_sums(const activation* act, const floating* dy, const floating* out,
@@ -574,11 +603,12 @@ cdef void merge_planar_moments(const Geometry* g, const double* plan, const doub
     mean is returned unrounded, as mean_hi + mean_lo.
     """
     cdef Py_ssize_t q, i
-    cdef double ref = pshift[ch], mu = poffset[ch], m2_acc = pm2[ch], delta
+    cdef double ref = pshift[ch], mu = poffset[ch], m2_acc = pm2[ch], delta, rel
     for q in range(1, g.n * g.segs):
         i = q * g.c + ch
-        delta = ((pshift[i] - ref) + poffset[i]) - mu
-        mu = mu + delta * plan[2 * q]
+        rel = (pshift[i] - ref) + poffset[i]
+        delta = difference(rel, mu)
+        mu = merged_mean(mu, rel, plan[2 * q])
         m2_acc = m2_acc + (pm2[i] + delta * delta * plan[2 * q + 1])
     two_sum(ref, mu, mean_hi, mean_lo)
     m2[0] = m2_acc
@@ -592,16 +622,20 @@ cdef inline void block_channel_moments(const Geometry* g, const double* pshift,
     M2 = sum(M2_j) + rows * sum((mean_j - mean)**2), the means averaged relative to the first
     column so that equal means (a constant channel) merge exactly."""
     cdef Py_ssize_t grp, j, o, cs = g.c * g.s, base = b * g.period + ch * g.s
-    cdef double first = (pshift[base] - ref) + poffset[base], gm = 0.0, sq = 0.0, own = 0.0, dev
+    cdef double first = (pshift[base] - ref) + poffset[base], gm = 0.0, plain = 0.0
+    cdef double sq = 0.0, own = 0.0, dev, rel
     for grp in range(block_groups(g, b)):
         o = base + grp * cs
         for j in range(g.s):
-            gm += ((pshift[o + j] - ref) + poffset[o + j]) - first
-    gm = first + gm * inv_k
+            rel = (pshift[o + j] - ref) + poffset[o + j]
+            gm += difference(rel, first)
+            plain += rel
+    # (the plain mean where infinities make the relative one meaningless; see merged_mean)
+    gm = first + gm * inv_k if finite(first) and finite(gm) else plain * inv_k
     for grp in range(block_groups(g, b)):
         o = base + grp * cs
         for j in range(g.s):
-            dev = ((pshift[o + j] - ref) + poffset[o + j]) - gm
+            dev = difference((pshift[o + j] - ref) + poffset[o + j], gm)
             sq += dev * dev
             own += pm2[o + j]
     mean[0] = gm
@@ -631,7 +665,7 @@ cdef int merge_columns_moments(const Geometry* g, const double* plan, const doub
     cdef double* gm = work + 3 * c
     cdef double* bq = work + 4 * c
     cdef double* sq = work + 5 * c
-    cdef double inv_k, rows, r, w, delta, dev
+    cdef double inv_k, rows, r, w, delta, dev, rel
     for ch in range(ch0, ch1):
         ref[ch - ch0] = pshift[ch * g.s]
     for b in range(g.full_blocks + (g.tail > 0)):
@@ -647,18 +681,22 @@ cdef int merge_columns_moments(const Geometry* g, const double* plan, const doub
             for ch in range(ch0, ch1):
                 first[ch - ch0] = (pshift[base + ch] - ref[ch - ch0]) + poffset[base + ch]
                 gm[ch - ch0] = 0.0
+                sq[ch - ch0] = 0.0   # (first the plain sum, for infinities; see merged_mean)
             for grp in range(block_groups(g, b)):
                 o = base + grp * g.c
                 for ch in range(ch0, ch1):
-                    gm[ch - ch0] += ((pshift[o + ch] - ref[ch - ch0]) + poffset[o + ch]) - first[ch - ch0]
+                    rel = (pshift[o + ch] - ref[ch - ch0]) + poffset[o + ch]
+                    gm[ch - ch0] += difference(rel, first[ch - ch0])
+                    sq[ch - ch0] += rel
             for i in range(c):
-                gm[i] = first[i] + gm[i] * inv_k
+                gm[i] = (first[i] + gm[i] * inv_k if finite(first[i]) and finite(gm[i])
+                         else sq[i] * inv_k)
                 sq[i] = 0.0
                 bq[i] = 0.0
             for grp in range(block_groups(g, b)):
                 o = base + grp * g.c
                 for ch in range(ch0, ch1):
-                    dev = ((pshift[o + ch] - ref[ch - ch0]) + poffset[o + ch]) - gm[ch - ch0]
+                    dev = difference((pshift[o + ch] - ref[ch - ch0]) + poffset[o + ch], gm[ch - ch0])
                     sq[ch - ch0] += dev * dev
                     bq[ch - ch0] += pm2[o + ch]
             for i in range(c):
@@ -671,8 +709,8 @@ cdef int merge_columns_moments(const Geometry* g, const double* plan, const doub
             r = plan[2 * b]
             w = plan[2 * b + 1]
             for i in range(c):
-                delta = gm[i] - mu[i]
-                mu[i] = mu[i] + delta * r
+                delta = difference(gm[i], mu[i])
+                mu[i] = merged_mean(mu[i], gm[i], r)
                 m2[ch0 + i] = m2[ch0 + i] + (bq[i] + delta * delta * w)
     for i in range(c):
         two_sum(ref[i], mu[i], mean_hi + ch0 + i, mean_lo + ch0 + i)
@@ -953,22 +991,29 @@ cdef inline void split_center(double mean_hi, double mean_lo, double scale, doub
     (x * factor - center) * scale_out + shift_out.
 
     center is the mean (mean_hi + mean_lo) rounded to the data's dtype and shift_out folds the
-    rest back in.  factor is 1, except where x - center could overflow: that needs |center|
-    within 2**-(mantissa bits + 2) of the dtype's largest value, and such channels get
-    factor = 1/2, center and scale_out halved and doubled (exact), so that no intermediate
-    exceeds the range.
+    rest back in.  factor is 1 -- the exact subtraction -- except in two corners of the
+    dtype's range, where a power of two keeps every intermediate representable (all the
+    scalings are exact):
+
+    * x - center could overflow: that needs |center| within 2**-(mantissa bits + 2) of the
+      largest value; factor = 1/2 halves x and center and doubles the scale;
+    * the scale itself would overflow (var + eps below ~1/limit: denormal data with a tinier
+      eps); factor = 2**64 scales x - center up and the scale down.
     """
     cdef double limit = FLT_MAX if floating is float else DBL_MAX
     cdef double ulp = FLT_EPSILON if floating is float else DBL_EPSILON
+    cdef double big = 18446744073709551616.0  # 2**64
     cdef floating c = <floating>mean_hi
     cdef double rest = (mean_hi - <double>c) + mean_lo
-    cdef bint huge = fabs(<double>c) >= limit * ulp * 0.25
+    cdef bint huge_center = fabs(<double>c) >= limit * ulp * 0.25
+    cdef bint huge_scale = not huge_center and limit * 0.25 < fabs(scale) < limit * big * 0.25
+    cdef double p = 0.5 if huge_center else (big if huge_scale else 1.0)
     # (selects, not branches, so that loops over channels vectorise; a zero rest must not meet
     # an infinite scale, 0 * inf being NaN)
     shift_out[0] = <floating>(shift - (rest * scale if rest != 0.0 else 0.0))
-    center[0] = <floating>(c * 0.5) if huge else c
-    scale_out[0] = <floating>(scale * 2.0) if huge else <floating>scale
-    factor[0] = 0.5 if huge else 1.0
+    center[0] = <floating>(<double>c * p)
+    scale_out[0] = <floating>(scale / p)
+    factor[0] = <floating>p
 
 
 cdef inline void widen(const floating* src, double fill, double* dst, Py_ssize_t n) noexcept nogil:

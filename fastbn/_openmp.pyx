@@ -167,6 +167,9 @@ def effective_n_threads(n_threads=None):
             raise TypeError(f"n_threads must be None or an int, got {type(n_threads).__name__}") from None
     if n_threads == 0:
         raise ValueError("n_threads == 0 is invalid: use None, a positive count, or -1 for all CPUs")
+    if not -2**31 < n_threads < 2**31:  # the kernels take a C int
+        raise ValueError(f"n_threads={n_threads} is out of range: use None, a positive count "
+                         f"below 2**31, or -1 for all CPUs")
     if not FASTBN_OPENMP_VERSION:
         return 1
     if n_threads < 0:

@@ -22,7 +22,8 @@ import numpy as np
 def _per_channel(x):
     """x as a float64 (N, C, S) array."""
     x = np.asarray(x, dtype=np.float64)
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    # (not -1: it cannot be inferred when another dimension is 0)
+    return x.reshape(x.shape[0], x.shape[1], int(np.prod(x.shape[2:], dtype=np.int64)))
 
 
 def _broadcast(v, ndim):

@@ -64,7 +64,9 @@ def to_kernels(x, channels_last):
     if not channels_last and x.flags.c_contiguous and (x.dtype is V.FLOAT32 or x.dtype is V.FLOAT64):
         return x  # the common case, checked fast
     if x.dtype == V.FLOAT16:
-        x = x.astype(np.float32, order="K")  # keeps the memory format
+        # astype keeps the memory format with order="K": wanted for channels-last, which the
+        # kernels read as such; anything else they read in C order, so widen straight into it.
+        x = x.astype(np.float32, order="K" if channels_last else "C")
     if channels_last:
         return np.ascontiguousarray(np.moveaxis(x, 1, -1)).reshape(-1, x.shape[1])
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
@@ -138,14 +140,16 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     channels_last = is_channels_last(x if out is None else out)
     xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
     channels = x.shape[1]
-    save_mean = np.empty(channels)
-    save_invstd = np.empty(channels)
+    if training and xk.size == 0:
+        # As torch: nothing to normalise, running buffers untouched; no statistics exist.
+        # (np.zeros, not a fill: calloc'd pages cost nothing until read, whatever C is.)
+        save_mean = np.zeros(channels)
+        save_invstd = np.zeros(channels)
+    else:
+        save_mean = np.empty(channels)
+        save_invstd = np.empty(channels)
     if training:
-        if xk.size == 0:
-            # As torch: nothing to normalise, running buffers untouched; no statistics exist.
-            save_mean[:] = 0.0
-            save_invstd[:] = 0.0
-        else:
+        if xk.size:
             _kernels.forward_train(xk, yk, weight, bias, running_mean, running_var, momentum, eps,
                                    save_mean, save_invstd, n_threads, relu)
     else:
@@ -258,10 +262,11 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
         batch in training mode there are no statistics and both are zeros.
     """
     x = as_input(input)
+    training = V.check_flag(training, "training")
     weight, bias, rm, rv, momentum, eps = _check_forward_args(
         x, running_mean, running_var, weight, bias, training, momentum, eps, out)
     relu = V.check_activation(activation) == "relu"
-    result = forward(x, weight, bias, rm, rv, bool(training), momentum, eps, relu, out,
+    result = forward(x, weight, bias, rm, rv, training, momentum, eps, relu, out,
                      effective_n_threads(n_threads))[:3]
     # A non-contiguous buffer was updated through a contiguous copy: write it back.
     if training:
@@ -340,10 +345,11 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
     output = _gating_output(activation, output, x)
     mean, invstd = _statistics(x.shape[1], save_mean=save_mean, save_invstd=save_invstd)
     weight = V.check_per_channel(weight, "weight", x.shape[1], compute_dtype(x.dtype))
+    training = V.check_flag(training, "training")
     channels_last = is_channels_last(x)
     context = ForwardContext(to_kernels(x, channels_last),
                              None if output is None else to_kernels(output, channels_last),
-                             mean, invstd, bool(training), channels_last, x.shape, x.dtype)
+                             mean, invstd, training, channels_last, x.shape, x.dtype)
     return backward(dy, context, weight, True, effective_n_threads(n_threads))
 
 
@@ -451,14 +457,31 @@ def _check_triple(triple, i):
         count, mean, m2 = triple
     except (TypeError, ValueError):
         raise TypeError(f"triple {i} must be (count, mean, m2), got {type(triple).__name__}") from None
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+        raise TypeError(f"triple {i}: count must be an int, got {type(count).__name__} {count!r}")
+    if count < 0:
         raise ValueError(f"triple {i}: count must be a non-negative int, got {count!r}")
-    mean = np.asarray(mean, dtype=np.float64)
-    m2 = np.asarray(m2, dtype=np.float64)
+    mean, m2 = (_real_vector(v, f"triple {i}: {name}") for v, name in ((mean, "mean"), (m2, "m2")))
     if mean.ndim != 1 or m2.shape != mean.shape:
         raise ValueError(f"triple {i}: mean and m2 must be 1-D arrays of the same length, got "
                          f"shapes {mean.shape} and {m2.shape}")
+    if np.any(m2 < 0):  # (NaN passes: it propagates, as NaN data does)
+        raise ValueError(f"triple {i}: m2 (a sum of squared deviations) must be non-negative, "
+                         f"got {m2[m2 < 0][:4]}")
     return int(count), mean, m2
+
+
+def _real_vector(value, what):
+    """value as a float64 array, refusing what is not real numbers (strings, complex, objects)
+    rather than converting it or dropping imaginary parts."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:
+        raise TypeError(f"{what} must be an array of real numbers, could not convert "
+                        f"{type(value).__name__}: {exc}") from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{what} must be an array of real numbers, got dtype {array.dtype}")
+    return array.astype(np.float64)
 
 
 def batch_norm_elemt(input, mean, invstd, weight=None, bias=None, *, activation=None, out=None,
@@ -579,7 +602,10 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
     mean, invstd, sum_dy, sum_dy_xmu = _statistics(channels, mean=mean, invstd=invstd, sum_dy=sum_dy,
                                                    sum_dy_xmu=sum_dy_xmu)
     weight = V.check_per_channel(weight, "weight", channels, compute_dtype(x.dtype))
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+        raise TypeError(f"count must be an int (values per channel over all workers), got "
+                        f"{type(count).__name__}")
+    if count < 1:
         raise ValueError(f"count must be a positive int (values per channel over all workers), got {count!r}")
     channels_last = is_channels_last(x)
     xk = to_kernels(x, channels_last)

@@ -9,6 +9,7 @@ Unlike torch, a call that is rejected changes nothing: torch increments
 ``num_batches_tracked`` before it validates its input, fastbn validates first.
 """
 
+import threading
 from collections import OrderedDict, namedtuple
 
 import numpy as np
@@ -94,6 +95,8 @@ class _BatchNorm:
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None  # the last forward's functional.ForwardContext, for backward()
+        # Held while the running statistics and the counter change (see forward).
+        self._lock = threading.Lock()
         self.reset_parameters()
 
     # -- state --------------------------------------------------------------------------------
@@ -101,9 +104,10 @@ class _BatchNorm:
     def reset_running_stats(self):
         """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place)."""
         if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked[...] = 0
+            with self._lock:
+                self.running_mean[...] = 0
+                self.running_var[...] = 1
+                self.num_batches_tracked[...] = 0
 
     def reset_parameters(self):
         """Reset the running statistics, and weight = 1, bias = 0 (in place)."""
@@ -158,17 +162,28 @@ class _BatchNorm:
         eps = V.check_eps(self.eps, batch_stats)
         if batch_stats:
             V.check_batch_size(x.shape)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        counter = self.num_batches_tracked
-        if update and counter is not None and self.momentum is None:
-            momentum = 1.0 / float(counter + 1)  # cumulative moving average
-        running = not self.training or self.track_running_stats
-        y, _, _, context = F.forward(
-            x, self.weight, self.bias,
-            self.running_mean if running else None, self.running_var if running else None,
-            batch_stats, momentum, eps, self.activation == "relu", out, effective_n_threads())
-        if update and counter is not None:
-            counter += 1  # only once the call has succeeded
+        relu = self.activation == "relu"
+        if update:
+            # An attribute a user may set, as eps: checked where it is used.
+            momentum = V.check_momentum(self.momentum, allow_none=True)
+            # One training step at a time: the kernel updates the running statistics in place
+            # with the GIL released, and momentum=None reads the counter, so that concurrent
+            # calls from several threads would lose updates.  (Uncontended: ~0.1 us a call.)
+            with self._lock:
+                counter = self.num_batches_tracked
+                if momentum is None:  # cumulative moving average
+                    momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
+                y, _, _, context = F.forward(x, self.weight, self.bias, self.running_mean,
+                                             self.running_var, True, momentum, eps, relu, out,
+                                             effective_n_threads())
+                if counter is not None:
+                    counter += 1  # only once the call has succeeded
+        else:
+            running = not self.training  # eval with running statistics, else batch statistics
+            y, _, _, context = F.forward(
+                x, self.weight, self.bias,
+                self.running_mean if running else None, self.running_var if running else None,
+                batch_stats, 0.0, eps, relu, out, effective_n_threads())
         overwritten = out is not None and np.may_share_memory(out, x)
         self._saved = _OVERWRITTEN if overwritten else context
         return y
@@ -270,8 +285,9 @@ class _BatchNorm:
         if problems:
             raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
                              + "\n\t".join(problems))
-        for target, value in updates:
-            target[...] = value
+        with self._lock:  # not in the middle of another thread's training step
+            for target, value in updates:
+                target[...] = value
         return IncompatibleKeys(missing, unexpected)
 
     @classmethod
@@ -374,10 +390,16 @@ class _BatchNorm:
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def __getstate__(self):
-        # The last forward's input is scratch for backward(), not state worth pickling.
+        # The last forward's input is scratch for backward(), not state worth pickling; a lock
+        # cannot be pickled, and a copy gets its own.
         state = self.__dict__.copy()
         state["_saved"] = None
+        state.pop("_lock", None)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 def _checkpoint_value(name, value, target):
@@ -396,7 +418,16 @@ def _checkpoint_value(name, value, target):
     if target.dtype.kind == "i":
         if array.dtype.kind == "f" and not np.all(np.isfinite(array) & (array == np.round(array))):
             raise ValueError(f'"{name}" must hold whole numbers, got {array!r}')
+        # A count: non-negative, and within int64 (a cast would wrap or saturate silently).
+        if np.any(array < 0) or np.any(array >= 2 ** 63):
+            raise ValueError(f'"{name}" must be a count between 0 and 2**63 - 1, got {array!r}')
         array = array.astype(target.dtype)
+    elif array.dtype.kind == "f" and array.dtype.itemsize > target.dtype.itemsize:
+        # float64 values beyond float32's range would become inf: an error, not a silent inf.
+        big = np.isfinite(array) & (np.abs(array) > np.finfo(target.dtype).max)
+        if np.any(big):
+            raise ValueError(f'"{name}" holds values outside the range of {target.dtype} (the '
+                             f"module's dtype), e.g. {array[big][0]!r}: they would become inf")
     return array
 
 

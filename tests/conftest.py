@@ -6,6 +6,7 @@ several samples per row and a short last row), odd sizes, C = 1, N = 1, both dty
 with large offsets, and non-contiguous views.
 """
 
+import contextlib
 import importlib
 import zlib
 
@@ -28,7 +29,9 @@ SHAPES = {
 ALL_SHAPES = [shape for shapes in SHAPES.values() for shape in shapes]
 
 # Per-dtype tolerances against the float64 reference, relative to the result's scale.
-TOLERANCE = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-12}
+TOLERANCE = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-12,
+             # float16 data is computed in float32 and rounded: half an ulp, 2**-11, and a margin
+             np.dtype(np.float16): 2.0 ** -10}
 
 
 def kernel_levels():
@@ -91,3 +94,89 @@ def data_error(x, invstd, weight=None):
     if weight is not None:
         scale = scale * np.abs(np.asarray(weight, dtype=np.float64))
     return 16 * np.finfo(np.float64).eps * (np.max(np.abs(x)) if x.size else 0.0) * (np.max(scale) if scale.size else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# State snapshots: "a rejected call changes nothing", checked the same way everywhere
+# ---------------------------------------------------------------------------------------------
+
+_MODULE_ATTRIBUTES = ("training", "eps", "momentum", "num_features", "affine", "track_running_stats")
+
+
+def snapshot_state(*objects, state_dict_only=False):
+    """Copies of everything a call could change in `objects` (modules and arrays).
+
+    For a module: every array of its state_dict (parameters, buffers, num_batches_tracked),
+    grad_weight and grad_bias, its mode and hyperparameters, and the saved forward (by
+    identity); with ``state_dict_only``, the state_dict's arrays alone (for calls that may
+    change the rest, an eval forward replacing the saved one).  For an array: a copy of it.
+    Compare with :func:`assert_state_unchanged`.
+    """
+    records = []
+    for obj in objects:
+        if isinstance(obj, np.ndarray):
+            records.append((obj, obj.copy()))
+            continue
+        if state_dict_only:
+            records.append((obj, {k: np.array(v, copy=True) for k, v in obj.state_dict().items()}))
+            continue
+        arrays = {name: np.array(value, copy=True) for name, value in obj.state_dict().items()}
+        for name in ("grad_weight", "grad_bias"):
+            value = getattr(obj, name)
+            arrays[name] = None if value is None else np.array(value, copy=True)
+        attributes = {name: getattr(obj, name) for name in _MODULE_ATTRIBUTES}
+        records.append((obj, (arrays, attributes, obj._saved)))
+    return records
+
+
+def _assert_same_array(actual, expected, what):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, \
+        f"{what}: became {actual.dtype}{actual.shape}, was {expected.dtype}{expected.shape}"
+    # Bit for bit, NaNs included (assert_array_equal treats NaNs in the same places as equal).
+    np.testing.assert_array_equal(actual, expected, err_msg=f"{what} changed")
+
+
+def assert_state_unchanged(records, where=""):
+    """Every object of a :func:`snapshot_state` is as it was (arrays bit for bit)."""
+    prefix = f"{where}: " if where else ""
+    for obj, record in records:
+        if isinstance(obj, np.ndarray):
+            _assert_same_array(obj, record, f"{prefix}array argument")
+            continue
+        name_of = type(obj).__name__
+        if isinstance(record, dict):  # state_dict_only
+            now = obj.state_dict()
+            assert list(now) == list(record), f"{prefix}{name_of}'s state_dict keys changed"
+            for name, value in record.items():
+                _assert_same_array(np.asarray(now[name]), value, f"{prefix}{name_of}.{name}")
+            continue
+        arrays, attributes, saved = record
+        now = {name: value for name, value in obj.state_dict().items()}
+        assert list(now) == [k for k in arrays if k not in ("grad_weight", "grad_bias")], \
+            f"{prefix}{name_of}'s state_dict keys changed"
+        for name, value in arrays.items():
+            current = getattr(obj, name) if name in ("grad_weight", "grad_bias") else now[name]
+            if value is None:
+                assert current is None, f"{prefix}{name_of}.{name} was set"
+            else:
+                _assert_same_array(np.asarray(current), value, f"{prefix}{name_of}.{name}")
+        for name, value in attributes.items():
+            current = getattr(obj, name)
+            assert current is value or current == value, \
+                f"{prefix}{name_of}.{name} changed from {value!r} to {current!r}"
+        assert obj._saved is saved, f"{prefix}{name_of}'s saved forward (for backward) was replaced"
+
+
+@contextlib.contextmanager
+def forced_layout(name):
+    """Run the kernels of every SIMD level with one layout ('planar', 'columns'; None: by
+    shape).  Process-wide while it lasts: for tests that run one at a time."""
+    from fastbn import _kernels
+    modules = [kernels_of(level) for level in kernel_levels()] + [_kernels]
+    for module in modules:
+        module._force_layout(name)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._force_layout(None)

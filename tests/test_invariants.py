@@ -51,3 +51,27 @@ def test_non_contiguous_input_gives_the_same_result(rng):
     dy = make_input(x.shape, np.float32, rng)
     np.testing.assert_array_equal(bn_a.backward(non_contiguous(dy)), bn_b.backward(dy))
     np.testing.assert_array_equal(bn_a.running_var, bn_b.running_var)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("view", ["fortran", "transposed", "flipped"])
+def test_any_memory_order_gives_the_contiguous_result(dtype, view, rng):
+    # Regression: float16 input in Fortran order was widened in Fortran order and read by the
+    # kernels as if C-ordered, a silently wrong result.
+    x = make_input((6, 3, 5), dtype, rng)
+    if view == "fortran":
+        other = np.asfortranarray(x)
+    elif view == "transposed":
+        other = np.ascontiguousarray(x.transpose(2, 1, 0)).transpose(2, 1, 0)
+    else:
+        other = np.flip(np.flip(x, 0).copy(), 0)
+    assert not other.flags.c_contiguous
+    for training in (True, False):
+        expected = F.batch_norm(x, np.zeros(3, F.compute_dtype(x.dtype)), np.ones(3, F.compute_dtype(x.dtype)), training=training)
+        got = F.batch_norm(other, np.zeros(3, F.compute_dtype(x.dtype)), np.ones(3, F.compute_dtype(x.dtype)), training=training)
+        np.testing.assert_array_equal(got, expected, err_msg=f"{view} {np.dtype(dtype).name} input, training={training}")
+    bn, twin = fastbn.BatchNorm1d(3), fastbn.BatchNorm1d(3)
+    if dtype == np.float64:
+        bn, twin = fastbn.BatchNorm1d(3, dtype=np.float64), fastbn.BatchNorm1d(3, dtype=np.float64)
+    np.testing.assert_array_equal(bn(other), twin(x))
+    np.testing.assert_array_equal(bn.backward(other), twin.backward(x))

@@ -6,8 +6,8 @@ import pytest
 from fastbn import _reference as ref
 from fastbn._kernels import describe_layout
 
-from conftest import (ALL_SHAPES, DTYPES, assert_close, data_error, kernel_levels, kernels_of,
-                      make_input)
+from conftest import (ALL_SHAPES, DTYPES, assert_close, data_error, forced_layout, kernel_levels,
+                      kernels_of, make_input)
 
 LEVELS = kernel_levels()
 # Extra shapes: several row blocks and tiles at once, a short last row with several blocks.
@@ -29,13 +29,8 @@ def test_shapes_cover_both_layouts_and_their_cases():
 @pytest.fixture(params=["auto", "planar", "columns"])
 def layout(request):
     """Run a kernel test with the layout chosen by shape, and with each layout forced."""
-    from fastbn import _kernels
-    modules = [kernels_of(level) for level in LEVELS] + [_kernels]
-    for module in modules:
-        module._force_layout(None if request.param == "auto" else request.param)
-    yield request.param
-    for module in modules:
-        module._force_layout(None)
+    with forced_layout(None if request.param == "auto" else request.param):
+        yield request.param
 
 
 def per_channel(rng, c, dtype, low=0.5, high=1.5):

@@ -11,7 +11,7 @@ import pytest
 import fastbn
 from fastbn import _reference as ref
 
-from conftest import DTYPES, make_input
+from conftest import DTYPES, assert_state_unchanged, make_input, snapshot_state
 
 MODULES = [(fastbn.BatchNorm1d, (6, 4)), (fastbn.BatchNorm1d, (5, 4, 7)),
            (fastbn.BatchNorm2d, (3, 4, 5, 6)), (fastbn.BatchNorm3d, (2, 4, 3, 4, 5))]
@@ -53,28 +53,6 @@ def test_repr(kwargs, text):
     assert repr(fastbn.BatchNorm2d(**kwargs)) == text
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(num_features=-1), ValueError, "num_features must be non-negative, got -1"),
-    (dict(num_features=2.5), TypeError, "num_features must be an int, got float"),
-    (dict(num_features="3"), TypeError, "num_features must be an int, got str"),
-    (dict(num_features=True), TypeError, "num_features must be an int, got bool"),
-    (dict(num_features=None), TypeError, "num_features must be an int, got NoneType"),
-    (dict(num_features=3, eps=-1e-5), ValueError, "eps must be non-negative"),
-    (dict(num_features=3, eps=float("nan")), ValueError, "eps must be finite"),
-    (dict(num_features=3, eps="small"), TypeError, "eps must be a real number"),
-    (dict(num_features=3, momentum=float("inf")), ValueError, "momentum must be finite"),
-    (dict(num_features=3, momentum="0.1"), TypeError, "momentum must be a real number or None"),
-    (dict(num_features=3, affine="yes"), TypeError, "affine must be a bool"),
-    (dict(num_features=3, track_running_stats=2), TypeError, "track_running_stats must be a bool"),
-    (dict(num_features=3, bias=None), TypeError, "bias must be a bool"),
-    (dict(num_features=3, dtype=np.int32), TypeError, "dtype must be float32 or float64, got int32"),
-    (dict(num_features=3, dtype="banana"), TypeError, "dtype must be float32 or float64"),
-])
-def test_bad_constructor_arguments(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        fastbn.BatchNorm2d(**kwargs)
-
-
 def test_integer_like_num_features_and_zero_channels():
     assert fastbn.BatchNorm1d(np.int64(4)).num_features == 4
     bn = fastbn.BatchNorm1d(0)
@@ -105,39 +83,13 @@ def test_input_dimensions(cls, good, bad, rng):
             bn(np.zeros(shape, np.float32))
 
 
-def snapshot(bn):
-    return {k: np.array(v, copy=True) for k, v in bn.state_dict().items()}
-
-
-def assert_unchanged(bn, before):
-    for k, v in bn.state_dict().items():
-        np.testing.assert_array_equal(v, before[k], err_msg=f"{k} changed by a rejected call")
-
-
-@pytest.mark.parametrize("bad,error,match", [
-    (np.zeros((2, 4, 3, 3), np.float32), ValueError, r"expected input with 3 channels .* shape \(2, 4, 3, 3\)"),
-    (np.zeros((2, 3, 3, 3), np.float64), TypeError, "input has dtype float64 but BatchNorm2d holds float32"),
-    (np.zeros((2, 3, 3, 3), np.int64), TypeError, "floating-point dtype"),
-    (np.ones((1, 3, 1, 1), np.float32), ValueError, "Expected more than 1 value per channel when training"),
-    (np.zeros((3, 3, 3), np.float32), ValueError, r"expected 4D input \(got 3D input\)"),
-    ("not an array", TypeError, "input must be an array of floats, got str"),
-])
-def test_rejected_forward_changes_no_state(bad, error, match, rng):
-    bn = fastbn.BatchNorm2d(3, momentum=None)
-    bn(make_input((2, 3, 3, 3), np.float32, rng))
-    before = snapshot(bn)
-    with pytest.raises(error, match=match):
-        bn(bad)
-    assert_unchanged(bn, before)  # torch would have incremented num_batches_tracked
-
-
 def test_eps_zero_is_rejected_in_training_but_allowed_in_eval(rng):
     bn = fastbn.BatchNorm1d(3, eps=0.0)
     x = make_input((4, 3), np.float32, rng)
-    before = snapshot(bn)
+    before = snapshot_state(bn)
     with pytest.raises(ValueError, match="eps must be positive during training"):
         bn(x)
-    assert_unchanged(bn, before)
+    assert_state_unchanged(before)
     assert bn.eval()(x).shape == x.shape
 
 
@@ -174,11 +126,11 @@ def test_eval_uses_running_statistics_and_changes_nothing(rng):
     bn.running_var[...] = [4.0, 0.25, 1.0]
     bn.weight[...] = [2.0, 1.0, 0.5]
     bn.bias[...] = [0.0, 1.0, -1.0]
-    before = snapshot(bn)
+    before = snapshot_state(bn, state_dict_only=True)
     x = make_input((2, 3, 4, 4), np.float64, rng)
     y = bn.eval()(x)
     np.testing.assert_allclose(y, ref.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
-    assert_unchanged(bn, before)
+    assert_state_unchanged(before)
 
 
 def test_eval_without_running_statistics_uses_the_batch(rng):
@@ -223,20 +175,6 @@ def test_parameter_gradients_are_none_without_parameters(rng):
     bn(x)
     bn.backward(np.ones_like(x))
     assert bn.grad_weight is not None and bn.grad_bias is None
-
-
-def test_backward_errors(rng):
-    bn = fastbn.BatchNorm2d(3)
-    with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
-        bn.backward(np.zeros((2, 3, 4, 4), np.float32))
-    x = make_input((2, 3, 4, 4), np.float32, rng)
-    bn(x)
-    with pytest.raises(ValueError, match=r"grad_output has shape \(2, 3, 4, 5\) but the last forward's input has shape \(2, 3, 4, 4\)"):
-        bn.backward(np.zeros((2, 3, 4, 5), np.float32))
-    with pytest.raises(TypeError, match="grad_output has dtype float64 but the last forward's input had dtype float32"):
-        bn.backward(np.zeros((2, 3, 4, 4)))
-    with pytest.raises(TypeError, match="grad_output must have a floating-point dtype"):
-        bn.backward(np.zeros((2, 3, 4, 4), np.int32))
 
 
 def test_backward_uses_the_input_of_the_last_forward(rng):
@@ -292,25 +230,6 @@ def test_load_state_dict_accepts_checkpoints_without_the_counter():
     del state["num_batches_tracked"]
     assert bn.load_state_dict(state) == ([], [])
     assert int(bn.num_batches_tracked) == 11  # as torch: kept as it was
-
-
-@pytest.mark.parametrize("change,match", [
-    (lambda s: s.pop("running_var"), r'Missing key\(s\) in state_dict: "running_var"'),
-    (lambda s: s.update(extra=np.zeros(1)), r'Unexpected key\(s\) in state_dict: "extra"'),
-    (lambda s: s.update(weight=np.ones(4)), r"size mismatch for weight: copying a param with shape \(4,\) from checkpoint, the shape in current model is \(3,\)"),
-    (lambda s: s.update(bias=np.array(["a", "b", "c"])), '"bias" has dtype <U1; expected real numbers'),
-    (lambda s: s.update(num_batches_tracked=np.array(2.5)), '"num_batches_tracked" must hold whole numbers'),
-    (lambda s: s.update(running_mean=np.ones(3, np.complex64)), "expected real numbers"),
-])
-def test_bad_state_dicts_change_nothing(change, match):
-    bn = fastbn.BatchNorm2d(3)
-    before = snapshot(bn)
-    state = full_state(3)
-    change(state)
-    # As torch, every problem is listed in one error (torch: RuntimeError; here ValueError).
-    with pytest.raises(ValueError, match=match):
-        bn.load_state_dict(state)
-    assert_unchanged(bn, before)
 
 
 def test_load_state_dict_not_strict_reports_keys():
