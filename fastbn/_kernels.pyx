@@ -1036,6 +1036,8 @@ cdef int normalize(const activation* act, const Geometry* g, const floating* x, 
     weight and bias may be NULL)."""
     cdef Py_ssize_t ch, c = g.c
     cdef int rc
+    if g.total == 0:
+        return 0  # (and no malloc(0), which may return NULL)
     cdef double* work = <double*>malloc(3 * c * sizeof(double) + 4 * c * sizeof(floating))
     if work == NULL:
         return -1
