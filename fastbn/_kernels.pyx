@@ -345,7 +345,7 @@ cdef inline double merged_mean(double mean, double other, double r) noexcept nog
     """Chan's update of a mean towards another by the weight r; where either is infinite or
     NaN, the arithmetic of the sums they stand for instead (inf + finite = inf, inf - inf =
     NaN), as torch and numpy compute a mean."""
-    return mean + (other - mean) * r if finite(mean) and finite(other) else mean + other
+    return mean + (other - mean) * r if finite(mean) & finite(other) else mean + other
 
 
 cdef inline double fold_lanes(double* acc) noexcept nogil:
@@ -631,7 +631,7 @@ cdef inline void block_channel_moments(const Geometry* g, const double* pshift,
             gm += difference(rel, first)
             plain += rel
     # (the plain mean where infinities make the relative one meaningless; see merged_mean)
-    gm = first + gm * inv_k if finite(first) and finite(gm) else plain * inv_k
+    gm = first + gm * inv_k if finite(first) & finite(gm) else plain * inv_k
     for grp in range(block_groups(g, b)):
         o = base + grp * cs
         for j in range(g.s):
@@ -689,7 +689,7 @@ cdef int merge_columns_moments(const Geometry* g, const double* plan, const doub
                     gm[ch - ch0] += difference(rel, first[ch - ch0])
                     sq[ch - ch0] += rel
             for i in range(c):
-                gm[i] = (first[i] + gm[i] * inv_k if finite(first[i]) and finite(gm[i])
+                gm[i] = (first[i] + gm[i] * inv_k if finite(first[i]) & finite(gm[i])
                          else sq[i] * inv_k)
                 sq[i] = 0.0
                 bq[i] = 0.0
@@ -1006,8 +1006,11 @@ cdef inline void split_center(double mean_hi, double mean_lo, double scale, doub
     cdef floating c = <floating>mean_hi
     cdef double rest = (mean_hi - <double>c) + mean_lo
     cdef bint huge_center = fabs(<double>c) >= limit * ulp * 0.25
-    cdef bint huge_scale = not huge_center and limit * 0.25 < fabs(scale) < limit * big * 0.25
-    cdef double p = 0.5 if huge_center else (big if huge_scale else 1.0)
+    # (& rather than "and", which Cython compiles to a branch)
+    cdef bint huge_scale = (not huge_center) & (fabs(scale) > limit * 0.25) & (fabs(scale) < limit * big * 0.25)
+    # (arithmetic, not a nested select, which the compiler does not turn into vector blends;
+    # the two flags never hold together)
+    cdef double p = 1.0 - 0.5 * huge_center + (big - 1.0) * huge_scale
     # (selects, not branches, so that loops over channels vectorise; a zero rest must not meet
     # an infinite scale, 0 * inf being NaN)
     shift_out[0] = <floating>(shift - (rest * scale if rest != 0.0 else 0.0))
