@@ -1008,9 +1008,7 @@ cdef inline void split_center(double mean_hi, double mean_lo, double scale, doub
     cdef bint huge_center = fabs(<double>c) >= limit * ulp * 0.25
     # (& rather than "and", which Cython compiles to a branch)
     cdef bint huge_scale = (not huge_center) & (fabs(scale) > limit * 0.25) & (fabs(scale) < limit * big * 0.25)
-    # (arithmetic, not a nested select, which the compiler does not turn into vector blends;
-    # the two flags never hold together)
-    cdef double p = 1.0 - 0.5 * huge_center + (big - 1.0) * huge_scale
+    cdef double p = 0.5 if huge_center else (big if huge_scale else 1.0)
     # (selects, not branches, so that loops over channels vectorise; a zero rest must not meet
     # an infinite scale, 0 * inf being NaN)
     shift_out[0] = <floating>(shift - (rest * scale if rest != 0.0 else 0.0))
