@@ -67,6 +67,31 @@ cdef extern from *:
     """
     void prefetch "FASTBN_PREFETCH"(const void* p) noexcept nogil
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* v where keep is 1, +0.0 where it is 0, by masking v's bits.  gcc 12 does not vectorise
+       a float32 select (keep ? v : 0) whose result is widened to double, but does vectorise
+       this; the memcpys compile to register moves. */
+    static inline float fastbn_keep_float(int keep, float v) {
+        uint32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        bits &= (uint32_t)0 - (uint32_t)keep;
+        memcpy(&v, &bits, sizeof bits);
+        return v;
+    }
+    static inline double fastbn_keep_double(int keep, double v) {
+        uint64_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        bits &= (uint64_t)0 - (uint64_t)keep;
+        memcpy(&v, &bits, sizeof bits);
+        return v;
+    }
+    """
+    float keep_float "fastbn_keep_float"(int keep, float v) noexcept nogil
+    double keep_double "fastbn_keep_double"(int keep, double v) noexcept nogil
+
 ctypedef fused floating:
     float
     double
@@ -88,8 +113,9 @@ ctypedef fused activation:
 cdef inline floating activate(const activation* act, floating z) noexcept nogil:
     """The activation of z.  ReLU is torch's: 0 where z < 0, z itself otherwise (so -0.0 and
     NaN pass through)."""
+    cdef floating zero = 0  # typed: a bare 0 would compare float32 z as a double
     if activation is ReLU:
-        return 0 if z < 0 else z
+        return zero if z < zero else z
     else:
         return z
 
@@ -99,8 +125,14 @@ cdef inline floating gate(const activation* act, const floating* dy, const float
     """The gradient reaching the normalisation: dy[i] where the activation passes it (ReLU:
     where its output out[i] is not <= 0, as torch's threshold_backward), else 0.  `out` is read
     only with an activation."""
+    # Branch-free (see fastbn_keep_float), so that the loops calling this vectorise; `not
+    # out <= 0` rather than `out > 0` keeps dy where out is NaN, as torch does.
+    cdef floating zero = 0
     if activation is ReLU:
-        return 0 if out[i] <= 0 else dy[i]
+        if floating is float:
+            return keep_float(not (out[i] <= zero), dy[i])
+        else:
+            return keep_double(not (out[i] <= zero), dy[i])
     else:
         return dy[i]
 

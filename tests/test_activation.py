@@ -65,6 +65,36 @@ def test_relu_follows_torch_on_signed_zero_and_nan():
     np.testing.assert_array_equal(dx.ravel(), [0, 0, 0, 1, 1])  # torch: gradient passes where not y <= 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["planar", "columns"])
+def test_relu_gate_drops_nonfinite_gradients_where_blocked(dtype, layout):
+    # The gate is a bit mask, not a product: an inf or NaN dy where the output is <= 0 gives 0
+    # (inf * 0 would give NaN), and NaN outputs pass dy.  Long channels run the SIMD loops of
+    # both layouts, in the sums (training) and the elementwise pass.
+    rng = np.random.default_rng(5)
+    _force_layout(layout)
+    try:
+        y = rng.standard_normal((400, 24)).astype(dtype)
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        blocked = y <= 0
+        dy[blocked & (rng.random(y.shape) < 0.3)] = np.inf
+        dy[blocked & (rng.random(y.shape) < 0.3)] = np.nan
+        mean, invstd = np.zeros(24), np.ones(24)
+        dx, gw, gb = F.batch_norm_backward(dy, y, mean, invstd, training=True, output=y,
+                                           activation="relu")
+        gated = np.where(blocked, 0, dy).astype(np.float64)
+        assert np.isfinite(dx).all() and np.isfinite(gw).all() and np.isfinite(gb).all()
+        np.testing.assert_allclose(gb, gated.sum(0), rtol=1e-5)
+        np.testing.assert_allclose(gw, (gated * y).sum(0), rtol=1e-5)
+
+        y[::7] = np.nan
+        dx, _, _ = F.batch_norm_backward(dy, y, mean, invstd, training=False, output=y,
+                                         activation="relu")
+        np.testing.assert_array_equal(dx, np.where(y <= 0, 0, dy))  # NaN outputs pass dy
+    finally:
+        _force_layout(None)
+
+
 @pytest.mark.parametrize("cls,shape", [(fastbn.BatchNorm1d, (8, 5)), (fastbn.BatchNorm2d, (4, 5, 6, 7)),
                                        (fastbn.BatchNorm3d, (2, 5, 3, 4, 5))])
 @pytest.mark.parametrize("dtype", DTYPES)
