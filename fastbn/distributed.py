@@ -27,6 +27,7 @@ its forward statistics).
 
 import numpy as np
 
+from . import _float16
 from . import _validation as V
 from . import functional as F
 from .modules import _OVERWRITTEN, _BatchNorm
@@ -267,7 +268,7 @@ class SyncBatchNorm(_BatchNorm):
             out[...] = y
             return out
         if y.dtype != x.dtype:  # float16 data computed in float32
-            y = y.astype(x.dtype)
+            y = _float16.narrow(y)
         return y
 
     __call__ = forward
@@ -321,7 +322,7 @@ class SyncBatchNorm(_BatchNorm):
         else:
             self.grad_weight = None
         self.grad_bias = sum_dy.astype(self.dtype) if self.bias is not None else None
-        return dx.astype(saved.dtype, copy=False)
+        return _float16.narrow(dx) if dx.dtype != saved.dtype else dx
 
 
 def _allgather_checked(comm, row, failure):

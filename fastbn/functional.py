@@ -21,6 +21,7 @@ Results are bitwise identical for any thread count.
 
 import numpy as np
 
+from . import _float16
 from . import _validation as V
 from ._dispatch import kernels as _kernels
 from ._openmp import effective_n_threads
@@ -54,7 +55,7 @@ def is_channels_last(x):
     return x.ndim >= 3 and not x.flags.c_contiguous and np.moveaxis(x, 1, -1).flags.c_contiguous
 
 
-def to_kernels(x, channels_last):
+def to_kernels(x, channels_last, n_threads=None):
     """x as the C-contiguous array the kernels read, float16 widened to float32.
 
     Channels-last memory is read as the (N * spatial, C) matrix it is -- BatchNorm1d's layout,
@@ -63,17 +64,18 @@ def to_kernels(x, channels_last):
     """
     if not channels_last and x.flags.c_contiguous and (x.dtype is V.FLOAT32 or x.dtype is V.FLOAT64):
         return x  # the common case, checked fast
-    if x.dtype == V.FLOAT16:
-        # astype keeps the memory format with order="K": wanted for channels-last, which the
-        # kernels read as such; anything else they read in C order, so widen straight into it.
-        x = x.astype(np.float32, order="K" if channels_last else "C")
+    channels = x.shape[1]
     if channels_last:
-        return np.ascontiguousarray(np.moveaxis(x, 1, -1)).reshape(-1, x.shape[1])
-    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        x = np.moveaxis(x, 1, -1)  # (N, *spatial, C): C-contiguous when x is channels-last
+    x = _float16.widen(x, n_threads) if x.dtype == V.FLOAT16 else np.ascontiguousarray(x)
+    return x.reshape(-1, channels) if channels_last else x
 
 
-def from_kernels(yk, shape, channels_last):
-    """A result the kernels wrote in to_kernels' layout, seen with the logical shape (N, C, *)."""
+def from_kernels(yk, shape, dtype, channels_last, n_threads=None):
+    """A result the kernels wrote in to_kernels' layout, as data of this dtype (float16 data:
+    narrowed) seen with the logical shape (N, C, *)."""
+    if yk.dtype != dtype:
+        yk = _float16.narrow(yk, n_threads=n_threads)
     if channels_last:
         return np.moveaxis(yk.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],)), -1, 1)
     return yk
@@ -100,15 +102,14 @@ def _kernel_output(x, xk, out, channels_last):
     return xk, yk
 
 
-def _result(yk, x, out, channels_last):
+def _result(yk, x, out, channels_last, n_threads):
     """The kernels' output as the caller sees it: `out` when given, x's shape, dtype and memory
     format otherwise."""
-    y = from_kernels(yk, x.shape, channels_last)
-    if out is not None:
-        if y.dtype != out.dtype:  # float16 data computed in float32
-            out[...] = y
-        return out
-    return y.astype(x.dtype, order="K") if y.dtype != x.dtype else y
+    if out is None:
+        return from_kernels(yk, x.shape, x.dtype, channels_last, n_threads)
+    if yk.dtype != out.dtype:  # float16 data computed in float32: narrow into out's memory
+        _float16.narrow(yk, np.moveaxis(out, 1, -1) if channels_last else out, n_threads)
+    return out
 
 
 class ForwardContext:
@@ -138,7 +139,7 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     else in the input's (channels-last stays channels-last).
     """
     channels_last = is_channels_last(x if out is None else out)
-    xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
+    xk, yk = _kernel_output(x, to_kernels(x, channels_last, n_threads), out, channels_last)
     channels = x.shape[1]
     if training and xk.size == 0:
         # As torch: nothing to normalise, running buffers untouched; no statistics exist.
@@ -157,14 +158,14 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                               save_invstd, n_threads, relu)
     context = ForwardContext(xk, yk if relu else None, save_mean, save_invstd, training,
                              channels_last, x.shape, x.dtype)
-    return _result(yk, x, out, channels_last), save_mean, save_invstd, context
+    return _result(yk, x, out, channels_last, n_threads), save_mean, save_invstd, context
 
 
 def backward(dy, context, weight, param_grads, n_threads):
     """The backward of a forward's context: (grad_input, grad_weight, grad_bias); the parameter
     gradients are None when param_grads is False."""
     xk = context.input
-    dyk = to_kernels(dy, context.channels_last)
+    dyk = to_kernels(dy, context.channels_last, n_threads)
     dxk = np.empty(xk.shape, xk.dtype)
     grad_weight = grad_bias = None
     if param_grads:
@@ -172,9 +173,7 @@ def backward(dy, context, weight, param_grads, n_threads):
         grad_bias = np.zeros(context.shape[1], xk.dtype)
     _kernels.backward(dyk, xk, dxk, weight, context.mean, context.invstd, grad_weight, grad_bias,
                       context.training, n_threads, context.output)
-    dx = from_kernels(dxk, context.shape, context.channels_last)
-    if dx.dtype != context.dtype:
-        dx = dx.astype(context.dtype, order="K")
+    dx = from_kernels(dxk, context.shape, context.dtype, context.channels_last, n_threads)
     return dx, grad_weight, grad_bias
 
 
@@ -347,10 +346,11 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
     weight = V.check_per_channel(weight, "weight", x.shape[1], compute_dtype(x.dtype))
     training = V.check_flag(training, "training")
     channels_last = is_channels_last(x)
-    context = ForwardContext(to_kernels(x, channels_last),
-                             None if output is None else to_kernels(output, channels_last),
+    n_threads = effective_n_threads(n_threads)
+    context = ForwardContext(to_kernels(x, channels_last, n_threads),
+                             None if output is None else to_kernels(output, channels_last, n_threads),
                              mean, invstd, training, channels_last, x.shape, x.dtype)
-    return backward(dy, context, weight, True, effective_n_threads(n_threads))
+    return backward(dy, context, weight, True, n_threads)
 
 
 def _grad_and_input(grad_output, input):
@@ -402,7 +402,8 @@ def batch_stats(input, *, n_threads=None):
     mean = np.zeros(channels)
     m2 = np.zeros(channels)
     if count:
-        _kernels.moments(to_kernels(x, is_channels_last(x)), mean, m2, effective_n_threads(n_threads))
+        n_threads = effective_n_threads(n_threads)
+        _kernels.moments(to_kernels(x, is_channels_last(x), n_threads), mean, m2, n_threads)
     return count, mean, m2
 
 
@@ -519,9 +520,10 @@ def batch_norm_elemt(input, mean, invstd, weight=None, bias=None, *, activation=
     if out is not None:
         V.check_out(out, x.shape, x.dtype)
     channels_last = is_channels_last(x if out is None else out)
-    xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
-    _kernels.normalize_given(xk, yk, weight, bias, mean, invstd, effective_n_threads(n_threads), relu)
-    return _result(yk, x, out, channels_last)
+    n_threads = effective_n_threads(n_threads)
+    xk, yk = _kernel_output(x, to_kernels(x, channels_last, n_threads), out, channels_last)
+    _kernels.normalize_given(xk, yk, weight, bias, mean, invstd, n_threads, relu)
+    return _result(yk, x, out, channels_last, n_threads)
 
 
 def batch_norm_backward_reduce(grad_output, input, mean, *, output=None, activation=None,
@@ -559,9 +561,10 @@ def batch_norm_backward_reduce(grad_output, input, mean, *, output=None, activat
     sum_dy = np.zeros(x.shape[1])
     sum_dy_xmu = np.zeros(x.shape[1])
     channels_last = is_channels_last(x)
-    _kernels.grad_sums(to_kernels(dy, channels_last), to_kernels(x, channels_last), mean, sum_dy,
-                       sum_dy_xmu, effective_n_threads(n_threads),
-                       None if output is None else to_kernels(output, channels_last))
+    n_threads = effective_n_threads(n_threads)
+    _kernels.grad_sums(to_kernels(dy, channels_last, n_threads), to_kernels(x, channels_last, n_threads),
+                       mean, sum_dy, sum_dy_xmu, n_threads,
+                       None if output is None else to_kernels(output, channels_last, n_threads))
     return sum_dy, sum_dy_xmu
 
 
@@ -608,10 +611,10 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
     if count < 1:
         raise ValueError(f"count must be a positive int (values per channel over all workers), got {count!r}")
     channels_last = is_channels_last(x)
-    xk = to_kernels(x, channels_last)
+    n_threads = effective_n_threads(n_threads)
+    xk = to_kernels(x, channels_last, n_threads)
     dxk = np.empty(xk.shape, xk.dtype)
-    _kernels.backward_from_sums(to_kernels(dy, channels_last), xk, dxk, weight, mean, invstd, sum_dy,
-                                sum_dy_xmu, float(count), effective_n_threads(n_threads),
-                                None if output is None else to_kernels(output, channels_last))
-    dx = from_kernels(dxk, x.shape, channels_last)
-    return dx.astype(x.dtype, order="K") if dx.dtype != x.dtype else dx
+    _kernels.backward_from_sums(to_kernels(dy, channels_last, n_threads), xk, dxk, weight, mean,
+                                invstd, sum_dy, sum_dy_xmu, float(count), n_threads,
+                                None if output is None else to_kernels(output, channels_last, n_threads))
+    return from_kernels(dxk, x.shape, x.dtype, channels_last, n_threads)

@@ -12,6 +12,7 @@ sanitizer run (.ci/sanitize, README "Reliability") checks the kernels' memory ac
 """
 
 import ctypes
+import gc
 import ctypes.util
 import os
 import sys
@@ -76,19 +77,25 @@ def rss():
 def growth(step, calls, warmup=2000):
     """(C heap, Python, RSS) bytes gained over `calls` calls of step(i), after a warm-up
     that fills every cache (numpy's, the allocator's)."""
+    # Each reading follows a full collection, which also empties CPython's free lists: memory
+    # they hold (freed objects kept for reuse) would otherwise count as growth, by chance.
     for i in range(warmup):
         step(i)
+    gc.collect()
     heap0, rss0 = heap_in_use(), rss()
     for i in range(calls):
         step(i)
+    gc.collect()
     heap, resident = heap_in_use() - heap0, rss() - rss0
     tracemalloc.start()
     try:
         for i in range(warmup):
             step(i)
+        gc.collect()
         traced0 = tracemalloc.get_traced_memory()[0]
         for i in range(calls // 4):  # tracemalloc slows calls down ~3x
             step(i)
+        gc.collect()
         traced = tracemalloc.get_traced_memory()[0] - traced0
     finally:
         tracemalloc.stop()

@@ -1,0 +1,110 @@
+"""The F16C float16 <-> float32 kernels: numpy's conversion, bit for bit, on every variant that
+has them (NaNs stay NaN; their payloads may come back quieted)."""
+
+import numpy as np
+import pytest
+
+from fastbn import _dispatch, _float16
+
+F16C_LEVELS = [level for level in _dispatch.available_levels()
+               if _dispatch._import(level).half_simd()]
+
+
+@pytest.fixture(params=F16C_LEVELS or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no kernel variant with F16C on this machine or build"))])
+def kernels(request):
+    return _dispatch._import(request.param)
+
+
+def assert_same_values(got, expected):
+    """Equal bits where expected is not NaN, and NaN where it is."""
+    nan = np.isnan(expected)
+    assert np.isnan(got[nan]).all()
+    unsigned = {2: np.uint16, 4: np.uint32}[expected.itemsize]
+    mismatch = np.flatnonzero(got.view(unsigned)[~nan] != expected.view(unsigned)[~nan])
+    assert mismatch.size == 0, (f"{mismatch.size} values differ, first {expected[~nan][mismatch[0]]!r} -> "
+                                f"{got[~nan][mismatch[0]]!r}")
+
+
+def every_float16():
+    return np.arange(2 ** 16, dtype=np.uint16).view(np.float16)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 5])
+def test_widening_every_float16_matches_numpy(kernels, n_threads):
+    h = np.tile(every_float16(), 3)[: 3 * 2 ** 16 - 7]  # a length that leaves a scalar tail
+    w = np.empty(h.shape, np.float32)
+    kernels.convert_float16(h, w, n_threads)
+    assert_same_values(w, h.astype(np.float32))
+
+
+def narrowing_cases():
+    """Random float32 bit patterns, and around every float16 value: itself, the halfway points
+    to its neighbours (ties round to even) and one float32 ulp either side of them."""
+    rng = np.random.default_rng(0)
+    halves = every_float16().astype(np.float32)
+    halves = np.sort(halves[np.isfinite(halves)])
+    midpoints = ((halves[:-1].astype(np.float64) + halves[1:]) / 2).astype(np.float32)
+    random_bits = rng.integers(0, 2 ** 32, 300_001, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    big = np.array([65504, 65519.99, 65520, 1e6, np.finfo(np.float32).max, np.inf], np.float32)
+    return np.concatenate([random_bits, halves, midpoints, np.nextafter(midpoints, np.float32(np.inf)),
+                           np.nextafter(midpoints, np.float32(-np.inf)), big, -big,
+                           np.array([np.nan, 1e-8, 2.0 ** -25, 2.0 ** -24, 3 * 2.0 ** -26], np.float32)])
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 5])
+def test_narrowing_matches_numpy_including_ties_overflow_and_subnormals(kernels, n_threads):
+    x = narrowing_cases()
+    h = np.empty(x.shape, np.float16)
+    kernels.convert_float16(x, h, n_threads)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert_same_values(h, x.astype(np.float16))
+
+
+def test_conversion_of_nothing_and_of_one(kernels):
+    kernels.convert_float16(np.empty(0, np.float16), np.empty(0, np.float32), 2)
+    one = np.empty(1, np.float16)
+    kernels.convert_float16(np.array([1 / 3], np.float32), one, 2)
+    assert one[0] == np.float16(1 / 3)
+
+
+@pytest.mark.parametrize("src,dst,error,match", [
+    (np.zeros(4, np.float32), np.zeros(4, np.float64), TypeError, "expected float16 -> float32"),
+    (np.zeros(4, np.float16), np.zeros(4, np.float16), TypeError, "expected float16 -> float32"),
+    (np.zeros(4, np.float16), np.zeros(5, np.float32), ValueError, "of the same size"),
+    (np.zeros(8, np.float16)[::2], np.zeros(4, np.float32), ValueError, "C-contiguous"),
+    (np.zeros(4, np.float32), np.zeros(4, np.float16)[::-1], ValueError, "C-contiguous"),
+], ids=["float64 dst", "float16 both", "sizes differ", "strided src", "strided dst"])
+def test_conversion_rejects_what_it_cannot_convert(kernels, src, dst, error, match):
+    with pytest.raises(error, match=match):
+        kernels.convert_float16(src, dst, 1)
+
+
+def test_conversion_will_not_write_a_read_only_array(kernels):
+    dst = np.zeros(4, np.float16)
+    dst.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        kernels.convert_float16(np.ones(4, np.float32), dst, 1)
+    assert not dst.any()
+
+
+def test_kernels_without_f16c_say_so_and_refuse():
+    baseline = _dispatch._import("baseline")
+    if baseline.half_simd():
+        pytest.skip("this compiler builds the baseline variant with F16C")
+    with pytest.raises(RuntimeError, match="no F16C"):
+        baseline.convert_float16(np.zeros(4, np.float16), np.zeros(4, np.float32), 1)
+
+
+def test_python_helpers_take_any_layout_and_shape():
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((6, 5, 4)).astype(np.float16)
+    strided = h[:, ::2, ::-1]
+    w = _float16.widen(strided)
+    assert w.dtype == np.float32 and w.flags.c_contiguous and w.shape == strided.shape
+    np.testing.assert_array_equal(w, strided.astype(np.float32))
+    y = rng.standard_normal((6, 20)).astype(np.float32)
+    out = np.empty((6, 5, 4), np.float16)
+    assert _float16.narrow(y, out) is out
+    np.testing.assert_array_equal(out.reshape(6, 20), y.astype(np.float16))
+    np.testing.assert_array_equal(_float16.narrow(y), y.astype(np.float16))
