@@ -102,7 +102,9 @@ def config() -> dict[str, Any]:
           name), ``cpu_count``, ``usable_cpus`` (the process's affinity mask, or None).
         * ``simd``: ``cpu_supports`` (levels this CPU and OS run, widest first), ``built``
           (kernel variants in this build), ``dispatched`` (the level the kernels run at),
-          ``FASTBN_SIMD`` (the override in force when fastbn was imported, or None).
+          ``FASTBN_SIMD`` (the override in force when fastbn was imported, or None),
+          ``float16_f16c`` (whether float16 data is converted with F16C instructions; numpy
+          converts it otherwise, several times slower).
         * ``openmp``: ``enabled`` (compiled in), ``version`` (``_OPENMP``, 0 without),
           ``spec`` (e.g. ``"4.5"``), ``library`` (path of the OpenMP runtime the kernels
           call, or None where it cannot be told), ``threadpoolctl`` (``installed``,
@@ -126,7 +128,8 @@ def config() -> dict[str, Any]:
                      "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "usable_cpus": _usable_cpus()},
         "simd": {"cpu_supports": list(_cpu.supported_simd_levels()), "built": _built_levels(),
                  "dispatched": _dispatch.simd_level,
-                 "FASTBN_SIMD": _dispatch.requested_level},
+                 "FASTBN_SIMD": _dispatch.requested_level,
+                 "float16_f16c": _dispatch.kernels.half_simd()},
         "openmp": {"enabled": _openmp.openmp_enabled(), "version": openmp_version,
                    "spec": OPENMP_SPECS.get(openmp_version),
                    "library": os.path.realpath(library) if library else None,
@@ -162,6 +165,7 @@ def _lines(info: dict[str, Any]) -> list[str]:
         ("  built", ", ".join(simd["built"])),
         ("  dispatched to", simd["dispatched"] + (f" (forced by FASTBN_SIMD={simd['FASTBN_SIMD']})"
                                                   if simd["FASTBN_SIMD"] else "")),
+        ("  float16 convert", "F16C" if simd["float16_f16c"] else "numpy (no F16C in this variant)"),
         ("openmp", ""),
         ("  compiled in", compiled),
     ]

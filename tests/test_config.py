@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _cpu, _dispatch, _openmp
+from fastbn import _cpu, _dispatch, _float16, _openmp
 from fastbn.__main__ import main
 
 SECTIONS = {
@@ -19,7 +19,7 @@ SECTIONS = {
     "python": {"version", "implementation", "executable"},
     "numpy": {"version"},
     "platform": {"system", "machine", "cpu", "cpu_count", "usable_cpus"},
-    "simd": {"cpu_supports", "built", "dispatched", "FASTBN_SIMD"},
+    "simd": {"cpu_supports", "built", "dispatched", "FASTBN_SIMD", "float16_f16c"},
     "openmp": {"enabled", "version", "spec", "library", "threadpoolctl"},
     "threads": {"num_threads", "OMP_NUM_THREADS"},
 }
@@ -48,6 +48,7 @@ def test_config_simd_section_matches_the_dispatcher():
     assert simd["cpu_supports"][-1] == "baseline"
     assert "baseline" in simd["built"]
     assert fastbn.simd_level in simd["built"] and fastbn.simd_level in simd["cpu_supports"]
+    assert simd["float16_f16c"] is _float16.HALF_SIMD
     # Every level this CPU runs and the build has can be dispatched to.
     assert set(_dispatch.available_levels()) == set(simd["built"]) & set(simd["cpu_supports"])
     assert simd["FASTBN_SIMD"] == _dispatch.requested_level
