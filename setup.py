@@ -6,7 +6,7 @@ What is built
 * ``fastbn._cpu``     -- which SIMD level this CPU (and OS) supports.
 * ``fastbn._kernels`` -- the typed kernels, compiled for the architecture's baseline, so it
   runs on any CPU of that architecture.  On x86-64 the same source is compiled twice more,
-  as ``_kernels_avx2`` (AVX2 + FMA) and ``_kernels_avx512`` (AVX-512 F/BW/DQ/VL); fastbn picks
+  as ``_kernels_avx2`` (AVX2 + FMA + F16C) and ``_kernels_avx512`` (AVX-512 F/BW/DQ/VL); fastbn picks
   the widest one this CPU supports at import time (``fastbn/_dispatch.py``).  No variant uses
   ``-march=native``, so a wheel built here runs on every x86-64 machine.
 

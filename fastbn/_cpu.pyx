@@ -3,7 +3,8 @@
 Compiled without any ISA flags so that it runs everywhere; the kernels' wider variants are
 chosen from its answers (fastbn/_dispatch.py).  GCC and clang's ``__builtin_cpu_supports``
 check both the CPUID bits and XCR0 (that the OS saves the YMM/ZMM registers); the MSVC
-branch does the same by hand.
+branch does the same by hand.  The avx2 level is AVX2 + FMA + F16C (the float16 conversions),
+which every AVX2 CPU has, but a virtual machine may hide.
 """
 
 cdef extern from *:
@@ -11,7 +12,8 @@ cdef extern from *:
     #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
     static int fastbn_cpu_has_avx2(void) {
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+            && __builtin_cpu_supports("f16c");
     }
     static int fastbn_cpu_has_avx512(void) {
         __builtin_cpu_init();
@@ -32,7 +34,8 @@ cdef extern from *:
         int r1[4], r7[4];
         __cpuid(r1, 1);
         __cpuidex(r7, 7, 0);
-        return (r1[2] & (1 << 12)) && (r7[1] & (1 << 5)) && fastbn_xcr0_has(0x6);
+        /* FMA, F16C; AVX2 */
+        return (r1[2] & (1 << 12)) && (r1[2] & (1 << 29)) && (r7[1] & (1 << 5)) && fastbn_xcr0_has(0x6);
     }
     static int fastbn_cpu_has_avx512(void) {
         int r7[4];
