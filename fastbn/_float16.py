@@ -23,19 +23,23 @@ def widen(h, n_threads=None):
     """float16 array h as a new C-contiguous float32 array of its shape."""
     if not HALF_SIMD:
         return h.astype(FLOAT32, order="C")
-    h = np.ascontiguousarray(h)  # a strided float16 copy is fast; the conversion is not
+    # A strided, unaligned or byte-swapped float16 copy is fast; the conversion is not.
+    h = np.require(h, FLOAT16, ["C_CONTIGUOUS", "ALIGNED"])
     w = np.empty(h.shape, FLOAT32)
     _kernels.convert_float16(h, w, effective_n_threads(n_threads))
     return w
 
 
 def narrow(y, out=None, n_threads=None):
-    """C-contiguous float32 array y as float16: into `out` (C-contiguous, y's size, any shape)
-    when given, else a new array of y's shape.  Returns the float16 array."""
+    """float32 array y as float16: into `out` (a float16 array of y's size, C-contiguous, any
+    shape) when given, else a new C-contiguous array of y's shape.  Returns the float16 array.
+    Values beyond float16's range become inf, without a warning (as torch)."""
     if out is None:
         out = np.empty(y.shape, FLOAT16)
-    if HALF_SIMD:
-        _kernels.convert_float16(y, out, effective_n_threads(n_threads))
+    if HALF_SIMD and out.flags.aligned and out.dtype.isnative:
+        _kernels.convert_float16(np.require(y, FLOAT32, ["C_CONTIGUOUS", "ALIGNED"]), out,
+                                 effective_n_threads(n_threads))
     else:
-        np.copyto(out, y.reshape(out.shape), casting="same_kind")
+        with np.errstate(over="ignore"):
+            np.copyto(out, y.reshape(out.shape), casting="same_kind")
     return out

@@ -1936,19 +1936,28 @@ cdef void convert_half(bint widen, void* src, void* dst, Py_ssize_t n, int n_thr
                 narrow_half_run(<float*>src + start, <unsigned short*>dst + start, min(chunk, n - start))
 
 
-def convert_float16(cnp.ndarray src, cnp.ndarray dst, int n_threads):
-    """dst[...] = src between C-contiguous float16 and float32 arrays of the same size (either
-    way round), rounding to nearest even.  Only where half_simd() is True."""
+def convert_float16(cnp.ndarray src not None, cnp.ndarray dst not None, int n_threads):
+    """dst[...] = src between aligned, C-contiguous, native-order float16 and float32 arrays of
+    the same size (either way round) that do not overlap, rounding to nearest even.  Only
+    where half_simd() is True."""
     cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
     cdef int s = cnp.PyArray_TYPE(src), d = cnp.PyArray_TYPE(dst)
     cdef bint widen = s == cnp.NPY_FLOAT16 and d == cnp.NPY_FLOAT32
+    cdef char* sp = <char*>cnp.PyArray_DATA(src)
+    cdef char* dp = <char*>cnp.PyArray_DATA(dst)
     if not HALF_SIMD:
         raise RuntimeError("convert_float16: this build has no F16C conversions (see half_simd)")
     if not (widen or (s == cnp.NPY_FLOAT32 and d == cnp.NPY_FLOAT16)):
         raise TypeError("convert_float16: expected float16 -> float32 or float32 -> float16")
+    if not (cnp.PyArray_ISNOTSWAPPED(src) and cnp.PyArray_ISNOTSWAPPED(dst)):
+        raise ValueError("convert_float16: expected arrays in the machine's byte order")
     if cnp.PyArray_SIZE(dst) != n or not (cnp.PyArray_IS_C_CONTIGUOUS(src) and cnp.PyArray_IS_C_CONTIGUOUS(dst)):
         raise ValueError("convert_float16: expected C-contiguous arrays of the same size")
+    if not (cnp.PyArray_ISALIGNED(src) and cnp.PyArray_ISALIGNED(dst)):
+        raise ValueError("convert_float16: expected aligned arrays")
     if not cnp.PyArray_ISWRITEABLE(dst):
         raise ValueError("convert_float16: dst is read-only")
+    if n and sp < dp + cnp.PyArray_NBYTES(dst) and dp < sp + cnp.PyArray_NBYTES(src):
+        raise ValueError("convert_float16: src and dst overlap")
     with nogil:
-        convert_half(widen, cnp.PyArray_DATA(src), cnp.PyArray_DATA(dst), n, n_threads)
+        convert_half(widen, sp, dp, n, n_threads)

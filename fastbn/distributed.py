@@ -265,7 +265,11 @@ class SyncBatchNorm(_BatchNorm):
         saved = _Synced(xk, x.dtype, mean, invstd, count, y if self.activation else None)
         self._saved = _OVERWRITTEN if out is not None and np.may_share_memory(out, x) else saved
         if out is not None:
-            out[...] = y
+            if y.dtype != out.dtype and out.flags.c_contiguous:  # float16 data: y's order
+                _float16.narrow(y, out)
+            else:
+                with np.errstate(over="ignore"):  # float16 out: out of range is inf, as torch
+                    out[...] = y
             return out
         if y.dtype != x.dtype:  # float16 data computed in float32
             y = _float16.narrow(y)

@@ -80,6 +80,40 @@ def test_conversion_rejects_what_it_cannot_convert(kernels, src, dst, error, mat
         kernels.convert_float16(src, dst, 1)
 
 
+GRAIN = 32768  # elements per thread below which the kernels stay on one thread
+
+
+@pytest.mark.parametrize("n", [*range(40), 2 * GRAIN - 1, 2 * GRAIN, 2 * GRAIN + 17])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_every_length_and_start_converts_both_ways_and_leaves_the_source(kernels, n, offset):
+    # Lengths around the 8- and 16-wide vector bodies and their scalar tails, the threading
+    # threshold, and an array that starts one element past its buffer (so not vector-aligned).
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n + offset).astype(np.float32)[offset:]
+    before = x.copy()
+    h = np.full(n + offset, np.float16(7))[offset:]
+    kernels.convert_float16(x, h, 2)
+    np.testing.assert_array_equal(x, before)
+    assert_same_values(h, x.astype(np.float16))
+    w = np.full(n + offset, np.float32(7))[offset:]
+    kernels.convert_float16(h, w, 2)
+    assert_same_values(w, h.astype(np.float32))
+
+
+def test_conversion_refuses_overlapping_byte_swapped_and_unaligned_arrays(kernels):
+    buffer = np.zeros(64, np.uint8)
+    with pytest.raises(ValueError, match="overlap"):
+        kernels.convert_float16(buffer[:16].view(np.float32), buffer[8:16].view(np.float16), 1)
+    swapped = np.zeros(4, np.float32).astype(np.dtype(np.float32).newbyteorder())
+    with pytest.raises(ValueError, match="byte order"):
+        kernels.convert_float16(swapped, np.zeros(4, np.float16), 1)
+    unaligned = np.frombuffer(buffer[1:9].tobytes() + b"\0", np.float16, 4, 1)
+    if unaligned.flags.aligned:
+        pytest.skip("numpy calls this float16 view aligned")
+    with pytest.raises(ValueError, match="aligned"):
+        kernels.convert_float16(unaligned, np.zeros(4, np.float32), 1)
+
+
 def test_conversion_will_not_write_a_read_only_array(kernels):
     dst = np.zeros(4, np.float16)
     dst.flags.writeable = False
@@ -108,3 +142,17 @@ def test_python_helpers_take_any_layout_and_shape():
     assert _float16.narrow(y, out) is out
     np.testing.assert_array_equal(out.reshape(6, 20), y.astype(np.float16))
     np.testing.assert_array_equal(_float16.narrow(y), y.astype(np.float16))
+
+
+def test_python_helpers_take_byte_swapped_unaligned_and_out_of_range_data():
+    swapped = np.arange(12, dtype=np.dtype(np.float16).newbyteorder()).reshape(3, 4)
+    np.testing.assert_array_equal(_float16.widen(swapped), np.arange(12, dtype=np.float32).reshape(3, 4))
+    raw = np.zeros(2 * 12 + 1, np.uint8)
+    unaligned_out = raw[1:].view(np.float16)  # numpy may or may not call this aligned
+    y = np.array([1e6, -1e6, 0.5] * 4, np.float32)
+    with np.errstate(over="raise"):  # out of range is inf without a warning, as torch
+        _float16.narrow(y, unaligned_out)
+    np.testing.assert_array_equal(unaligned_out, [np.inf, -np.inf, 0.5] * 4)
+    swapped_out = np.empty(12, np.dtype(np.float16).newbyteorder())
+    _float16.narrow(y, swapped_out)
+    np.testing.assert_array_equal(swapped_out, [np.inf, -np.inf, 0.5] * 4)
