@@ -346,12 +346,13 @@ def plot(records, path):
 
 
 def main(threads=(1, 2), against=PEERS, quick=False, json_path=None, plot_path=None, shapes=None,
-         ops=None, out=None):
+         ops=None, out=None, dtype="float32"):
     out = sys.stdout if out is None else out
+    dtype = np.dtype(dtype)
     print(header(against), file=out)
-    print(f"threads: {', '.join(map(str, threads))}  |  dtype: float32  |  "
+    print(f"threads: {', '.join(map(str, threads))}  |  dtype: {dtype.name}  |  "
           f"{'quick run' if quick else 'full run'}", file=out)
-    records = run(shapes=shapes, ops=ops, threads=threads, against=against, quick=quick,
+    records = run(shapes=shapes, ops=ops, threads=threads, against=against, quick=quick, dtype=dtype,
                   progress=lambda r: print(".", end="", file=sys.stderr, flush=True))
     print(file=sys.stderr)
     print(table(records, against), file=out)

@@ -34,8 +34,18 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert {r["op"] for r in data["records"]} == {"eval", "train"}
 
 
+def test_cli_bench_runs_float64(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--threads", "1", "--against", "numpy", "--shapes", "2,3,4,4",
+                 "--ops", "train,eval:fp16", "--dtype", "float64", "--json", str(path)]) == 0
+    assert "dtype: float64" in capsys.readouterr().out
+    dtypes = {r["op"]: r["dtype"] for r in json.loads(path.read_text())["records"]}
+    assert dtypes == {"train": "float64", "eval:fp16": "float16"}
+
+
 @pytest.mark.parametrize("argv", [["bench", "--threads", "0"], ["bench", "--against", "tensorflow"],
-                                  ["bench", "--ops", "fly"], ["bench", "--shapes", "2,x"]])
+                                  ["bench", "--ops", "fly"], ["bench", "--shapes", "2,x"],
+                                  ["bench", "--dtype", "int8"]])
 def test_cli_bench_rejects_bad_options(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
