@@ -167,12 +167,18 @@ def assert_state_unchanged(records, where=""):
         assert obj._saved is saved, f"{prefix}{name_of}'s saved forward (for backward) was replaced"
 
 
+def every_kernel_module():
+    """The kernel modules of every SIMD level this machine runs, and the baseline one: a
+    tuning switch must be set in each (each variant has its own copy of it)."""
+    from fastbn import _kernels
+    return [kernels_of(level) for level in kernel_levels()] + [_kernels]
+
+
 @contextlib.contextmanager
 def forced_layout(name):
     """Run the kernels of every SIMD level with one layout ('planar', 'columns'; None: by
     shape).  Process-wide while it lasts: for tests that run one at a time."""
-    from fastbn import _kernels
-    modules = [kernels_of(level) for level in kernel_levels()] + [_kernels]
+    modules = every_kernel_module()
     for module in modules:
         module._force_layout(name)
     try:
@@ -180,3 +186,17 @@ def forced_layout(name):
     finally:
         for module in modules:
             module._force_layout(None)
+
+
+@contextlib.contextmanager
+def forced_fusion(enabled):
+    """Allow (True, the default) or forbid (False) the channel- and tile-fused passes in the
+    kernels of every SIMD level.  Process-wide while it lasts."""
+    modules = every_kernel_module()
+    for module in modules:
+        module._set_fusion(enabled)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._set_fusion(True)

@@ -6,18 +6,16 @@ import pytest
 import fastbn
 from fastbn import _reference as ref
 from fastbn import functional as F
-from fastbn._kernels import _force_layout, _set_fusion
 
-from conftest import DTYPES, assert_close, data_error, make_input
+from conftest import DTYPES, assert_close, data_error, forced_fusion, forced_layout, make_input
 
 SHAPES = [(6, 4), (300, 5), (4, 3, 50), (3, 2, 600), (2, 3, 5, 7), (16, 8, 16, 16), (64, 40, 3, 3)]
 
 
 @pytest.fixture(params=["fused", "unfused"])
 def fusion(request):
-    _set_fusion(request.param == "fused")
-    yield request.param
-    _set_fusion(True)
+    with forced_fusion(request.param == "fused"):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -25,8 +23,7 @@ def fusion(request):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", [None, "planar", "columns"])
 def test_relu_matches_reference(dtype, shape, training, layout, fusion, rng):
-    _force_layout(layout)
-    try:
+    with forced_layout(layout):
         c = shape[1]
         x = make_input(shape, dtype, rng)
         dy = make_input(shape, dtype, rng)
@@ -50,8 +47,6 @@ def test_relu_matches_reference(dtype, shape, training, layout, fusion, rng):
         assert_close(gw, gw_ref, dtype, "relu grad_weight", scale=np.sum(np.abs(gated * xhat)),
                      atol=data_error(x, invstd_ref) * np.sum(np.abs(dy)))
         assert_close(gb, gb_ref, dtype, "relu grad_bias", scale=np.sum(np.abs(gated)))
-    finally:
-        _force_layout(None)
 
 
 def test_relu_follows_torch_on_signed_zero_and_nan():
@@ -67,32 +62,33 @@ def test_relu_follows_torch_on_signed_zero_and_nan():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["planar", "columns"])
-def test_relu_gate_drops_nonfinite_gradients_where_blocked(dtype, layout):
-    # The gate is a bit mask, not a product: an inf or NaN dy where the output is <= 0 gives 0
-    # (inf * 0 would give NaN), and NaN outputs pass dy.  Long channels run the SIMD loops of
-    # both layouts, in the sums (training) and the elementwise pass.
+@pytest.mark.parametrize("shape", [(400, 24), (4, 6, 1000)], ids=str)
+def test_relu_gate_drops_nonfinite_gradients_where_blocked(dtype, layout, shape, fusion):
+    # The gate is a bit mask, not a product: an inf or NaN dy where the output is <= 0 gives
+    # +0.0 (inf * 0 would give NaN), and NaN outputs pass dy.  Long channels and planes run
+    # the SIMD loops of both layouts, in the sums (training) and the elementwise pass.
     rng = np.random.default_rng(5)
-    _force_layout(layout)
-    try:
-        y = rng.standard_normal((400, 24)).astype(dtype)
-        dy = rng.standard_normal(y.shape).astype(dtype)
-        blocked = y <= 0
-        dy[blocked & (rng.random(y.shape) < 0.3)] = np.inf
-        dy[blocked & (rng.random(y.shape) < 0.3)] = np.nan
-        mean, invstd = np.zeros(24), np.ones(24)
+    c = shape[1]
+    y = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    blocked = y <= 0
+    dy[blocked & (rng.random(shape) < 0.3)] = np.inf
+    dy[blocked & (rng.random(shape) < 0.3)] = np.nan
+    axes = (0,) + tuple(range(2, len(shape)))
+    mean, invstd = np.zeros(c), np.ones(c)
+    with forced_layout(layout):
         dx, gw, gb = F.batch_norm_backward(dy, y, mean, invstd, training=True, output=y,
                                            activation="relu")
         gated = np.where(blocked, 0, dy).astype(np.float64)
         assert np.isfinite(dx).all() and np.isfinite(gw).all() and np.isfinite(gb).all()
-        np.testing.assert_allclose(gb, gated.sum(0), rtol=1e-5)
-        np.testing.assert_allclose(gw, (gated * y).sum(0), rtol=1e-5)
+        np.testing.assert_allclose(gb, gated.sum(axes), rtol=1e-5)
+        np.testing.assert_allclose(gw, (gated * y).sum(axes), rtol=1e-5)
 
-        y[::7] = np.nan
+        y.reshape(-1)[::7] = np.nan
         dx, _, _ = F.batch_norm_backward(dy, y, mean, invstd, training=False, output=y,
                                          activation="relu")
-        np.testing.assert_array_equal(dx, np.where(y <= 0, 0, dy))  # NaN outputs pass dy
-    finally:
-        _force_layout(None)
+    np.testing.assert_array_equal(dx, np.where(y <= 0, 0, dy))  # NaN outputs pass dy
+    assert not np.signbit(dx[y <= 0]).any(), "blocked gradients must be +0.0"
 
 
 @pytest.mark.parametrize("cls,shape", [(fastbn.BatchNorm1d, (8, 5)), (fastbn.BatchNorm2d, (4, 5, 6, 7)),

@@ -6,8 +6,8 @@ import pytest
 from fastbn import _reference as ref
 from fastbn._kernels import describe_layout
 
-from conftest import (ALL_SHAPES, DTYPES, assert_close, data_error, forced_layout, kernel_levels,
-                      kernels_of, make_input)
+from conftest import (ALL_SHAPES, DTYPES, assert_close, data_error, forced_fusion, forced_layout,
+                      kernel_levels, kernels_of, make_input)
 
 LEVELS = kernel_levels()
 # Extra shapes: several row blocks and tiles at once, a short last row with several blocks.
@@ -152,6 +152,34 @@ def test_results_do_not_depend_on_thread_count(level, dtype, shape, layout, rng)
         for name, a, b in zip("mean invstd y running_mean running_var dx grad_weight grad_bias dx_eval".split(),
                               results[0], other):
             np.testing.assert_array_equal(a, b, err_msg=f"{name} differs between 1 and {threads} threads")
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_passes_give_the_unfused_bits(level, dtype, shape, relu, layout, rng):
+    """The channel-fused (planar) and tile-fused (columns) passes run the same work items and
+    merges as the separate passes, in another order: the same bits, or the fusion is wrong."""
+    K = kernels_of(level)
+    c = shape[1]
+    x = make_input(shape, dtype, rng, offset=3.0)
+    dy = make_input(shape, dtype, rng)
+    w, b = per_channel(rng, c, dtype), per_channel(rng, c, dtype, -1, 1)
+    for threads in (1, 2):  # which passes can fuse depends on the thread count
+        results = []
+        for fused in (True, False):
+            with forced_fusion(fused):
+                mean, invstd, y = np.empty(c), np.empty(c), np.empty_like(x)
+                rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+                K.forward_train(x, y, w, b, rm, rv, 0.1, 1e-5, mean, invstd, threads, relu)
+                dx, gw, gb = np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)
+                K.backward(dy, x, dx, w, mean, invstd, gw, gb, True, threads, y if relu else None)
+                results.append((mean, invstd, y, rm, rv, dx, gw, gb))
+        for name, a, b in zip("mean invstd y running_mean running_var dx grad_weight grad_bias".split(),
+                              *results):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}: fused and unfused passes differ "
+                                                        f"on {threads} thread(s)")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

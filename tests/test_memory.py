@@ -12,8 +12,8 @@ sanitizer run (.ci/sanitize, README "Reliability") checks the kernels' memory ac
 """
 
 import ctypes
-import gc
 import ctypes.util
+import gc
 import os
 import sys
 import tracemalloc
