@@ -458,25 +458,27 @@ cdef inline void segment_grad_sums(const activation* act, const floating* dy, co
     sum_dy_xc[0] = fold_lanes(s2)
 
 
-cdef inline void tile_moments(const floating* x, Py_ssize_t stride, Py_ssize_t nrows,
-                              Py_ssize_t width, double* shift_out, double* offset,
-                              double* m2) noexcept nogil:
-    """Per-column moments of a tile (nrows rows `stride` apart, `width` columns) as shift = the
-    tile's first row, offset = mean - shift and M2, by sums of d = x - shift."""
-    cdef double shift[TILE]
-    cdef double s1[TILE]
-    cdef double s2[TILE]
-    cdef const floating* row
-    cdef double d, e, f, h, inv_n = 1.0 / nrows
-    cdef Py_ssize_t r, j
+cdef inline void tile_moments_start(const floating* x, Py_ssize_t width, double* shift,
+                                    double* s1, double* s2) noexcept nogil:
+    """The accumulators of tile_moments, shifted by the tile's first row x[:width]."""
+    cdef Py_ssize_t j
     for j in range(width):
         shift[j] = finite_or_zero(x[j])
         s1[j] = 0.0
         s2[j] = 0.0
+
+
+cdef inline void tile_moments_rows(const floating* x, Py_ssize_t stride, Py_ssize_t nrows,
+                                   Py_ssize_t width, const double* shift, double* s1,
+                                   double* s2) noexcept nogil:
+    """Add nrows rows (`stride` apart) of a tile to its sums of d = x - shift and d * d.
+    Feeding a tile's rows in pieces of multiples of four rows sums in the same order."""
+    cdef const floating* row
+    cdef double d, e, f, h
+    cdef Py_ssize_t r = 0, j
     # Four rows per sweep: the accumulators are loaded and stored once per four rows, which
     # halves the time of a one-row sweep (bound by those stores).  Row 0 is swept too: its
     # deviation is 0 unless its value was no shift (infinite or NaN), which must still count.
-    r = 0
     while r + 4 <= nrows:
         row = x + r * stride
         for j in range(width):
@@ -494,10 +496,30 @@ cdef inline void tile_moments(const floating* x, Py_ssize_t stride, Py_ssize_t n
             s1[j] += d
             s2[j] += d * d
         r += 1
+
+
+cdef inline void tile_moments_finish(Py_ssize_t nrows, Py_ssize_t width, const double* shift,
+                                     const double* s1, const double* s2, double* shift_out,
+                                     double* offset, double* m2) noexcept nogil:
+    cdef double inv_n = 1.0 / nrows
+    cdef Py_ssize_t j
     for j in range(width):
         shift_out[j] = shift[j]
         offset[j] = s1[j] * inv_n
         m2[j] = nonnegative(s2[j] - s1[j] * s1[j] * inv_n)
+
+
+cdef inline void tile_moments(const floating* x, Py_ssize_t stride, Py_ssize_t nrows,
+                              Py_ssize_t width, double* shift_out, double* offset,
+                              double* m2) noexcept nogil:
+    """Per-column moments of a tile (nrows rows `stride` apart, `width` columns) as shift = the
+    tile's first row, offset = mean - shift and M2, by sums of d = x - shift."""
+    cdef double shift[TILE]
+    cdef double s1[TILE]
+    cdef double s2[TILE]
+    tile_moments_start(x, width, shift, s1, s2)
+    tile_moments_rows(x, stride, nrows, width, shift, s1, s2)
+    tile_moments_finish(nrows, width, shift, s1, s2, shift_out, offset, m2)
 
 
 cdef inline void tile_grad_sums(const activation* act, const floating* dy, const floating* out,
@@ -802,9 +824,10 @@ cdef inline void moments_item(const Geometry* g, const floating* x, Py_ssize_t k
 
 
 cdef int moments_pass(const Geometry* g, const floating* x, double* mean_hi, double* mean_lo,
-                      double* m2, int n_threads) noexcept nogil:
+                      double* m2, int n_threads, const unsigned short* half=NULL) noexcept nogil:
     """Per-channel mean (as mean_hi + mean_lo; mean_lo may be NULL) and M2 (sum of squared
-    deviations) of x; -1 if out of memory."""
+    deviations) of x, or of float16 data `half` when given (x then unused, floating float:
+    the float32 data's results, bit for bit); -1 if out of memory."""
     if g.total == 0:
         return 0
     cdef Py_ssize_t k, ch
@@ -823,10 +846,16 @@ cdef int moments_pass(const Geometry* g, const floating* x, double* mean_hi, dou
     cdef double* pm2 = pshift + 2 * g.partial_len
     if nt == 1:
         for k in range(g.items):
-            moments_item(g, x, k, pshift, poffset, pm2)
+            if half != NULL:
+                moments_item_half(g, half, k, pshift, poffset, pm2)
+            else:
+                moments_item(g, x, k, pshift, poffset, pm2)
     else:
         for k in prange(g.items, num_threads=nt, schedule="static"):
-            moments_item(g, x, k, pshift, poffset, pm2)
+            if half != NULL:
+                moments_item_half(g, half, k, pshift, poffset, pm2)
+            else:
+                moments_item(g, x, k, pshift, poffset, pm2)
     if not g.planar:
         rc = merge_columns_moments(g, plan, pshift, poffset, pm2, mean_hi, lo, m2, 0, g.c)
     elif nt == 1 or g.c < 2 * nt:
@@ -1061,23 +1090,24 @@ cdef inline void widen(const floating* src, double fill, double* dst, Py_ssize_t
             dst[i] = src[i]
 
 
-cdef int normalize(const activation* act, const Geometry* g, const floating* x, floating* y,
-                   const floating* weight,
-                   const floating* bias, const double* mean, const double* mean_lo,
-                   const double* invstd, int n_threads) noexcept nogil:
-    """y = (x - mean) * invstd * weight + bias, the mean given as mean + mean_lo (mean_lo and
-    weight and bias may be NULL)."""
-    cdef Py_ssize_t ch, c = g.c
-    cdef int rc
-    if g.total == 0:
-        return 0  # (and no malloc(0), which may return NULL)
-    cdef double* work = <double*>malloc(3 * c * sizeof(double) + 4 * c * sizeof(floating))
-    if work == NULL:
-        return -1
+cdef floating* affine_coefficients(Py_ssize_t c, const floating* weight, const floating* bias,
+                                   const double* mean, const double* mean_lo,
+                                   const double* invstd) noexcept nogil:
+    """The coefficients [center, scale, shift, factor] (4 * c values, malloc'd; NULL when out
+    of memory or c is 0) of y = (x - mean) * invstd * weight + bias for affine_pass, the mean
+    given as mean + mean_lo (mean_lo and weight and bias may be NULL)."""
+    cdef Py_ssize_t ch
+    if c == 0:
+        return NULL
+    cdef double* work = <double*>malloc(3 * c * sizeof(double))
+    cdef floating* coef = <floating*>malloc(4 * c * sizeof(floating))
+    if work == NULL or coef == NULL:
+        free(work)
+        free(coef)
+        return NULL
     cdef double* scale = work
     cdef double* shift = work + c
     cdef double* lo = work + 2 * c
-    cdef floating* coef = <floating*>(work + 3 * c)
     widen(weight, 1.0, scale, c)
     widen(bias, 0.0, shift, c)
     widen(<double*>mean_lo, 0.0, lo, c)
@@ -1085,8 +1115,24 @@ cdef int normalize(const activation* act, const Geometry* g, const floating* x, 
         scale[ch] *= invstd[ch]
         split_center(mean[ch], lo[ch], scale[ch], shift[ch], coef + ch, coef + c + ch,
                      coef + 2 * c + ch, coef + 3 * c + ch)
-    rc = affine_pass(act, g, x, y, coef, n_threads)
     free(work)
+    return coef
+
+
+cdef int normalize(const activation* act, const Geometry* g, const floating* x, floating* y,
+                   const floating* weight,
+                   const floating* bias, const double* mean, const double* mean_lo,
+                   const double* invstd, int n_threads) noexcept nogil:
+    """y = (x - mean) * invstd * weight + bias, the mean given as mean + mean_lo (mean_lo and
+    weight and bias may be NULL)."""
+    cdef int rc
+    if g.total == 0:
+        return 0  # (and no malloc(0), which may return NULL)
+    cdef floating* coef = affine_coefficients(g.c, weight, bias, mean, mean_lo, invstd)
+    if coef == NULL:
+        return -1
+    rc = affine_pass(act, g, x, y, coef, n_threads)
+    free(coef)
     return rc
 
 
@@ -1286,11 +1332,18 @@ cdef int forward_eval_impl(const activation* act, const Geometry* g, const float
                            const floating* weight, const floating* bias,
                            const floating* running_mean, const floating* running_var, double eps,
                            double* save_mean, double* save_invstd, int n_threads) noexcept nogil:
-    cdef Py_ssize_t ch
-    for ch in range(g.c):
-        save_mean[ch] = running_mean[ch]
-        save_invstd[ch] = 1.0 / sqrt(<double>running_var[ch] + eps)
+    running_statistics(g.c, running_mean, running_var, eps, save_mean, save_invstd)
     return normalize(act, g, x, y, weight, bias, save_mean, NULL, save_invstd, n_threads)
+
+
+cdef inline void running_statistics(Py_ssize_t c, const floating* running_mean,
+                                    const floating* running_var, double eps, double* mean,
+                                    double* invstd) noexcept nogil:
+    """The statistics an eval forward normalises with: running_mean, 1 / sqrt(running_var + eps)."""
+    cdef Py_ssize_t ch
+    for ch in range(c):
+        mean[ch] = running_mean[ch]
+        invstd[ch] = 1.0 / sqrt(<double>running_var[ch] + eps)
 
 
 cdef inline void parameter_grads(Py_ssize_t c, const double* sum_dy, const double* sum_dy_xc,
@@ -1961,3 +2014,278 @@ def convert_float16(cnp.ndarray src not None, cnp.ndarray dst not None, int n_th
         raise ValueError("convert_float16: src and dst overlap")
     with nogil:
         convert_half(widen, sp, dp, n, n_threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The forwards on float16 data, without float32 copies of it.  Each work item of the
+# statistics and elementwise passes is walked in blocks small enough for L1: widened into a
+# float32 buffer on the thread's stack and handed to the float32 inner loops themselves
+# (segment_moments, tile_moments_rows, affine_run, affine_row), whose results are narrowed
+# into the output.  The items, their order and the arithmetic are the float32 path's, so the
+# results are that path's, rounded, bit for bit; the memory traffic is the float16 bytes
+# (read twice in training, written once) instead of four float32 passes more.
+# ---------------------------------------------------------------------------------------------
+
+cdef enum:
+    # Values per staging block: two float32 buffers of this many values stay in L1.
+    HALF_BLOCK = 2048
+    # Rows of a column tile staged at once (a multiple of four: tile_moments_rows' sweep).
+    HALF_ROWS = 16
+
+
+cdef inline void segment_moments_half(const unsigned short* x, Py_ssize_t n, double* shift,
+                                      double* offset, double* m2) noexcept nogil:
+    cdef float xs[SEGMENT]  # planar segments are at most SEGMENT long (set_geometry)
+    widen_half_run(x, xs, n)
+    segment_moments(xs, n, shift, offset, m2)
+
+
+cdef inline void tile_moments_half(const unsigned short* x, Py_ssize_t stride,
+                                   Py_ssize_t nrows, Py_ssize_t width, double* shift_out,
+                                   double* offset, double* m2) noexcept nogil:
+    cdef float rows[HALF_ROWS * TILE]
+    cdef double shift[TILE]
+    cdef double s1[TILE]
+    cdef double s2[TILE]
+    cdef Py_ssize_t r = 0, i, m
+    while r < nrows:
+        m = min(<Py_ssize_t>HALF_ROWS, nrows - r)
+        for i in range(m):
+            widen_half_run(x + (r + i) * stride, rows + i * TILE, width)
+        if r == 0:
+            tile_moments_start(rows, width, shift, s1, s2)
+        tile_moments_rows(rows, TILE, m, width, shift, s1, s2)
+        r += m
+    tile_moments_finish(nrows, width, shift, s1, s2, shift_out, offset, m2)
+
+
+cdef inline void moments_item_half(const Geometry* g, const unsigned short* x, Py_ssize_t k,
+                                   double* pshift, double* poffset, double* pm2) noexcept nogil:
+    """moments_item on float16 data (the same items and partial slots)."""
+    cdef Py_ssize_t off, length, ch, slot, nrows, width, col0
+    if g.planar:
+        off = planar_item(g, k, &length, &ch, &slot)
+        segment_moments_half(x + off, length, pshift + slot, poffset + slot, pm2 + slot)
+    else:
+        off = columns_item(g, k, &nrows, &width, &col0)
+        slot = columns_slot(g, k, col0)
+        tile_moments_half(x + off, g.period, nrows, width, pshift + slot, poffset + slot, pm2 + slot)
+
+
+cdef inline void affine_run_half(const activation* act, const unsigned short* x,
+                                 unsigned short* y, Py_ssize_t n, float factor, float center,
+                                 float scale, float shift) noexcept nogil:
+    cdef float xs[HALF_BLOCK]
+    cdef float ys[HALF_BLOCK]
+    cdef Py_ssize_t j = 0, m
+    while j < n:
+        m = min(<Py_ssize_t>HALF_BLOCK, n - j)
+        widen_half_run(x + j, xs, m)
+        affine_run(act, xs, ys, m, factor, center, scale, shift)
+        narrow_half_run(ys, y + j, m)
+        j += m
+
+
+cdef inline void affine_row_half(const activation* act, const unsigned short* x,
+                                 unsigned short* y, Py_ssize_t n, const float* factor,
+                                 const float* center, const float* scale,
+                                 const float* shift) noexcept nogil:
+    cdef float xs[HALF_BLOCK]
+    cdef float ys[HALF_BLOCK]
+    cdef Py_ssize_t j = 0, m
+    while j < n:
+        m = min(<Py_ssize_t>HALF_BLOCK, n - j)
+        widen_half_run(x + j, xs, m)
+        affine_row(act, xs, ys, m, factor + j, center + j, scale + j, shift + j)
+        narrow_half_run(ys, y + j, m)
+        j += m
+
+
+cdef inline void affine_item_half(const activation* act, const Geometry* g,
+                                  const unsigned short* x, unsigned short* y, Py_ssize_t k,
+                                  const float* factor, const float* center, const float* scale,
+                                  const float* shift) noexcept nogil:
+    """affine_item on float16 data (the same items, spans and coefficients)."""
+    cdef Py_ssize_t off, length, ch, slot
+    if g.planar:
+        off = planar_item(g, k, &length, &ch, &slot)
+        affine_run_half(act, x + off, y + off, length, factor[ch], center[ch], scale[ch], shift[ch])
+    elif not by_rows(g):
+        off = k * g.c * g.s
+        for ch in range(g.c):
+            affine_run_half(act, x + off + ch * g.s, y + off + ch * g.s, g.s, factor[ch],
+                            center[ch], scale[ch], shift[ch])
+    else:
+        off = k * g.period
+        affine_row_half(act, x + off, y + off, row_length(g, k), factor, center, scale, shift)
+
+
+cdef int affine_pass_half(const activation* act, const Geometry* g, const unsigned short* x,
+                          unsigned short* y, const float* coef, int n_threads) noexcept nogil:
+    """affine_pass on float16 data; -1 if out of memory."""
+    cdef Py_ssize_t k, items = elementwise_items(g)
+    cdef int nt = threads_for(g, n_threads, items)
+    cdef const float* center = coef
+    cdef const float* scale = coef + g.c
+    cdef const float* shift = coef + 2 * g.c
+    cdef const float* factor = coef + 3 * g.c
+    cdef float* work = NULL
+    if needs_expansion(g):
+        work = <float*>malloc(4 * g.period * sizeof(float))
+        if work == NULL:
+            return -1
+        center = per_column(g, center, work)
+        scale = per_column(g, scale, work + g.period)
+        shift = per_column(g, shift, work + 2 * g.period)
+        factor = per_column(g, factor, work + 3 * g.period)
+    if nt == 1:
+        for k in range(items):
+            affine_item_half(act, g, x, y, k, factor, center, scale, shift)
+    else:
+        for k in prange(items, num_threads=nt, schedule="static"):
+            affine_item_half(act, g, x, y, k, factor, center, scale, shift)
+    free(work)
+    return 0
+
+
+cdef int forward_eval_half_impl(const activation* act, const Geometry* g,
+                                const unsigned short* x, unsigned short* y, const float* weight,
+                                const float* bias, const float* running_mean,
+                                const float* running_var, double eps, double* save_mean,
+                                double* save_invstd, int n_threads) noexcept nogil:
+    cdef int rc
+    running_statistics(g.c, running_mean, running_var, eps, save_mean, save_invstd)
+    if g.total == 0:
+        return 0
+    cdef float* coef = affine_coefficients(g.c, weight, bias, save_mean, NULL, save_invstd)
+    if coef == NULL:
+        return -1
+    rc = affine_pass_half(act, g, x, y, coef, n_threads)
+    free(coef)
+    return rc
+
+
+cdef int forward_train_half_impl(const activation* act, const Geometry* g,
+                                 const unsigned short* x, unsigned short* y,
+                                 const float* weight, const float* bias, float* running_mean,
+                                 float* running_var, double momentum, double eps,
+                                 double* save_mean, double* save_invstd,
+                                 int n_threads) noexcept nogil:
+    """forward_train_impl's unfused passes on float16 data (the fused ones give the same bits)."""
+    cdef Py_ssize_t ch, c = g.c
+    cdef double count = <double>(g.n * g.s)
+    cdef int rc
+    cdef double* work = <double*>malloc(2 * c * sizeof(double) + 4 * c * sizeof(float))
+    cdef float* fill = fillers(<const float*>NULL, c)
+    if work == NULL or fill == NULL:
+        free(work); free(fill)
+        return -1
+    cdef double* m2 = work
+    cdef double* mean_lo = work + c
+    cdef float* coef = <float*>(work + 2 * c)
+    if weight == NULL:
+        weight = fill
+    if bias == NULL:
+        bias = fill + c
+    if running_mean == NULL:
+        running_mean = fill + 2 * c
+    if running_var == NULL:
+        running_var = fill + 3 * c
+    rc = moments_pass(g, <const float*>NULL, save_mean, mean_lo, m2, n_threads, x)
+    if rc == 0:
+        for ch in range(c):
+            train_channel(ch, c, count, momentum, eps, save_mean, mean_lo, m2, weight, bias,
+                          running_mean, running_var, save_invstd, coef)
+        rc = affine_pass_half(act, g, x, y, coef, n_threads)
+    free(work)
+    free(fill)
+    return rc
+
+
+cdef void check_half_arguments(str name, cnp.ndarray x, cnp.ndarray y, tuple per_channel) except *:
+    """The float16 entry points' contract, checked: x and y aligned, C-contiguous float16 of
+    one shape (N, C, ...) in the machine's byte order, y writable and x itself or apart from
+    it, and the per-channel arrays None or C-contiguous float32 of C values."""
+    if not HALF_SIMD:
+        raise RuntimeError(f"{name}: this build has no F16C conversions (see half_simd)")
+    for a in (x, y):
+        if not (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT16 and cnp.PyArray_ISNOTSWAPPED(a)
+                and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISALIGNED(a)):
+            raise ValueError(f"{name}: expected aligned, C-contiguous float16 arrays in the "
+                             "machine's byte order")
+    if (<object>x).shape != (<object>y).shape or cnp.PyArray_NDIM(x) < 2:
+        raise ValueError(f"{name}: expected x and y of the same shape (N, C, ...)")
+    if not cnp.PyArray_ISWRITEABLE(y):
+        raise ValueError(f"{name}: y is read-only")
+    cdef char* xp = <char*>cnp.PyArray_DATA(x)
+    cdef char* yp = <char*>cnp.PyArray_DATA(y)
+    if xp != yp and xp < yp + cnp.PyArray_NBYTES(y) and yp < xp + cnp.PyArray_NBYTES(x):
+        raise ValueError(f"{name}: x and y overlap without being the same array")
+    for a in per_channel:
+        if a is not None and not (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
+                                  and cnp.PyArray_SIZE(a) == x.shape[1]
+                                  and cnp.PyArray_IS_C_CONTIGUOUS(a)):
+            raise ValueError(f"{name}: expected float32 per-channel arrays")
+
+
+def forward_eval_half(cnp.ndarray x not None, cnp.ndarray y not None, object weight,
+                      object bias, cnp.ndarray running_mean not None,
+                      cnp.ndarray running_var not None, double eps,
+                      cnp.ndarray save_mean not None, cnp.ndarray save_invstd not None,
+                      int n_threads, bint relu=False):
+    """forward_eval on float16 data x into float16 y (C-contiguous, aligned, native byte order,
+    the same shape; y may be x itself, but not otherwise overlap it), computed in float32 with
+    float32 weight, bias and running statistics.  Only where half_simd() is True."""
+    cdef Geometry g
+    cdef int rc = 0
+    check_half_arguments("forward_eval_half", x, y, (weight, bias, running_mean, running_var))
+    cdef const unsigned short* xp = <const unsigned short*>cnp.PyArray_DATA(x)
+    cdef unsigned short* yp = <unsigned short*>cnp.PyArray_DATA(y)
+    cdef const float* wp = <const float*>ptr(weight)
+    cdef const float* bp = <const float*>ptr(bias)
+    cdef const float* rmp = <const float*>ptr(running_mean)
+    cdef const float* rvp = <const float*>ptr(running_var)
+    cdef double* mp = <double*>ptr(save_mean)
+    cdef double* ip = <double*>ptr(save_invstd)
+    set_geometry(&g, x)
+    with nogil:
+        if relu:
+            rc = forward_eval_half_impl(<ReLU*>NULL, &g, xp, yp, wp, bp, rmp, rvp, eps, mp, ip,
+                                        n_threads)
+        else:
+            rc = forward_eval_half_impl(<Identity*>NULL, &g, xp, yp, wp, bp, rmp, rvp, eps, mp,
+                                        ip, n_threads)
+    check(rc)
+
+
+def forward_train_half(cnp.ndarray x not None, cnp.ndarray y not None, object weight,
+                       object bias, object running_mean, object running_var, double momentum,
+                       double eps, cnp.ndarray save_mean not None,
+                       cnp.ndarray save_invstd not None, int n_threads, bint relu=False):
+    """forward_train on float16 data x (N * S > 1 values per channel) into float16 y, as
+    forward_eval_half takes them; running_mean/running_var (float32) may be None."""
+    cdef Geometry g
+    cdef int rc = 0
+    check_half_arguments("forward_train_half", x, y, (weight, bias, running_mean, running_var))
+    for a in (running_mean, running_var):
+        if a is not None and not cnp.PyArray_ISWRITEABLE(a):
+            raise ValueError("forward_train_half: the running statistics are read-only")
+    cdef const unsigned short* xp = <const unsigned short*>cnp.PyArray_DATA(x)
+    cdef unsigned short* yp = <unsigned short*>cnp.PyArray_DATA(y)
+    cdef const float* wp = <const float*>ptr(weight)
+    cdef const float* bp = <const float*>ptr(bias)
+    cdef float* rmp = <float*>ptr(running_mean)
+    cdef float* rvp = <float*>ptr(running_var)
+    cdef double* mp = <double*>ptr(save_mean)
+    cdef double* ip = <double*>ptr(save_invstd)
+    set_geometry(&g, x)
+    if g.total == 0:
+        return
+    with nogil:
+        if relu:
+            rc = forward_train_half_impl(<ReLU*>NULL, &g, xp, yp, wp, bp, rmp, rvp, momentum,
+                                         eps, mp, ip, n_threads)
+        else:
+            rc = forward_train_half_impl(<Identity*>NULL, &g, xp, yp, wp, bp, rmp, rvp, momentum,
+                                         eps, mp, ip, n_threads)
+    check(rc)

@@ -55,8 +55,9 @@ def is_channels_last(x):
     return x.ndim >= 3 and not x.flags.c_contiguous and np.moveaxis(x, 1, -1).flags.c_contiguous
 
 
-def to_kernels(x, channels_last, n_threads=None):
-    """x as the C-contiguous array the kernels read, float16 widened to float32.
+def to_kernels(x, channels_last, n_threads=None, widen=True):
+    """x as the C-contiguous array the kernels read, float16 widened to float32 (or, with
+    widen=False, kept as aligned float16 in the machine's byte order, for the float16 kernels).
 
     Channels-last memory is read as the (N * spatial, C) matrix it is -- BatchNorm1d's layout,
     one row per position -- without a copy; anything else as (N, C, *spatial), copied once if
@@ -67,8 +68,18 @@ def to_kernels(x, channels_last, n_threads=None):
     channels = x.shape[1]
     if channels_last:
         x = np.moveaxis(x, 1, -1)  # (N, *spatial, C): C-contiguous when x is channels-last
-    x = _float16.widen(x, n_threads) if x.dtype == V.FLOAT16 else np.ascontiguousarray(x)
+    if x.dtype != V.FLOAT16:
+        x = np.ascontiguousarray(x)
+    elif widen:
+        x = _float16.widen(x, n_threads)
+    else:
+        x = np.require(x, V.FLOAT16, ["C_CONTIGUOUS", "ALIGNED"])
     return x.reshape(-1, channels) if channels_last else x
+
+
+def widened(xk, n_threads=None):
+    """A kernel-layout array as the float32/float64 kernels read it (float16 widened)."""
+    return _float16.widen(xk, n_threads) if xk is not None and xk.dtype == V.FLOAT16 else xk
 
 
 def from_kernels(yk, shape, dtype, channels_last, n_threads=None):
@@ -94,9 +105,9 @@ def _same_memory(a, b):
 def _kernel_output(x, xk, out, channels_last):
     """(xk, yk): where the kernels read and write.  yk is a view of `out` when out can be written
     directly; an out that overlaps the input without being it gets a copy of the input."""
-    if out is None or out.dtype != xk.dtype:
+    if out is None or out.dtype != xk.dtype or not out.flags.aligned:
         return xk, np.empty(xk.shape, xk.dtype)
-    yk = to_kernels(out, channels_last)  # a view: out is C-contiguous or channels-last
+    yk = to_kernels(out, channels_last, widen=False)  # a view: out is C-contiguous or channels-last
     if not _same_memory(yk, xk) and np.may_share_memory(yk, xk):
         xk = xk.copy()
     return xk, yk
@@ -109,12 +120,15 @@ def _result(yk, x, out, channels_last, n_threads):
         return from_kernels(yk, x.shape, x.dtype, channels_last, n_threads)
     if yk.dtype != out.dtype:  # float16 data computed in float32: narrow into out's memory
         _float16.narrow(yk, np.moveaxis(out, 1, -1) if channels_last else out, n_threads)
+    elif not np.shares_memory(yk, out):  # out was not aligned: the kernels wrote elsewhere
+        out[...] = from_kernels(yk, x.shape, x.dtype, channels_last)
     return out
 
 
 class ForwardContext:
     """What a forward keeps for its backward: its input (and, with an activation, its output)
-    as the kernels read them, and the statistics it used."""
+    as the kernels read them (float16 data as float16, widened by the backward), and the
+    statistics it used."""
 
     __slots__ = ("input", "output", "mean", "invstd", "training", "channels_last", "shape", "dtype")
 
@@ -139,7 +153,11 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     else in the input's (channels-last stays channels-last).
     """
     channels_last = is_channels_last(x if out is None else out)
-    xk, yk = _kernel_output(x, to_kernels(x, channels_last, n_threads), out, channels_last)
+    # float16 data goes to kernels of its own where the CPU has F16C: they read and write it
+    # as it is, computing in float32 blocks that stay in cache (the same bits as widening it).
+    half = x.dtype == V.FLOAT16 and _float16.HALF_SIMD
+    xk, yk = _kernel_output(x, to_kernels(x, channels_last, n_threads, widen=not half), out,
+                            channels_last)
     channels = x.shape[1]
     if training and xk.size == 0:
         # As torch: nothing to normalise, running buffers untouched; no statistics exist.
@@ -151,11 +169,13 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
         save_invstd = np.empty(channels)
     if training:
         if xk.size:
-            _kernels.forward_train(xk, yk, weight, bias, running_mean, running_var, momentum, eps,
-                                   save_mean, save_invstd, n_threads, relu)
+            train = _kernels.forward_train_half if half else _kernels.forward_train
+            train(xk, yk, weight, bias, running_mean, running_var, momentum, eps, save_mean,
+                  save_invstd, n_threads, relu)
     else:
-        _kernels.forward_eval(xk, yk, weight, bias, running_mean, running_var, eps, save_mean,
-                              save_invstd, n_threads, relu)
+        evaluate = _kernels.forward_eval_half if half else _kernels.forward_eval
+        evaluate(xk, yk, weight, bias, running_mean, running_var, eps, save_mean, save_invstd,
+                 n_threads, relu)
     context = ForwardContext(xk, yk if relu else None, save_mean, save_invstd, training,
                              channels_last, x.shape, x.dtype)
     return _result(yk, x, out, channels_last, n_threads), save_mean, save_invstd, context
@@ -164,7 +184,7 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
 def backward(dy, context, weight, param_grads, n_threads):
     """The backward of a forward's context: (grad_input, grad_weight, grad_bias); the parameter
     gradients are None when param_grads is False."""
-    xk = context.input
+    xk = widened(context.input, n_threads)
     dyk = to_kernels(dy, context.channels_last, n_threads)
     dxk = np.empty(xk.shape, xk.dtype)
     grad_weight = grad_bias = None
@@ -172,7 +192,7 @@ def backward(dy, context, weight, param_grads, n_threads):
         grad_weight = np.zeros(context.shape[1], xk.dtype)
         grad_bias = np.zeros(context.shape[1], xk.dtype)
     _kernels.backward(dyk, xk, dxk, weight, context.mean, context.invstd, grad_weight, grad_bias,
-                      context.training, n_threads, context.output)
+                      context.training, n_threads, widened(context.output, n_threads))
     dx = from_kernels(dxk, context.shape, context.dtype, context.channels_last, n_threads)
     return dx, grad_weight, grad_bias
 
