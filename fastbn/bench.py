@@ -49,7 +49,8 @@ VARIANTS = {"eval+relu": ("eval", "relu"), "train+relu": ("train", "relu"),
             "train+backward+relu": ("train+backward", "relu"),
             "eval:nhwc": ("eval", "nhwc"), "train:nhwc": ("train", "nhwc"),
             "train+backward:nhwc": ("train+backward", "nhwc"),
-            "eval:fp16": ("eval", "fp16"), "train:fp16": ("train", "fp16")}
+            "eval:fp16": ("eval", "fp16"), "train:fp16": ("train", "fp16"),
+            "train+backward:fp16": ("train+backward", "fp16")}
 FEATURE_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (16, 3, 224, 224)]
 
 
