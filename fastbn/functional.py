@@ -120,7 +120,7 @@ def _result(yk, x, out, channels_last, n_threads):
         return from_kernels(yk, x.shape, x.dtype, channels_last, n_threads)
     if yk.dtype != out.dtype:  # float16 data computed in float32: narrow into out's memory
         _float16.narrow(yk, np.moveaxis(out, 1, -1) if channels_last else out, n_threads)
-    elif not np.shares_memory(yk, out):  # out was not aligned: the kernels wrote elsewhere
+    elif not np.may_share_memory(yk, out):  # out was not aligned: the kernels wrote elsewhere
         out[...] = from_kernels(yk, x.shape, x.dtype, channels_last)
     return out
 
