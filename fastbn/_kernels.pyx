@@ -953,10 +953,25 @@ cdef inline void affine_item(const activation* act, const Geometry* g, const flo
         affine_row(act, x + off, y + off, row_length(g, k), factor, center, scale, shift)
 
 
+cdef inline void affine_item_any(const activation* act, const Geometry* g, const floating* x,
+                                 floating* y, const unsigned short* half_x,
+                                 unsigned short* half_y, Py_ssize_t k, const floating* factor,
+                                 const floating* center, const floating* scale,
+                                 const floating* shift) noexcept nogil:
+    """affine_item, or affine_item_half where float16 data is given (float coefficients)."""
+    if floating is float:
+        if half_x != NULL:
+            affine_item_half(act, g, half_x, half_y, k, factor, center, scale, shift)
+            return
+    affine_item(act, g, x, y, k, factor, center, scale, shift)
+
+
 cdef int affine_pass(const activation* act, const Geometry* g, const floating* x, floating* y,
-                     const floating* coef, int n_threads) noexcept nogil:
+                     const floating* coef, int n_threads, const unsigned short* half_x=NULL,
+                     unsigned short* half_y=NULL) noexcept nogil:
     """y = activation((x * factor - center) * scale + shift) with per-channel coefficients
-    coef = [center, scale, shift, factor] (4 * C values); -1 if out of memory."""
+    coef = [center, scale, shift, factor] (4 * C values), or the same from float16 data half_x
+    into half_y when given (x and y then unused, floating float); -1 if out of memory."""
     if g.total == 0:
         return 0
     cdef Py_ssize_t k, items = elementwise_items(g)
@@ -976,10 +991,10 @@ cdef int affine_pass(const activation* act, const Geometry* g, const floating* x
         factor = per_column(g, factor, work + 3 * g.period)
     if nt == 1:
         for k in range(items):
-            affine_item(act, g, x, y, k, factor, center, scale, shift)
+            affine_item_any(act, g, x, y, half_x, half_y, k, factor, center, scale, shift)
     else:
         for k in prange(items, num_threads=nt, schedule="static"):
-            affine_item(act, g, x, y, k, factor, center, scale, shift)
+            affine_item_any(act, g, x, y, half_x, half_y, k, factor, center, scale, shift)
     free(work)
     return 0
 
@@ -1122,16 +1137,17 @@ cdef floating* affine_coefficients(Py_ssize_t c, const floating* weight, const f
 cdef int normalize(const activation* act, const Geometry* g, const floating* x, floating* y,
                    const floating* weight,
                    const floating* bias, const double* mean, const double* mean_lo,
-                   const double* invstd, int n_threads) noexcept nogil:
+                   const double* invstd, int n_threads, const unsigned short* half_x=NULL,
+                   unsigned short* half_y=NULL) noexcept nogil:
     """y = (x - mean) * invstd * weight + bias, the mean given as mean + mean_lo (mean_lo and
-    weight and bias may be NULL)."""
+    weight and bias may be NULL); float16 data half_x into half_y instead when given."""
     cdef int rc
     if g.total == 0:
         return 0  # (and no malloc(0), which may return NULL)
     cdef floating* coef = affine_coefficients(g.c, weight, bias, mean, mean_lo, invstd)
     if coef == NULL:
         return -1
-    rc = affine_pass(act, g, x, y, coef, n_threads)
+    rc = affine_pass(act, g, x, y, coef, n_threads, half_x, half_y)
     free(coef)
     return rc
 
@@ -1260,8 +1276,12 @@ cdef int forward_train_impl(const activation* act, const Geometry* g, const floa
                             const floating* weight, const floating* bias,
                             floating* running_mean, floating* running_var,
                             double momentum, double eps, double* save_mean, double* save_invstd,
-                            int n_threads) noexcept nogil:
+                            int n_threads, const unsigned short* half_x=NULL,
+                            unsigned short* half_y=NULL) noexcept nogil:
+    """The training forward of x into y, or of float16 data half_x into half_y when given (x
+    and y then unused, floating float; by the unfused passes, whose bits the fused ones give)."""
     cdef Py_ssize_t ch, c = g.c
+    cdef bint may_fuse = half_x == NULL
     cdef double count = <double>(g.n * g.s)
     cdef int rc = 0
     cdef int nt = threads_for(g, n_threads, c)
@@ -1285,7 +1305,7 @@ cdef int forward_train_impl(const activation* act, const Geometry* g, const floa
         running_var = fill + 3 * c
     cdef Py_ssize_t t
     cdef int nt_tiles = threads_for(g, n_threads, g.tiles)
-    if fuse_channels(g, sizeof(floating), nt):
+    if may_fuse and fuse_channels(g, sizeof(floating), nt):
         if nt == 1:
             for ch in range(c):
                 train_planar_channel(act, g, x, y, ch, plan, parts, parts + g.partial_len,
@@ -1298,7 +1318,7 @@ cdef int forward_train_impl(const activation* act, const Geometry* g, const floa
                                      parts + 2 * g.partial_len, count, momentum, eps, save_mean,
                                      mean_lo, m2, weight, bias, running_mean, running_var,
                                      save_invstd, coef)
-    elif fuse_tiles(g, sizeof(floating), nt_tiles):
+    elif may_fuse and fuse_tiles(g, sizeof(floating), nt_tiles):
         if nt_tiles == 1:
             for t in range(g.tiles):
                 if train_columns_tile(act, g, x, y, t, plan, parts, parts + g.partial_len,
@@ -1314,12 +1334,12 @@ cdef int forward_train_impl(const activation* act, const Geometry* g, const floa
                                       save_invstd, coef) != 0:
                     rc = -1
     else:
-        rc = moments_pass(g, x, save_mean, mean_lo, m2, n_threads)
+        rc = moments_pass(g, x, save_mean, mean_lo, m2, n_threads, half_x)
         if rc == 0:
             for ch in range(c):
                 train_channel(ch, c, count, momentum, eps, save_mean, mean_lo, m2, weight, bias,
                               running_mean, running_var, save_invstd, coef)
-            rc = affine_pass(act, g, x, y, coef, n_threads)
+            rc = affine_pass(act, g, x, y, coef, n_threads, half_x, half_y)
     free(work)
     free(fill)
     free(plan)
@@ -1331,9 +1351,12 @@ cdef int forward_eval_impl(const activation* act, const Geometry* g, const float
                            floating* y,
                            const floating* weight, const floating* bias,
                            const floating* running_mean, const floating* running_var, double eps,
-                           double* save_mean, double* save_invstd, int n_threads) noexcept nogil:
+                           double* save_mean, double* save_invstd, int n_threads,
+                           const unsigned short* half_x=NULL,
+                           unsigned short* half_y=NULL) noexcept nogil:
     running_statistics(g.c, running_mean, running_var, eps, save_mean, save_invstd)
-    return normalize(act, g, x, y, weight, bias, save_mean, NULL, save_invstd, n_threads)
+    return normalize(act, g, x, y, weight, bias, save_mean, NULL, save_invstd, n_threads, half_x,
+                     half_y)
 
 
 cdef inline void running_statistics(Py_ssize_t c, const floating* running_mean,
@@ -1670,12 +1693,22 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
                   object running_mean, object running_var, double momentum, double eps,
                   cnp.ndarray save_mean, cnp.ndarray save_invstd, int n_threads, bint relu=False):
     """Training-mode forward: batch statistics into save_mean/save_invstd (float64), running
-    buffers (when not None) updated in place, y written (then ReLU).  Needs N * S >= 2."""
+    buffers (when not None) updated in place, y written (then ReLU).  Needs N * S >= 2.
+    float16 x and y (where half_simd() is True) are computed in float32 with float32
+    parameters and buffers (see check_half_arguments)."""
     cdef Geometry g
     cdef int rc = 0
-    cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef bint half = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT16 or cnp.PyArray_TYPE(y) == cnp.NPY_FLOAT16
+    if half:
+        check_half_arguments("forward_train", x, y, (weight, bias, running_mean, running_var))
+    cdef bint f32 = half or cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
     cdef void* xp = ptr(x)
     cdef void* yp = ptr(y)
+    # float16 data is handed over as such, to the float32 specialisation (see affine_pass)
+    cdef const unsigned short* half_x = <const unsigned short*>xp if half else NULL
+    cdef unsigned short* half_y = <unsigned short*>yp if half else NULL
+    if half:
+        xp = yp = NULL
     cdef void* wp = ptr(weight)
     cdef void* bp = ptr(bias)
     cdef void* rmp = ptr(running_mean)
@@ -1689,11 +1722,11 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
         if f32 and relu:
             rc = forward_train_impl(<ReLU*>NULL, &g, <const float*>xp, <float*>yp, <const float*>wp,
                                     <const float*>bp, <float*>rmp, <float*>rvp, momentum, eps,
-                                    mp, ip, n_threads)
+                                    mp, ip, n_threads, half_x, half_y)
         elif f32:
             rc = forward_train_impl(<Identity*>NULL, &g, <const float*>xp, <float*>yp,
                                     <const float*>wp, <const float*>bp, <float*>rmp, <float*>rvp,
-                                    momentum, eps, mp, ip, n_threads)
+                                    momentum, eps, mp, ip, n_threads, half_x, half_y)
         elif relu:
             rc = forward_train_impl(<ReLU*>NULL, &g, <const double*>xp, <double*>yp,
                                     <const double*>wp, <const double*>bp, <double*>rmp,
@@ -1709,12 +1742,21 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
                  cnp.ndarray running_mean, cnp.ndarray running_var, double eps,
                  cnp.ndarray save_mean, cnp.ndarray save_invstd, int n_threads, bint relu=False):
     """Eval-mode forward with running statistics (then ReLU); save_mean/save_invstd (float64)
-    receive the statistics used: running_mean and 1 / sqrt(running_var + eps)."""
+    receive the statistics used: running_mean and 1 / sqrt(running_var + eps).  float16 x and
+    y as forward_train takes them."""
     cdef Geometry g
     cdef int rc = 0
-    cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef bint half = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT16 or cnp.PyArray_TYPE(y) == cnp.NPY_FLOAT16
+    if half:
+        check_half_arguments("forward_eval", x, y, (weight, bias, running_mean, running_var))
+    cdef bint f32 = half or cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
     cdef void* xp = ptr(x)
     cdef void* yp = ptr(y)
+    # float16 data is handed over as such, to the float32 specialisation (see affine_pass)
+    cdef const unsigned short* half_x = <const unsigned short*>xp if half else NULL
+    cdef unsigned short* half_y = <unsigned short*>yp if half else NULL
+    if half:
+        xp = yp = NULL
     cdef void* wp = ptr(weight)
     cdef void* bp = ptr(bias)
     cdef void* rmp = ptr(running_mean)
@@ -1726,11 +1768,11 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
         if f32 and relu:
             rc = forward_eval_impl(<ReLU*>NULL, &g, <const float*>xp, <float*>yp, <const float*>wp,
                                    <const float*>bp, <const float*>rmp, <const float*>rvp, eps,
-                                   mp, ip, n_threads)
+                                   mp, ip, n_threads, half_x, half_y)
         elif f32:
             rc = forward_eval_impl(<Identity*>NULL, &g, <const float*>xp, <float*>yp,
                                    <const float*>wp, <const float*>bp, <const float*>rmp,
-                                   <const float*>rvp, eps, mp, ip, n_threads)
+                                   <const float*>rvp, eps, mp, ip, n_threads, half_x, half_y)
         elif relu:
             rc = forward_eval_impl(<ReLU*>NULL, &g, <const double*>xp, <double*>yp,
                                    <const double*>wp, <const double*>bp, <const double*>rmp,
@@ -2120,90 +2162,8 @@ cdef inline void affine_item_half(const activation* act, const Geometry* g,
         affine_row_half(act, x + off, y + off, row_length(g, k), factor, center, scale, shift)
 
 
-cdef int affine_pass_half(const activation* act, const Geometry* g, const unsigned short* x,
-                          unsigned short* y, const float* coef, int n_threads) noexcept nogil:
-    """affine_pass on float16 data; -1 if out of memory."""
-    cdef Py_ssize_t k, items = elementwise_items(g)
-    cdef int nt = threads_for(g, n_threads, items)
-    cdef const float* center = coef
-    cdef const float* scale = coef + g.c
-    cdef const float* shift = coef + 2 * g.c
-    cdef const float* factor = coef + 3 * g.c
-    cdef float* work = NULL
-    if needs_expansion(g):
-        work = <float*>malloc(4 * g.period * sizeof(float))
-        if work == NULL:
-            return -1
-        center = per_column(g, center, work)
-        scale = per_column(g, scale, work + g.period)
-        shift = per_column(g, shift, work + 2 * g.period)
-        factor = per_column(g, factor, work + 3 * g.period)
-    if nt == 1:
-        for k in range(items):
-            affine_item_half(act, g, x, y, k, factor, center, scale, shift)
-    else:
-        for k in prange(items, num_threads=nt, schedule="static"):
-            affine_item_half(act, g, x, y, k, factor, center, scale, shift)
-    free(work)
-    return 0
-
-
-cdef int forward_eval_half_impl(const activation* act, const Geometry* g,
-                                const unsigned short* x, unsigned short* y, const float* weight,
-                                const float* bias, const float* running_mean,
-                                const float* running_var, double eps, double* save_mean,
-                                double* save_invstd, int n_threads) noexcept nogil:
-    cdef int rc
-    running_statistics(g.c, running_mean, running_var, eps, save_mean, save_invstd)
-    if g.total == 0:
-        return 0
-    cdef float* coef = affine_coefficients(g.c, weight, bias, save_mean, NULL, save_invstd)
-    if coef == NULL:
-        return -1
-    rc = affine_pass_half(act, g, x, y, coef, n_threads)
-    free(coef)
-    return rc
-
-
-cdef int forward_train_half_impl(const activation* act, const Geometry* g,
-                                 const unsigned short* x, unsigned short* y,
-                                 const float* weight, const float* bias, float* running_mean,
-                                 float* running_var, double momentum, double eps,
-                                 double* save_mean, double* save_invstd,
-                                 int n_threads) noexcept nogil:
-    """forward_train_impl's unfused passes on float16 data (the fused ones give the same bits)."""
-    cdef Py_ssize_t ch, c = g.c
-    cdef double count = <double>(g.n * g.s)
-    cdef int rc
-    cdef double* work = <double*>malloc(2 * c * sizeof(double) + 4 * c * sizeof(float))
-    cdef float* fill = fillers(<const float*>NULL, c)
-    if work == NULL or fill == NULL:
-        free(work); free(fill)
-        return -1
-    cdef double* m2 = work
-    cdef double* mean_lo = work + c
-    cdef float* coef = <float*>(work + 2 * c)
-    if weight == NULL:
-        weight = fill
-    if bias == NULL:
-        bias = fill + c
-    if running_mean == NULL:
-        running_mean = fill + 2 * c
-    if running_var == NULL:
-        running_var = fill + 3 * c
-    rc = moments_pass(g, <const float*>NULL, save_mean, mean_lo, m2, n_threads, x)
-    if rc == 0:
-        for ch in range(c):
-            train_channel(ch, c, count, momentum, eps, save_mean, mean_lo, m2, weight, bias,
-                          running_mean, running_var, save_invstd, coef)
-        rc = affine_pass_half(act, g, x, y, coef, n_threads)
-    free(work)
-    free(fill)
-    return rc
-
-
 cdef void check_half_arguments(str name, cnp.ndarray x, cnp.ndarray y, tuple per_channel) except *:
-    """The float16 entry points' contract, checked: x and y aligned, C-contiguous float16 of
+    """The forwards' contract for float16 data, checked: x and y aligned, C-contiguous float16 of
     one shape (N, C, ...) in the machine's byte order, y writable and x itself or apart from
     it, and the per-channel arrays None or C-contiguous float32 of C values."""
     if not HALF_SIMD:
@@ -2226,66 +2186,3 @@ cdef void check_half_arguments(str name, cnp.ndarray x, cnp.ndarray y, tuple per
                                   and cnp.PyArray_SIZE(a) == x.shape[1]
                                   and cnp.PyArray_IS_C_CONTIGUOUS(a)):
             raise ValueError(f"{name}: expected float32 per-channel arrays")
-
-
-def forward_eval_half(cnp.ndarray x not None, cnp.ndarray y not None, object weight,
-                      object bias, cnp.ndarray running_mean not None,
-                      cnp.ndarray running_var not None, double eps,
-                      cnp.ndarray save_mean not None, cnp.ndarray save_invstd not None,
-                      int n_threads, bint relu=False):
-    """forward_eval on float16 data x into float16 y (C-contiguous, aligned, native byte order,
-    the same shape; y may be x itself, but not otherwise overlap it), computed in float32 with
-    float32 weight, bias and running statistics.  Only where half_simd() is True."""
-    cdef Geometry g
-    cdef int rc = 0
-    check_half_arguments("forward_eval_half", x, y, (weight, bias, running_mean, running_var))
-    cdef const unsigned short* xp = <const unsigned short*>cnp.PyArray_DATA(x)
-    cdef unsigned short* yp = <unsigned short*>cnp.PyArray_DATA(y)
-    cdef const float* wp = <const float*>ptr(weight)
-    cdef const float* bp = <const float*>ptr(bias)
-    cdef const float* rmp = <const float*>ptr(running_mean)
-    cdef const float* rvp = <const float*>ptr(running_var)
-    cdef double* mp = <double*>ptr(save_mean)
-    cdef double* ip = <double*>ptr(save_invstd)
-    set_geometry(&g, x)
-    with nogil:
-        if relu:
-            rc = forward_eval_half_impl(<ReLU*>NULL, &g, xp, yp, wp, bp, rmp, rvp, eps, mp, ip,
-                                        n_threads)
-        else:
-            rc = forward_eval_half_impl(<Identity*>NULL, &g, xp, yp, wp, bp, rmp, rvp, eps, mp,
-                                        ip, n_threads)
-    check(rc)
-
-
-def forward_train_half(cnp.ndarray x not None, cnp.ndarray y not None, object weight,
-                       object bias, object running_mean, object running_var, double momentum,
-                       double eps, cnp.ndarray save_mean not None,
-                       cnp.ndarray save_invstd not None, int n_threads, bint relu=False):
-    """forward_train on float16 data x (N * S > 1 values per channel) into float16 y, as
-    forward_eval_half takes them; running_mean/running_var (float32) may be None."""
-    cdef Geometry g
-    cdef int rc = 0
-    check_half_arguments("forward_train_half", x, y, (weight, bias, running_mean, running_var))
-    for a in (running_mean, running_var):
-        if a is not None and not cnp.PyArray_ISWRITEABLE(a):
-            raise ValueError("forward_train_half: the running statistics are read-only")
-    cdef const unsigned short* xp = <const unsigned short*>cnp.PyArray_DATA(x)
-    cdef unsigned short* yp = <unsigned short*>cnp.PyArray_DATA(y)
-    cdef const float* wp = <const float*>ptr(weight)
-    cdef const float* bp = <const float*>ptr(bias)
-    cdef float* rmp = <float*>ptr(running_mean)
-    cdef float* rvp = <float*>ptr(running_var)
-    cdef double* mp = <double*>ptr(save_mean)
-    cdef double* ip = <double*>ptr(save_invstd)
-    set_geometry(&g, x)
-    if g.total == 0:
-        return
-    with nogil:
-        if relu:
-            rc = forward_train_half_impl(<ReLU*>NULL, &g, xp, yp, wp, bp, rmp, rvp, momentum,
-                                         eps, mp, ip, n_threads)
-        else:
-            rc = forward_train_half_impl(<Identity*>NULL, &g, xp, yp, wp, bp, rmp, rvp, momentum,
-                                         eps, mp, ip, n_threads)
-    check(rc)

@@ -169,13 +169,11 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
         save_invstd = np.empty(channels)
     if training:
         if xk.size:
-            train = _kernels.forward_train_half if half else _kernels.forward_train
-            train(xk, yk, weight, bias, running_mean, running_var, momentum, eps, save_mean,
-                  save_invstd, n_threads, relu)
+            _kernels.forward_train(xk, yk, weight, bias, running_mean, running_var, momentum, eps,
+                                   save_mean, save_invstd, n_threads, relu)
     else:
-        evaluate = _kernels.forward_eval_half if half else _kernels.forward_eval
-        evaluate(xk, yk, weight, bias, running_mean, running_var, eps, save_mean, save_invstd,
-                 n_threads, relu)
+        _kernels.forward_eval(xk, yk, weight, bias, running_mean, running_var, eps, save_mean,
+                              save_invstd, n_threads, relu)
     context = ForwardContext(xk, yk if relu else None, save_mean, save_invstd, training,
                              channels_last, x.shape, x.dtype)
     return _result(yk, x, out, channels_last, n_threads), save_mean, save_invstd, context

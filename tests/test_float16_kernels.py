@@ -27,16 +27,14 @@ def parameters(rng, c):
             rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32))
 
 
-def run(kernels, half, training, x, w, b, rm, rv, threads, relu):
+def run(kernels, training, x, w, b, rm, rv, threads, relu):
     """One forward: (y, save_mean, save_invstd, running_mean, running_var)."""
     c = x.shape[1]
     y, mean, invstd, rm, rv = np.empty_like(x), np.empty(c), np.empty(c), rm.copy(), rv.copy()
     if training:
-        train = kernels.forward_train_half if half else kernels.forward_train
-        train(x, y, w, b, rm, rv, 0.1, 1e-5, mean, invstd, threads, relu)
+        kernels.forward_train(x, y, w, b, rm, rv, 0.1, 1e-5, mean, invstd, threads, relu)
     else:
-        evaluate = kernels.forward_eval_half if half else kernels.forward_eval
-        evaluate(x, y, w, b, rm, rv, 1e-5, mean, invstd, threads, relu)
+        kernels.forward_eval(x, y, w, b, rm, rv, 1e-5, mean, invstd, threads, relu)
     return y, mean, invstd, rm, rv
 
 
@@ -54,8 +52,8 @@ def test_float16_kernels_give_the_float32_kernels_bits(level, shape, layout, tra
             with forced_fusion(fusion):
                 for threads in (1, 2, 3):
                     for relu in (False, True):
-                        got = run(kernels, True, training, x16, w, b, rm, rv, threads, relu)
-                        want = run(kernels, False, training, x32, w, b, rm, rv, threads, relu)
+                        got = run(kernels, training, x16, w, b, rm, rv, threads, relu)
+                        want = run(kernels, training, x32, w, b, rm, rv, threads, relu)
                         where = f"fusion={fusion} threads={threads} relu={relu}"
                         assert got[0].dtype == np.float16
                         np.testing.assert_array_equal(got[0].view(np.uint16),
@@ -73,8 +71,8 @@ def test_float16_kernels_pass_non_finite_values_as_the_float32_ones(level):
     w, b, rm, rv = (np.ones(2, np.float32), np.zeros(2, np.float32), np.zeros(2, np.float32),
                     np.full(2, 1e-6, np.float32))
     for training in (True, False):
-        got = run(kernels, True, training, x16, w, b, rm, rv, 2, False)
-        want = run(kernels, False, training, x32, w, b, rm, rv, 2, False)
+        got = run(kernels, training, x16, w, b, rm, rv, 2, False)
+        want = run(kernels, training, x32, w, b, rm, rv, 2, False)
         with np.errstate(over="ignore"):
             np.testing.assert_array_equal(got[0], want[0].astype(np.float16))
         np.testing.assert_array_equal(got[1], want[1])
@@ -117,7 +115,7 @@ def test_float16_relu_backward_masks_with_the_float16_output(rng):
 
 
 @pytest.mark.parametrize("level", F16C_LEVELS)
-@pytest.mark.parametrize("entry", ["forward_eval_half", "forward_train_half"])
+@pytest.mark.parametrize("entry", ["forward_eval", "forward_train"])
 def test_float16_kernels_refuse_what_they_cannot_process(level, entry):
     kernels = kernels_of(level)
     fn = getattr(kernels, entry)
@@ -126,7 +124,7 @@ def test_float16_kernels_refuse_what_they_cannot_process(level, entry):
     stats = (np.empty(3), np.empty(3))
 
     def call(x, y, per_channel=p):
-        if entry == "forward_eval_half":
+        if entry == "forward_eval":
             fn(x, y, per_channel, p, p.copy(), p.copy(), 1e-5, *stats, 1)
         else:
             fn(x, y, per_channel, p, p.copy(), p.copy(), 0.1, 1e-5, *stats, 1)
@@ -152,17 +150,17 @@ def test_float16_kernels_refuse_what_they_cannot_process(level, entry):
         call(x, np.zeros_like(x), np.ones(4, np.float32))
 
 
-def test_float16_kernels_are_used_where_the_cpu_has_f16c(monkeypatch, rng):
-    # The module path goes through them (not through widened float32 copies).
+def test_float16_data_reaches_the_kernels_as_float16_where_the_cpu_has_f16c(monkeypatch, rng):
+    # The module path hands the kernels the float16 data itself, not widened float32 copies.
     if not _float16.HALF_SIMD:
         pytest.skip("the loaded kernels have no F16C")
     calls = []
-    for name in ("forward_eval_half", "forward_train_half"):
+    for name in ("forward_eval", "forward_train"):
         original = getattr(F._kernels, name)
-        monkeypatch.setattr(F._kernels, name,
-                            lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k)))
+        monkeypatch.setattr(F._kernels, name, lambda x, y, *a, _o=original, _n=name, **k: (
+            calls.append((_n, x.dtype.name, y.dtype.name)), _o(x, y, *a, **k)))
     bn = fastbn.BatchNorm2d(3)
     x = make_input((2, 3, 4, 4), np.float16, rng)
     bn(x)
     bn.eval()(x)
-    assert calls == ["forward_train_half", "forward_eval_half"]
+    assert calls == [("forward_train", "float16", "float16"), ("forward_eval", "float16", "float16")]
