@@ -19,7 +19,9 @@ Formats, recognised by their content:
 * safetensors (through the optional ``safetensors`` package: ``pip install fastbn[io]``);
 * ``.npz`` archives, read with ``allow_pickle=False``.
 
-Only numpy and the standard library are used; torch is never imported.
+Only numpy and the standard library are used; torch is never imported.  bfloat16 tensors are
+widened to float32 unless ``bfloat16="keep"`` asks for ``ml_dtypes.bfloat16`` arrays, and only
+then is the optional ``ml_dtypes`` package imported.
 """
 
 import collections
@@ -55,7 +57,8 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 # How a torch dtype's elements are stored (before the archive's byte order is applied).
 # bfloat16 has no numpy dtype: its 16 bits are the high half of a float32, and it is returned
-# widened to float32 (exactly).  bool is stored as one byte, any non-zero byte reading True.
+# widened to float32 (exactly), or with bfloat16="keep" as ml_dtypes.bfloat16 over the same
+# bits.  bool is stored as one byte, any non-zero byte reading True.
 _STORED = {
     "float64": "f8", "float32": "f4", "float16": "f2", "bfloat16": "u2",
     "int64": "i8", "int32": "i4", "int16": "i2", "int8": "i1", "uint8": "u1", "bool": "u1",
@@ -83,6 +86,30 @@ _DTYPE_NAME = re.compile(r"(bool|bfloat16|complex\d+|float\d+(_\w+)?|q?u?int\d+(
 
 def _itemsize(element):
     return np.dtype(_STORED[element]).itemsize
+
+
+_BFLOAT16_CHOICES = ("float32", "keep")
+
+
+def _bfloat16_dtype(bfloat16):
+    """The dtype bfloat16 tensors are returned as for the ``bfloat16=`` option: None to widen
+    them to float32, or ``ml_dtypes.bfloat16`` to keep them.
+
+    Called before the file is opened, so that a bad value or a missing package fails before
+    any reading; ml_dtypes is imported only here, so ``import fastbn`` never needs it.
+    """
+    if not (isinstance(bfloat16, str) and bfloat16 in _BFLOAT16_CHOICES):
+        raise ValueError(f"bfloat16 must be one of {', '.join(map(repr, _BFLOAT16_CHOICES))}, "
+                         f"got {bfloat16!r:.60}")
+    if bfloat16 == "float32":
+        return None
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError("bfloat16='keep' needs the optional 'ml_dtypes' package (numpy's "
+                          "bfloat16 dtype): pip install 'fastbn[bf16]' (or pip install "
+                          "ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 # -- placeholders the pickle builds ---------------------------------------------------------
@@ -396,9 +423,14 @@ def _unpickle(unpickler, path, what):
 
 # -- building arrays ------------------------------------------------------------------------
 
-def _finish(view, element):
-    """A C-contiguous, native-endian copy of ``view`` (elements as stored) as its dtype."""
+def _finish(view, element, bf16=None):
+    """A C-contiguous, native-endian copy of ``view`` (elements as stored) as its dtype;
+    bfloat16 elements as ``bf16`` (``ml_dtypes.bfloat16``), or widened to float32 if None."""
     if element == "bfloat16":
+        if bf16 is not None:
+            # The stored bits, reordered to native uint16, reinterpreted: never through a
+            # float, which could quieten a signalling NaN or depend on ml_dtypes' rounding.
+            return view.astype(np.uint16, order="C").view(bf16)
         # A bfloat16 is the high 16 bits of the float32 with the same value.
         wide = view.astype(np.uint32, order="C")
         wide <<= 16
@@ -409,23 +441,27 @@ def _finish(view, element):
     return view.astype(view.dtype.newbyteorder("="), order="C")
 
 
-def _array(tensor, raw, byteorder):
+def _array(tensor, raw, byteorder, bf16=None):
     """Build a tensor's array from its storage bytes (bounds were checked by ``_tensor``)."""
     stored = np.dtype(_STORED[tensor.element]).newbyteorder(byteorder)
     flat = np.frombuffer(raw, dtype=stored, count=len(raw) // stored.itemsize)
     view = np.lib.stride_tricks.as_strided(
         flat[tensor.offset:], shape=tensor.size,
         strides=tuple(s * stored.itemsize for s in tensor.stride), writeable=False)
-    array = _finish(view, tensor.element)
+    array = _finish(view, tensor.element, bf16)
     if tensor.conj and array.dtype.kind == "c":
         np.conjugate(array, out=array)
     if tensor.neg:
-        np.negative(array, out=array)
+        if bf16 is not None and array.dtype == bf16:  # the sign bit itself, as torch flips it
+            np.bitwise_xor(array.view(np.uint16), 0x8000, out=array.view(np.uint16))
+        else:
+            np.negative(array, out=array)
     return array
 
 
-def _materialise(tree, read_storage, byteorder):
-    """The unpickled tree with each placeholder replaced by an array.
+def _materialise(tree, read_storage, byteorder, bf16=None):
+    """The unpickled tree with each placeholder replaced by an array (bfloat16 ones as
+    ``bf16``, or float32 if None).
 
     Containers are rebuilt (shared and self-referencing ones stay so); only the plain types
     pickle makes from opcodes and the allowed globals may appear.
@@ -445,10 +481,10 @@ def _materialise(tree, read_storage, byteorder):
         if done is not None:
             return done[1]
         if isinstance(obj, _Tensor):
-            result = _array(obj, raw(obj.storage), byteorder)
+            result = _array(obj, raw(obj.storage), byteorder, bf16)
         elif isinstance(obj, _Storage):  # a storage saved on its own: its elements, flat
             whole = _Tensor(obj, 0, (obj.numel,), (1,), obj.element)
-            result = _array(whole, raw(obj), byteorder)
+            result = _array(whole, raw(obj), byteorder, bf16)
         elif isinstance(obj, (_TorchDtype, _StorageType)):
             result = repr(obj)  # "torch.float32"
         elif type(obj) in (dict, collections.OrderedDict):
@@ -486,7 +522,7 @@ def _materialise(tree, read_storage, byteorder):
 
 # -- formats --------------------------------------------------------------------------------
 
-def _read_torch_zip(archive, prefix, path):
+def _read_torch_zip(archive, prefix, path, bf16=None):
     names = set(archive.namelist())
     if prefix + "constants.pkl" in names or any(n.startswith(prefix + "code/") for n in names):
         raise ValueError(f"{path} is a TorchScript archive (torch.jit.save), not a torch.save "
@@ -516,10 +552,10 @@ def _read_torch_zip(archive, prefix, path):
                              f"({storage.nbytes} bytes)")
         return archive.read(info)
 
-    return _materialise(tree, read_storage, byteorder)
+    return _materialise(tree, read_storage, byteorder, bf16)
 
 
-def _read_legacy(path, data):
+def _read_legacy(path, data, bf16=None):
     """The pre-1.6 format: a sequence of pickles, then the storages' bytes."""
     stream = io.BytesIO(data)  # in memory: a crafted length can never over-read the file
 
@@ -568,10 +604,12 @@ def _read_legacy(path, data):
             raise ValueError(f"{path}: storage '{storage.key}' is used but its data is missing")
         return raw_of[storage.key]
 
-    return _materialise(tree, read_storage, byteorder)
+    return _materialise(tree, read_storage, byteorder, bf16)
 
 
 def _read_npz(path):
+    # No bf16 argument: .npy has no bfloat16 type code (numpy writes an ml_dtypes.bfloat16
+    # array as 2-byte void, '|V2'), so nothing in an .npz is known to be bfloat16.
     arrays = {}
     with np.load(path, allow_pickle=False) as npz:
         for name in npz.files:
@@ -595,7 +633,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_safetensors(path):
+def _read_safetensors(path, bf16=None):
     try:
         import safetensors
     except ImportError:
@@ -606,7 +644,7 @@ def _read_safetensors(path):
     try:
         # The package's parser checks the header: offsets in order, inside the file, and
         # matching each tensor's shape and dtype.  The bytes are decoded here, so that
-        # bfloat16 (which safetensors.numpy cannot return) is widened as in torch files.
+        # bfloat16 (which safetensors.numpy cannot return) is handled as in torch files.
         entries = safetensors.deserialize(data)
     except Exception as exc:
         raise ValueError(f"{path}: not a valid safetensors file: {exc}") from None
@@ -621,7 +659,7 @@ def _read_safetensors(path):
         if len(raw) != stored.itemsize * int(np.prod(shape, dtype=np.int64)):
             raise ValueError(f"{path}: tensor {name!r} of shape {shape} and dtype {code} has "
                              f"{len(raw)} bytes of data")
-        arrays[name] = _finish(np.frombuffer(raw, dtype=stored).reshape(shape), element)
+        arrays[name] = _finish(np.frombuffer(raw, dtype=stored).reshape(shape), element, bf16)
     return arrays
 
 
@@ -633,7 +671,7 @@ def _looks_like_safetensors(head, size):
     return 2 <= length <= size - 8 and head[8:9] == b"{"
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, *, bfloat16="float32"):
     """Read a checkpoint file into Python objects, with every tensor as a numpy array.
 
     The whole saved object is returned: for ``torch.save({"state_dict": sd, "epoch": 3}, f)``
@@ -646,6 +684,12 @@ def read_checkpoint(path):
         A ``torch.save`` file (zip or legacy format), a ``.safetensors`` file or an ``.npz``
         archive.  The format is recognised from the content, not the name (except that a file
         named ``*.safetensors`` is read as one even if its header is damaged).
+    bfloat16 : {"float32", "keep"}, default "float32"
+        How bfloat16 tensors are returned.  ``"float32"``: widened to float32 arrays, which
+        is exact (every bfloat16 value is a float32).  ``"keep"``: as ``ml_dtypes.bfloat16``
+        arrays holding the stored bits unchanged, half the memory; this needs the optional
+        ``ml_dtypes`` package (``pip install fastbn[bf16]``), imported only then.  Other
+        dtypes are unaffected.
 
     Returns
     -------
@@ -663,9 +707,11 @@ def read_checkpoint(path):
         If the pickle names a global outside the allow-list (a subclass of
         ``pickle.UnpicklingError``); nothing from the file has run.
     ImportError
-        For a safetensors file, when the ``safetensors`` package is not installed.
+        For a safetensors file, when the ``safetensors`` package is not installed; with
+        ``bfloat16="keep"``, when ``ml_dtypes`` is not installed (before the file is read).
     ValueError
-        If the file is not a checkpoint, is truncated or corrupt, or holds something fastbn
+        If ``bfloat16`` is not ``"float32"`` or ``"keep"`` (before the file is read).  If the
+        file is not a checkpoint, is truncated or corrupt, or holds something fastbn
         does not read (quantized or sparse tensors, an unsupported dtype, an ``.npz`` object
         array); the message names the file and what was found.
 
@@ -673,9 +719,11 @@ def read_checkpoint(path):
     -----
     Every array is a C-contiguous, native-endian copy that owns its data: views, transposes
     and tensors sharing a storage come out with their own values, as torch shows them.
-    bfloat16 tensors are widened to float32 (exactly); bool storage bytes other than 0 read as
-    True.  The dtypes read are float16/32/64, bfloat16, int8/16/32/64, uint8/16/32/64, bool
-    and complex64/128.
+    bfloat16 tensors are widened to float32 (exactly), or kept (``bfloat16="keep"``); bool
+    storage bytes other than 0 read as True.  The dtypes read are float16/32/64, bfloat16,
+    int8/16/32/64, uint8/16/32/64, bool and complex64/128.  An ``.npz`` file cannot mark an
+    array as bfloat16 (numpy saves ``ml_dtypes.bfloat16`` arrays as 2-byte void, ``'|V2'``),
+    so its arrays come back as stored whatever ``bfloat16`` says.
 
     Safety: the pickle inside a torch file can name any Python callable, and unpickling calls
     it.  Here every name is checked against a fixed allow-list before anything is called, and
@@ -684,6 +732,7 @@ def read_checkpoint(path):
     bound memory use: a crafted file can still ask for large allocations (an expanded tensor
     of many elements, a zip member that decompresses to a large size).
     """
+    bf16 = _bfloat16_dtype(bfloat16)
     path = os.fspath(path)
     with open(path, "rb") as f:
         head = f.read(16)
@@ -691,13 +740,13 @@ def read_checkpoint(path):
     if not head:
         raise ValueError(f"{path} is empty, not a checkpoint")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return _read_zip(path)
+        return _read_zip(path, bf16)
     if head.startswith(b"\x80"):  # a binary pickle: torch's legacy format
         with open(path, "rb") as f:
             data = f.read()
-        return _read_legacy(path, data)
+        return _read_legacy(path, data, bf16)
     if _looks_like_safetensors(head, size) or path.endswith(".safetensors"):
-        return _read_safetensors(path)
+        return _read_safetensors(path, bf16)
     import tarfile  # only for this message; not worth its import time on every import fastbn
 
     if size >= 512 and tarfile.is_tarfile(path):
@@ -708,13 +757,13 @@ def read_checkpoint(path):
                      f"safetensors files and .npz archives")
 
 
-def _read_zip(path):
+def _read_zip(path, bf16=None):
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) == 1:
-                return _read_torch_zip(archive, pickles[0][:-len("data.pkl")], path)
+                return _read_torch_zip(archive, pickles[0][:-len("data.pkl")], path, bf16)
             if len(pickles) > 1:
                 raise ValueError(f"{path}: a zip archive with several data.pkl ({pickles[:4]}); "
                                  f"a torch.save checkpoint has one")
@@ -764,7 +813,7 @@ def _state_dict(mapping, path, where):
     return result
 
 
-def load_checkpoint(path, *, key=None):
+def load_checkpoint(path, *, key=None, bfloat16="float32"):
     """Load the state_dict of a checkpoint as numpy arrays, without torch.
 
     Parameters
@@ -777,6 +826,11 @@ def load_checkpoint(path, *, key=None):
         Where the state_dict is in a nested checkpoint: ``key="ema"`` takes
         ``checkpoint["ema"]``, ``key=("model", "backbone")`` takes
         ``checkpoint["model"]["backbone"]``, and ``key=()`` the top level itself.
+    bfloat16 : {"float32", "keep"}, default "float32"
+        How bfloat16 tensors are returned.  ``"float32"``: widened to float32, exactly.
+        ``"keep"``: as ``ml_dtypes.bfloat16`` arrays with the stored bits, half the memory
+        (needs ``pip install fastbn[bf16]``, or ``pip install ml_dtypes``).
+        ``load_state_dict`` and ``from_state_dict`` accept either; see :func:`read_checkpoint`.
 
     Returns
     -------
@@ -790,7 +844,8 @@ def load_checkpoint(path, *, key=None):
     ------
     ValueError
         If ``key`` is not found (the message lists the keys there are), if no state_dict is
-        found, and for everything :func:`read_checkpoint` raises ValueError for.
+        found, and for everything :func:`read_checkpoint` raises ValueError for (a
+        ``bfloat16`` other than ``"float32"`` and ``"keep"`` included).
     UnsafeCheckpointError, FileNotFoundError, ImportError
         As :func:`read_checkpoint`.
 
@@ -814,7 +869,7 @@ def load_checkpoint(path, *, key=None):
         except TypeError:
             raise TypeError(f"key must be a string or a sequence of strings, got "
                             f"{type(key).__name__}") from None
-    tree = read_checkpoint(path)
+    tree = read_checkpoint(path, bfloat16=bfloat16)
     if key is not None:
         node, trail = tree, "the checkpoint"
         for k in (key,) if isinstance(key, str) else key:

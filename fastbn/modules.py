@@ -408,6 +408,13 @@ def _checkpoint_value(name, value, target):
         array = np.asarray(value)
     except Exception as exc:
         raise TypeError(f'could not convert "{name}" ({type(value).__name__}) to an array: {exc}') from None
+    if array.dtype.name == "bfloat16" and array.dtype.itemsize == 2:
+        # ml_dtypes.bfloat16 (load_checkpoint(..., bfloat16="keep")), recognised without
+        # importing ml_dtypes: its bits are the high half of the float32 of the same value,
+        # so this widening is exact, and the checks below then see an ordinary float32.
+        wide = array.view(np.uint16).astype(np.uint32)
+        wide <<= 16
+        array = wide.view(np.float32)
     if array.dtype.kind not in "biuf":
         raise TypeError(f'"{name}" has dtype {array.dtype}; expected real numbers')
     if target.ndim == 0 and array.shape == (1,):

@@ -67,13 +67,14 @@ def one_tensor_archive(path, size, stride, offset=0, numel=4, data=None, **stora
 
 # -- the torch-written fixtures --------------------------------------------------------------
 
+@pytest.mark.parametrize("options", [{}, {"bfloat16": "float32"}], ids=["default", "bfloat16=float32"])
 @pytest.mark.parametrize("stem", list(FIXTURES))
-def test_fixture_tensors_load_exactly(stem):
+def test_fixture_tensors_load_exactly(stem, options):
     if stem.endswith("safetensors"):
         pytest.importorskip("safetensors")
     expected = expected_of(stem)
     assert expected, f"expected.npz has nothing for {stem}"
-    tree = read_checkpoint(fixture(stem))
+    tree = read_checkpoint(fixture(stem), **options)
     for path, want in expected.items():
         got = tree
         for k in path:
@@ -772,6 +773,132 @@ def test_corrupt_safetensors_is_a_value_error(tmp_path):
         load_checkpoint(path)
 
 
+# -- bfloat16="keep" -------------------------------------------------------------------------
+
+# The fixtures' bfloat16 tensors, by file; expected.npz holds them widened to float32.
+BFLOAT16_FIXTURE_KEYS = {"dtypes": {("bfloat16",), ("bfloat16_matrix_t",)}, "legacy": {("bfloat16",)},
+                         "dtypes_safetensors": {("bfloat16",), ("bfloat16_matrix_t",)}}
+BAD_BFLOAT16 = ["bfloat16", "float16", "Keep", "", None, True, np.float32, "float32 "]
+
+
+def bf16_bits(widened):
+    """The bfloat16 bits of a float32 array that holds widened bfloat16 values."""
+    bits = widened.view(np.uint32)
+    assert not np.any(bits & 0xFFFF), "not a widened bfloat16: the low 16 bits are not zero"
+    return (bits >> 16).astype(np.uint16)
+
+
+def assert_same_bfloat16(actual, bits, what):
+    """An ml_dtypes.bfloat16 array holding exactly ``bits``, C-contiguous, native and writeable."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    assert isinstance(actual, np.ndarray), f"{what}: got {type(actual).__name__}, not an array"
+    assert actual.dtype == ml_dtypes.bfloat16, f"{what}: dtype {actual.dtype}, expected bfloat16"
+    assert actual.shape == bits.shape, f"{what}: shape {actual.shape}, expected {bits.shape}"
+    assert actual.view(np.uint16).tobytes() == bits.tobytes(), \
+        f"{what}: bits differ:\n{actual.view(np.uint16)}\nexpected\n{bits}"
+    assert actual.flags.c_contiguous and actual.flags.writeable, \
+        f"{what}: not a writeable C-contiguous array ({actual.flags})"
+
+
+@pytest.mark.parametrize("stem", list(FIXTURES))
+def test_bfloat16_keep_returns_the_stored_bits_and_changes_nothing_else(stem):
+    pytest.importorskip("ml_dtypes")
+    if stem.endswith("safetensors"):
+        pytest.importorskip("safetensors")
+    kept = read_checkpoint(fixture(stem), bfloat16="keep")
+    found = set()
+    for path, want in expected_of(stem).items():
+        got = kept
+        for k in path:
+            got = got[k]
+        what = f"{FIXTURES[stem]}: {'/'.join(path)}"
+        if got.dtype.name == "bfloat16":
+            found.add(path)
+            assert_same_bfloat16(got, bf16_bits(want), what)
+            assert_same_array(got.astype(np.float32), want, f"{what} widened by ml_dtypes")
+        else:
+            assert_same_array(got, want, what)
+    assert found == BFLOAT16_FIXTURE_KEYS.get(stem, set()), f"{FIXTURES[stem]}: bfloat16 tensors {found}"
+
+
+# bfloat16 bits that a detour through float32 and back would not all keep: a signalling and a
+# payload NaN, -0, the infinities, the smallest subnormal, and ordinary values (1.5, -3.0).
+BF16_SPECIAL_BITS = np.array([0x7F81, 0xFFC1, 0x8000, 0x7F80, 0xFF80, 0x0001, 0x3FC0, 0xC040], np.uint16)
+
+
+@pytest.mark.parametrize("byteorder,prefix", [(b"little", "<"), (b"big", ">"), (None, "<")])
+def test_bfloat16_keep_in_either_byte_order(tmp_path, byteorder, prefix):
+    pytest.importorskip("ml_dtypes")
+    bits = BF16_SPECIAL_BITS
+    storage = Storage("BFloat16Storage", "0", len(bits))
+    obj = {"bf": tensor(storage, 0, (len(bits),), (1,)),
+           "strided": tensor(storage, 1, (2, 2), (1, 3)),
+           "scalar": tensor(storage, 6, (), ()),
+           "neg": tensor(storage, 0, (len(bits),), (1,), metadata={"neg": True}),
+           "alone": storage}
+    path = write_torch_zip(tmp_path / "c.pt", dumps(obj), {"0": bits.astype(prefix + "u2").tobytes()},
+                           byteorder=byteorder)
+    sd = read_checkpoint(path, bfloat16="keep")
+    assert_same_bfloat16(sd["bf"], bits, f"bfloat16, byteorder {byteorder}")
+    assert_same_bfloat16(sd["alone"], bits, f"bare bfloat16 storage, byteorder {byteorder}")
+    strided = np.lib.stride_tricks.as_strided(bits[1:], (2, 2), (2, 6))
+    assert_same_bfloat16(sd["strided"], np.ascontiguousarray(strided), f"strided, byteorder {byteorder}")
+    assert_same_bfloat16(sd["scalar"], bits[6].reshape(()), f"0-d, byteorder {byteorder}")
+    assert_same_bfloat16(sd["neg"], bits ^ 0x8000, f"neg bit flips the sign bit, byteorder {byteorder}")
+    widened = read_checkpoint(path)
+    for k in sd:
+        assert_same_array(sd[k].astype(np.float32), widened[k], f"{k}: keep then widen != the default")
+
+
+@pytest.mark.parametrize("bad", BAD_BFLOAT16, ids=repr)
+@pytest.mark.parametrize("reader", [load_checkpoint, read_checkpoint], ids=lambda f: f.__name__)
+def test_bfloat16_bad_value_is_refused_before_reading(tmp_path, reader, bad):
+    # The file does not exist: a ValueError, not FileNotFoundError, shows it was never opened.
+    with pytest.raises(ValueError, match=r"bfloat16 must be one of 'float32', 'keep', got "):
+        reader(tmp_path / "missing.pt", bfloat16=bad)
+
+
+@pytest.mark.parametrize("reader", [load_checkpoint, read_checkpoint], ids=lambda f: f.__name__)
+def test_bfloat16_keep_without_ml_dtypes_names_the_extra(monkeypatch, tmp_path, reader):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'fastbn\[bf16\]' \(or pip install ml_dtypes\)"):
+        reader(tmp_path / "missing.pt", bfloat16="keep")  # before the file is looked for
+    with pytest.raises(ImportError, match=r"fastbn\[bf16\]"):
+        reader(fixture("dtypes"), bfloat16="keep")
+    widened = reader(fixture("dtypes"))  # the default needs no ml_dtypes
+    assert widened["bfloat16"].dtype == np.float32
+
+
+def test_import_fastbn_and_loading_do_not_import_ml_dtypes():
+    script = f"""
+import sys
+import fastbn
+sd = fastbn.load_checkpoint({fixture("dtypes")!r})
+assert sd["bfloat16"].dtype == "float32"
+print("ml_dtypes" in sys.modules)
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__))))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"], f"ml_dtypes was imported: {result.stdout}"
+
+
+@pytest.mark.parametrize("bfloat16", ["float32", "keep"])
+def test_npz_arrays_come_back_as_stored_whatever_bfloat16_says(tmp_path, bfloat16):
+    # .npy has no bfloat16 type: numpy saves ml_dtypes.bfloat16 as 2-byte void, which is left
+    # alone (it cannot be told from any other '|V2'), as are the other arrays.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    arrays = {"w": np.arange(3, dtype=np.float32), "bits": BF16_SPECIAL_BITS,
+              "bf": BF16_SPECIAL_BITS.view(ml_dtypes.bfloat16)}
+    path = tmp_path / "w.npz"
+    np.savez(path, **arrays)
+    sd = load_checkpoint(path, bfloat16=bfloat16)
+    assert_same_array(sd["w"], arrays["w"], "npz float32")
+    assert_same_array(sd["bits"], arrays["bits"], "npz uint16")
+    assert_same_array(sd["bf"], BF16_SPECIAL_BITS.view("V2"), "npz bfloat16, saved as void")
+
+
 # -- from_state_dict -------------------------------------------------------------------------
 
 def random_module(cls, affine, bias, track, dtype, rng, c=5):
@@ -882,6 +1009,71 @@ def test_fixture_modules_match_the_float64_reference(rng, prefix):
     want = ref.batch_norm(x, sd[prefix + "running_mean"], sd[prefix + "running_var"],
                           sd[prefix + "weight"], sd[prefix + "bias"], training=False, eps=1e-5)
     assert_close(bn(x), want, np.float32, f"{prefix} eval output")
+
+
+def bf16_checkpoint(path, rng, c=5, extra=None):
+    """A torch.save-like archive of one BatchNorm's state in bfloat16 (as ``model.bfloat16()``
+    saves it: the counter stays int64), with the running variance positive."""
+    # The high halves of float32 values: bfloat16 values rounded towards zero.
+    bits = {name: (rng.uniform(0.25, 2.0, c).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+            for name in ("weight", "bias", "running_mean", "running_var")}
+    obj, storages = {}, {}
+    for i, (name, b) in enumerate(bits.items()):
+        obj[f"bn.{name}"] = tensor(Storage("BFloat16Storage", str(i), c), 0, (c,), (1,))
+        storages[str(i)] = b.astype("<u2").tobytes()
+    obj["bn.num_batches_tracked"] = tensor(Storage("LongStorage", "n", 1), 0, (), ())
+    storages["n"] = np.array(7, "<i8").tobytes()
+    for name, (type_name, data) in (extra or {}).items():
+        obj[f"bn.{name}"] = tensor(Storage(type_name, name, c), 0, (c,), (1,))
+        storages[name] = data
+    return write_torch_zip(path, dumps(obj), storages)
+
+
+@pytest.mark.parametrize("dtype", [None, np.float32, np.float64])
+def test_from_state_dict_takes_bfloat16_kept_as_the_widened_load(tmp_path, rng, dtype):
+    pytest.importorskip("ml_dtypes")
+    path = bf16_checkpoint(tmp_path / "bn.pt", rng)
+    kept = load_checkpoint(path, bfloat16="keep")
+    assert kept["bn.weight"].dtype.name == "bfloat16"
+    bn = fastbn.BatchNorm2d.from_state_dict(kept, "bn", dtype=dtype)
+    want = fastbn.BatchNorm2d.from_state_dict(load_checkpoint(path), "bn", dtype=dtype)
+    assert bn.dtype == want.dtype == (dtype or np.float32), f"dtype {bn.dtype}, from float32 {want.dtype}"
+    for k, v in want.state_dict().items():
+        assert_same_array(getattr(bn, k), v, f"{k} from bfloat16 kept, module dtype {dtype}")
+    x = rng.standard_normal((2, 5, 3, 3)).astype(bn.dtype)
+    assert_same_array(bn.eval()(x), want.eval()(x), "eval output")
+    fresh = fastbn.BatchNorm2d(5, dtype=dtype or np.float32)
+    fresh.load_state_dict({k[3:]: v for k, v in kept.items()})
+    for k, v in want.state_dict().items():
+        assert_same_array(getattr(fresh, k), v, f"{k} by load_state_dict")
+
+
+def test_from_state_dict_dtype_with_bfloat16_entries(tmp_path, rng):
+    pytest.importorskip("ml_dtypes")
+    wide = np.full(5, 0.1)  # a float64 entry beside the bfloat16 ones makes the module float64
+    path = bf16_checkpoint(tmp_path / "bn.pt", rng, extra={"running_var": ("DoubleStorage", wide.tobytes())})
+    bn = fastbn.BatchNorm2d.from_state_dict(load_checkpoint(path, bfloat16="keep"), "bn")
+    assert bn.dtype == np.float64
+    assert_same_array(bn.running_var, wide, "float64 entry")
+    assert_same_array(bn.weight, load_checkpoint(path)["bn.weight"].astype(np.float64), "bfloat16 entry")
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("num_batches_tracked", "bfloat16 2.5", "must hold whole numbers"),
+    ("num_batches_tracked", "bfloat16 -1", "must be a count"),
+    ("weight", "bfloat16 shape (4,)", "size mismatch for weight"),
+    ("weight", "void 2 bytes", r"has dtype \|V2; expected real numbers"),  # not taken for bfloat16
+])
+def test_load_state_dict_checks_bfloat16_entries_as_float32_ones(name, value, match):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bn = fastbn.BatchNorm1d(3)
+    sd = bn.state_dict().copy()
+    sd[name] = {"bfloat16 2.5": np.array(2.5, ml_dtypes.bfloat16),
+                "bfloat16 -1": np.array(-1, ml_dtypes.bfloat16),
+                "bfloat16 shape (4,)": np.ones(4, ml_dtypes.bfloat16),
+                "void 2 bytes": np.zeros(3, "V2")}[value]
+    with pytest.raises(ValueError, match=match):
+        bn.load_state_dict(sd)
 
 
 # -- no torch needed -------------------------------------------------------------------------

@@ -215,6 +215,92 @@ def test_safetensors_written_by_torch(tmp_path):
         assert_bitwise(sd[k], t, f"safetensors {k}")
 
 
+# -- bfloat16="keep": ml_dtypes.bfloat16 arrays with torch's bits -------------------------------
+
+def torch_bits(t):
+    """The stored bits of a bfloat16 tensor, as torch shows them, C-contiguous uint16."""
+    return np.array(t.detach().view(torch.int16).numpy(), order="C").view(np.uint16)
+
+
+def assert_bitwise_bfloat16(actual, t, what):
+    assert isinstance(actual, np.ndarray), f"{what}: got {type(actual).__name__}"
+    assert actual.dtype.name == "bfloat16" and actual.shape == tuple(t.shape), \
+        f"{what}: {actual.dtype}{actual.shape}, torch bfloat16{tuple(t.shape)}"
+    assert actual.flags.c_contiguous and actual.flags.writeable, f"{what}: {actual.flags}"
+    want = torch_bits(t)
+    assert actual.view(np.uint16).tobytes() == want.tobytes(), \
+        f"{what}: bits differ\n{actual.view(np.uint16)}\ntorch\n{want}"
+
+
+def bfloat16_tensors(gen):
+    """bfloat16 tensors over one storage and on their own, with bits a float detour would alter."""
+    base = random_tensor(torch.bfloat16, (4, 6), gen)
+    # signalling and payload NaNs, -0, infinities, the smallest subnormal, 1.5
+    special = torch.tensor([0x7F81, -63, -32768, 0x7F80, -128, 1, 0x3FC0], dtype=torch.int16)
+    return {"base": base, "t": base.t(), "view": base[1:, ::2], "scalar": base[2, 3].clone(),
+            "special": special.view(torch.bfloat16), "param": torch.nn.Parameter(base[0].clone())}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bfloat16_keep_reads_torchs_bits(tmp_path, variant):
+    pytest.importorskip("ml_dtypes")
+    tensors = bfloat16_tensors(torch.Generator().manual_seed(7))
+    others = {"float32": torch.randn(3), "float16": torch.randn(3).half(), "int64": torch.arange(3)}
+    path = torch_save({**tensors, **others}, tmp_path / "c.pt", variant)
+    kept = fastbn.read_checkpoint(path, bfloat16="keep")
+    widened = fastbn.read_checkpoint(path)
+    for k, t in tensors.items():
+        assert_bitwise_bfloat16(kept[k], t, f"{k} ({variant})")
+        assert_bitwise(widened[k], t, f"{k} widened by default ({variant})")
+    for k, t in others.items():
+        assert_bitwise(kept[k], t, f"{k}, not bfloat16, with bfloat16='keep' ({variant})")
+
+
+def test_bfloat16_keep_from_safetensors_written_by_torch(tmp_path):
+    pytest.importorskip("ml_dtypes")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    tensors = {k: t.detach().contiguous() for k, t in bfloat16_tensors(torch.Generator().manual_seed(8)).items()
+               if k != "t"}  # safetensors refuses tensors sharing a storage
+    tensors["float32"] = torch.randn(2, 2)
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({k: t.clone() for k, t in tensors.items()}, str(path))
+    kept = fastbn.load_checkpoint(path, bfloat16="keep")
+    for k, t in tensors.items():
+        if t.dtype == torch.bfloat16:
+            assert_bitwise_bfloat16(kept[k], t, f"safetensors {k}")
+        else:
+            assert_bitwise(kept[k], t, f"safetensors {k}")
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "safetensors"])
+def test_module_from_a_bfloat16_checkpoint_kept_or_widened(tmp_path, variant):
+    pytest.importorskip("ml_dtypes")
+    m = model(torch.bfloat16)
+    if variant == "safetensors":
+        safetensors_torch = pytest.importorskip("safetensors.torch")
+        path = tmp_path / "m.safetensors"
+        safetensors_torch.save_file(m.state_dict(), str(path))
+    else:
+        path = torch_save(m.state_dict(), tmp_path / "m.pt", variant)
+    kept = fastbn.load_checkpoint(path, bfloat16="keep")
+    widened = fastbn.load_checkpoint(path)
+    assert kept["1.weight"].dtype.name == "bfloat16" and widened["1.weight"].dtype == np.float32
+    x = torch.randn(3, 6, 4, 4, generator=torch.Generator().manual_seed(2))
+    for index in (1, 3):
+        bn = fastbn.BatchNorm2d.from_state_dict(kept, prefix=f"{index}.", momentum=m[index].momentum).eval()
+        want = fastbn.BatchNorm2d.from_state_dict(widened, prefix=f"{index}.", momentum=m[index].momentum).eval()
+        assert bn.dtype == want.dtype == np.float32
+        for k, v in m[index].state_dict().items():
+            assert_bitwise(getattr(bn, k), v, f"{index}.{k} ({variant})")
+            assert_bitwise(getattr(want, k), v, f"{index}.{k} widened ({variant})")
+        reference = torch.nn.BatchNorm2d(6).eval()
+        reference.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                   for k, v in m[index].state_dict().items()})
+        with torch.no_grad():
+            assert_close(bn(x.numpy()), reference(x).numpy(), np.float32,
+                         f"BatchNorm2d {index} from bfloat16 vs torch in float32 ({variant})")
+
+
 def test_whole_pickled_model_is_refused_with_advice(tmp_path):
     path = torch_save(model(), tmp_path / "model.pt", "zip")
     with pytest.raises(UnsafeCheckpointError, match=r"torch\.nn\..*save model\.state_dict\(\) instead"):
