@@ -4,7 +4,9 @@ What is built
 -------------
 * ``fastbn._openmp``  -- thread-count helpers and the OpenMP shim.
 * ``fastbn._cpu``     -- which SIMD level this CPU (and OS) supports.
-* ``fastbn._kernels`` -- the typed kernels, compiled for the architecture's baseline, so it
+* ``fastbn._tuning``  -- the kernels' process-wide tuning switches (one copy for every variant).
+* ``fastbn._kernels`` -- the typed kernels (``_kernels.pyx`` and the ``_engine/*.pxi`` files it
+  includes), compiled for the architecture's baseline, so it
   runs on any CPU of that architecture.  On x86-64 the same source is compiled twice more,
   as ``_kernels_avx2`` (AVX2 + FMA + F16C) and ``_kernels_avx512`` (AVX-512 F/BW/DQ/VL); fastbn picks
   the widest one this CPU supports at import time (``fastbn/_dispatch.py``).  No variant uses
@@ -220,6 +222,7 @@ def extensions():
         _extension("fastbn._openmp", "fastbn/_openmp.pyx",
                    libraries=["dl"] if sys.platform.startswith("linux") else []),
         _extension("fastbn._cpu", "fastbn/_cpu.pyx"),
+        _extension("fastbn._tuning", "fastbn/_tuning.pyx"),
         _extension("fastbn._kernels", "fastbn/_kernels.pyx"),
     ]
     if _is_x86_64() and not _env_flag("FASTBN_NO_SIMD_VARIANTS"):

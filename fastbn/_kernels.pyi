@@ -1,6 +1,7 @@
 # Types of the compiled kernels (fastbn/_kernels.pyx).  These functions trust their caller,
-# fastbn.functional: arrays are C-contiguous float32/float64 data with per-channel arrays of the
-# data's dtype (weight, bias, running buffers; None where absent) and float64 statistics.
+# fastbn.functional: arrays are C-contiguous float32/float64/float16/bfloat16 data with
+# per-channel arrays of the compute dtype (weight, bias, running buffers; None where absent:
+# float64 for float64 data, float32 otherwise) and float64 statistics.
 # relu=True applies torch's ReLU in the forward's pass; a backward given the forward's `output`
 # gates the gradient by that ReLU.
 from typing import Any, Literal
@@ -45,3 +46,4 @@ def backward_from_sums(
 def parallel_copy(src: _Array, dst: _Array, n_threads: int) -> None: ...
 def half_simd() -> bool: ...
 def convert_float16(src: _Array, dst: _Array, n_threads: int) -> None: ...
+def convert_bfloat16(src: _Array, dst: _Array, n_threads: int) -> None: ...

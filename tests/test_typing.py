@@ -34,7 +34,7 @@ def test_mypy_is_clean():
 def test_compiled_module_stubs_match_the_modules():
     # Only the kernel variants this CPU runs can be imported (the others may use instructions
     # it lacks); their stubs re-export _kernels.pyi, which is checked on every machine.
-    modules = ["fastbn._openmp", "fastbn._cpu"] + [_dispatch.MODULE_OF_LEVEL[level]
+    modules = ["fastbn._openmp", "fastbn._cpu", "fastbn._tuning"] + [_dispatch.MODULE_OF_LEVEL[level]
                                                    for level in _dispatch.available_levels()]
     result = _mypy("mypy.stubtest", "--mypy-config-file", "pyproject.toml",
                    "--allowlist", os.path.join("tests", "stubtest_allowlist.txt"), *modules)

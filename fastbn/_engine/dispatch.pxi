@@ -1,0 +1,80 @@
+# The one dispatcher: a job, the storage type of the call's data and its activation select the
+# specialisation that runs.  Adding a storage type is a line in `dispatch` (and its member of
+# the fused type in storage.pxi); adding an activation, a line in `with_activation`.
+
+cdef enum Job:
+    MOMENTS             # per-channel mean and M2 (Stats.mean, .m2)
+    NORMALIZE           # y from x with given statistics (Stats.mean, .invstd)
+    FORWARD_TRAIN       # y, batch statistics, running buffers
+    FORWARD_EVAL        # y with the running statistics
+    GRAD_SUMS           # per-channel gradient sums around Stats.mean
+    BACKWARD_TRAIN      # dx and the parameter gradients, batch statistics
+    BACKWARD_EVAL       # dx and the parameter gradients, fixed statistics
+    BACKWARD_FROM_SUMS  # dx from gradient sums over Step.count values (distributed)
+
+
+cdef enum Storage:
+    FLOAT32
+    FLOAT64
+    FLOAT16
+    BFLOAT16
+
+
+cdef int run(Job job, Call* call, const activation* act, const storage* stored,
+             const real* computed) noexcept nogil:
+    """`job` on the call's data stored as `storage`, computed in `real`, with the activation
+    (the last three are type tags: NULL pointers whose types select the specialisation)."""
+    cdef const storage* x = <const storage*>call.x
+    cdef storage* y = <storage*>call.y
+    cdef const storage* dy = <const storage*>call.dy
+    cdef const storage* out = <const storage*>call.out
+    cdef storage* dx = <storage*>call.dx
+    cdef Py_ssize_t i, c = call.g.c
+    cdef int rc = -1
+    cdef real* p[N_PARAMS]
+    if job == MOMENTS:
+        return moments_pass(&call.g, x, &call.stats, call.n_threads)
+    # Absent per-channel arrays point at fillers (see Param): ones for the weight, zeros (and
+    # scratch) for the rest.
+    cdef real* fill = <real*>malloc(N_PARAMS * max(c, <Py_ssize_t>1) * sizeof(real))
+    if fill == NULL:
+        return -1
+    for i in range(N_PARAMS * c):
+        fill[i] = 1 if i < c else 0
+    for i in range(N_PARAMS):
+        p[i] = <real*>call.params[i] if call.params[i] != NULL else fill + i * c
+    if job == NORMALIZE:
+        rc = normalize(act, call, x, y, p)
+    elif job == FORWARD_TRAIN:
+        rc = train_forward(act, call, x, y, p)
+    elif job == FORWARD_EVAL:
+        rc = eval_forward(act, call, x, y, p)
+    elif job == GRAD_SUMS:
+        rc = grad_sums_pass(act, call, dy, out, x, <real*>NULL, <storage*>NULL)
+    elif job == BACKWARD_TRAIN:
+        rc = train_backward(act, call, dy, out, x, dx, p)
+    elif job == BACKWARD_EVAL:
+        rc = eval_backward(act, call, dy, out, x, dx, p)
+    elif job == BACKWARD_FROM_SUMS:
+        rc = grad_input_from_sums(act, call, dy, out, x, dx, p)
+    free(fill)
+    return rc
+
+
+cdef inline int with_activation(Job job, Call* call, bint relu, const storage* stored,
+                                const real* computed) noexcept nogil:
+    if relu:
+        return run(job, call, <ReLU*>NULL, stored, computed)
+    return run(job, call, <Identity*>NULL, stored, computed)
+
+
+cdef int dispatch(Job job, Call* call, Storage kind, bint relu) noexcept nogil:
+    """Run `job` on data of storage type `kind`: float32, float16 and bfloat16 are computed in
+    float32, float64 in float64.  -1 if out of memory."""
+    if kind == FLOAT32:
+        return with_activation(job, call, relu, <float*>NULL, <float*>NULL)
+    if kind == FLOAT64:
+        return with_activation(job, call, relu, <double*>NULL, <double*>NULL)
+    if kind == FLOAT16:
+        return with_activation(job, call, relu, <half*>NULL, <float*>NULL)
+    return with_activation(job, call, relu, <bfloat*>NULL, <float*>NULL)

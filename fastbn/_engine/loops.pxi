@@ -1,0 +1,336 @@
+# Inner loops over contiguous runs and rows of the compute type `real` (float32 or float64),
+# the arithmetic helpers of the statistics, and the activation applied in the same pass.
+# Nothing here knows about storage types or work items: storage.pxi and staging.pxi feed these
+# loops, from the data itself (float32, float64) or from blocks widened on the stack (halves).
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define FASTBN_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
+    #elif defined(_MSC_VER)
+    #include <xmmintrin.h>
+    #define FASTBN_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+    #else
+    #define FASTBN_PREFETCH(p) ((void)(p))
+    #endif
+    """
+    void prefetch "FASTBN_PREFETCH"(const void* p) noexcept nogil
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* v where keep is 1, +0.0 where it is 0, by masking v's bits.  gcc 12 does not vectorise
+       a float32 select (keep ? v : 0) whose result is widened to double, but does vectorise
+       this; the memcpys compile to register moves. */
+    static inline float fastbn_keep_float(int keep, float v) {
+        uint32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        bits &= (uint32_t)0 - (uint32_t)keep;
+        memcpy(&v, &bits, sizeof bits);
+        return v;
+    }
+    static inline double fastbn_keep_double(int keep, double v) {
+        uint64_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        bits &= (uint64_t)0 - (uint64_t)keep;
+        memcpy(&v, &bits, sizeof bits);
+        return v;
+    }
+    """
+    float keep_float "fastbn_keep_float"(int keep, float v) noexcept nogil
+    double keep_double "fastbn_keep_double"(int keep, double v) noexcept nogil
+
+
+# The activation applied in the same pass as the normalisation: a compile-time choice, so each
+# loop is written once and costs nothing when there is none.
+cdef struct Identity:
+    char unused
+
+cdef struct ReLU:
+    char unused
+
+ctypedef fused activation:
+    Identity
+    ReLU
+
+
+cdef enum:
+    # Rows of the coefficients of an elementwise pass, per channel (or per column: see
+    # per_column), in one block of the compute type; a pass takes `real** k`, k[row] + channel.
+    #   forward:   y  = activation((x * FACTOR - CENTER) * SCALE + SHIFT)
+    #   backward:  dx = GAIN * (g + (x * FACTOR - CENTER) * SCALE + SHIFT)
+    # x - CENTER is computed as x * FACTOR - CENTER, FACTOR being 1 (the exact subtraction)
+    # except in the corners of the dtype's range that split_center describes.
+    CENTER, SCALE, SHIFT, FACTOR, GAIN, N_COEFFICIENTS
+
+
+cdef inline real activate(const activation* act, real z) noexcept nogil:
+    """The activation of z.  ReLU is torch's: 0 where z < 0, z itself otherwise (so -0.0 and
+    NaN pass through)."""
+    cdef real zero = 0  # typed: a bare 0 would compare float32 z as a double
+    if activation is ReLU:
+        return zero if z < zero else z
+    else:
+        return z
+
+
+cdef inline real gate(const activation* act, const real* dy, const real* out,
+                      Py_ssize_t i) noexcept nogil:
+    """The gradient reaching the normalisation: dy[i] where the activation passes it (ReLU:
+    where its output out[i] is not <= 0, as torch's threshold_backward), else 0.  `out` is read
+    only with an activation."""
+    # Branch-free (see fastbn_keep_float), so that the loops calling this vectorise; `not
+    # out <= 0` rather than `out > 0` keeps dy where out is NaN, as torch does.
+    cdef real zero = 0
+    if activation is ReLU:
+        if real is float:
+            return keep_float(not (out[i] <= zero), dy[i])
+        else:
+            return keep_double(not (out[i] <= zero), dy[i])
+    else:
+        return dy[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic of the statistics
+# ---------------------------------------------------------------------------------------------
+
+cdef inline double finite_or_zero(double v) noexcept nogil:
+    """v, or 0 when it is infinite or NaN (a shift must be finite to be one)."""
+    return v if fabs(v) <= DBL_MAX else 0.0
+
+
+cdef inline double nonnegative(double v) noexcept nogil:
+    """max(v, 0) that keeps NaN (a channel with infinities has an undefined variance)."""
+    return 0.0 if v < 0.0 else v
+
+
+cdef inline double difference(double a, double b) noexcept nogil:
+    """a - b, but 0 for equal a and b: two infinite means of the same sign are the same mean,
+    where inf - inf would make it NaN."""
+    return 0.0 if a == b else a - b
+
+
+cdef inline bint finite(double v) noexcept nogil:
+    return fabs(v) <= DBL_MAX
+
+
+cdef inline double merged_mean(double mean, double other, double r) noexcept nogil:
+    """Chan's update of a mean towards another by the weight r; where either is infinite or
+    NaN, the arithmetic of the sums they stand for instead (inf + finite = inf, inf - inf =
+    NaN), as torch and numpy compute a mean."""
+    return mean + (other - mean) * r if finite(mean) & finite(other) else mean + other
+
+
+cdef inline void two_sum(double a, double b, double* total, double* error) noexcept nogil:
+    """total = fl(a + b) and error = (a + b) - total exactly (Knuth's TwoSum)."""
+    cdef double t = a + b
+    cdef double bb = t - a
+    error[0] = (a - (t - bb)) + (b - bb)
+    total[0] = t
+
+
+cdef inline void clear(double* a, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        a[j] = 0.0
+
+
+cdef inline double fold_lanes(double* acc) noexcept nogil:
+    """Sum of LANES partial sums, pairwise (fixed order)."""
+    cdef int width = LANES // 2, j
+    while width > 0:
+        for j in range(width):
+            acc[j] += acc[j + width]
+        width //= 2
+    return acc[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions along a run: element i goes to lane i % LANES.  A run fed in pieces whose lengths
+# are multiples of LANES (all but the last) is summed in the same order as in one piece.
+# ---------------------------------------------------------------------------------------------
+
+cdef inline void moment_lanes(const real* x, Py_ssize_t n, double shift, double* s1,
+                              double* s2) noexcept nogil:
+    """Add d = x - shift and d * d over x[:n] to the lane sums s1 and s2."""
+    cdef double d
+    cdef Py_ssize_t i = 0, j, full = n - n % LANES
+    while i < full:
+        for j in range(LANES):
+            d = <double>x[i + j] - shift
+            s1[j] += d
+            s2[j] += d * d
+        i += LANES
+    for j in range(n - full):
+        d = <double>x[full + j] - shift
+        s1[j] += d
+        s2[j] += d * d
+
+
+cdef inline void grad_lanes(const activation* act, const real* dy, const real* out,
+                            const real* x, Py_ssize_t n, double center, real scale, real* dx,
+                            double* s1, double* s2) noexcept nogil:
+    """Add g and g * (x - center) over n elements to the lane sums s1 and s2, g being dy gated
+    by the activation (see gate); with dx, also dx = scale * g."""
+    cdef double v
+    cdef Py_ssize_t i = 0, j, full = n - n % LANES
+    if dx == NULL:
+        while i < full:
+            for j in range(LANES):
+                v = gate(act, dy, out, i + j)
+                s1[j] += v
+                s2[j] += v * (<double>x[i + j] - center)
+            i += LANES
+    else:
+        while i < full:
+            for j in range(LANES):
+                v = gate(act, dy, out, i + j)
+                dx[i + j] = scale * gate(act, dy, out, i + j)
+                s1[j] += v
+                s2[j] += v * (<double>x[i + j] - center)
+            i += LANES
+    for j in range(n - full):
+        v = gate(act, dy, out, full + j)
+        if dx != NULL:
+            dx[full + j] = scale * gate(act, dy, out, full + j)
+        s1[j] += v
+        s2[j] += v * (<double>x[full + j] - center)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions down the columns of a tile (columns layout), per column
+# ---------------------------------------------------------------------------------------------
+
+cdef inline void prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
+    """Ask for the cache lines of nbytes from p ahead of their use."""
+    cdef Py_ssize_t i = 0
+    while i < nbytes:
+        prefetch(<const char*>p + i)
+        i += 64
+
+
+cdef inline void tile_moments_start(const real* x, Py_ssize_t width, double* shift,
+                                    double* s1, double* s2) noexcept nogil:
+    """The accumulators of the tile moments, shifted by the tile's first row x[:width]."""
+    cdef Py_ssize_t j
+    for j in range(width):
+        shift[j] = finite_or_zero(x[j])
+        s1[j] = 0.0
+        s2[j] = 0.0
+
+
+cdef inline void tile_moments_rows(const real* x, Py_ssize_t stride, Py_ssize_t nrows,
+                                   Py_ssize_t width, const double* shift, double* s1,
+                                   double* s2) noexcept nogil:
+    """Add nrows rows (`stride` apart) of a tile to its sums of d = x - shift and d * d.
+    Feeding a tile's rows in pieces of multiples of four rows sums in the same order."""
+    cdef const real* row
+    cdef double d, e, f, h
+    cdef Py_ssize_t r = 0, j
+    # Four rows per sweep: the accumulators are loaded and stored once per four rows, which
+    # halves the time of a one-row sweep (bound by those stores).  Row 0 is swept too: its
+    # deviation is 0 unless its value was no shift (infinite or NaN), which must still count.
+    while r + 4 <= nrows:
+        row = x + r * stride
+        for j in range(width):
+            d = <double>row[j] - shift[j]
+            e = <double>row[stride + j] - shift[j]
+            f = <double>row[2 * stride + j] - shift[j]
+            h = <double>row[3 * stride + j] - shift[j]
+            s1[j] += (d + e) + (f + h)
+            s2[j] += (d * d + e * e) + (f * f + h * h)
+        r += 4
+    while r < nrows:
+        row = x + r * stride
+        for j in range(width):
+            d = <double>row[j] - shift[j]
+            s1[j] += d
+            s2[j] += d * d
+        r += 1
+
+
+cdef inline void tile_moments_finish(Py_ssize_t nrows, Py_ssize_t width, const double* shift,
+                                     const double* s1, const double* s2, double* shift_out,
+                                     double* offset, double* m2) noexcept nogil:
+    cdef double inv_n = 1.0 / nrows
+    cdef Py_ssize_t j
+    for j in range(width):
+        shift_out[j] = shift[j]
+        offset[j] = s1[j] * inv_n
+        m2[j] = nonnegative(s2[j] - s1[j] * s1[j] * inv_n)
+
+
+cdef inline void tile_grad_rows(const activation* act, const Tile* t, const real* dy,
+                                const real* out, const real* x, const double* center,
+                                const real* scale, real* dx, double* s1,
+                                double* s2) noexcept nogil:
+    """Add the tile's per-column g and g * (x - center[j]) to s1 and s2, g being dy gated by
+    the activation (pointers at the tile's first element); with dx, also dx = scale[j] * g."""
+    cdef double v
+    cdef Py_ssize_t r, j, o, width = t.width, ahead = PREFETCH_ROWS * t.stride
+    for r in range(t.nrows):
+        o = r * t.stride
+        if r + PREFETCH_ROWS < t.nrows:
+            prefetch_row(dy + o + ahead, width * sizeof(real))
+            prefetch_row(x + o + ahead, width * sizeof(real))
+        if dx == NULL:
+            for j in range(width):
+                v = gate(act, dy, out, o + j)
+                s1[j] += v
+                s2[j] += v * (<double>x[o + j] - center[j])
+        else:
+            for j in range(width):
+                v = gate(act, dy, out, o + j)
+                dx[o + j] = scale[j] * gate(act, dy, out, o + j)
+                s1[j] += v
+                s2[j] += v * (<double>x[o + j] - center[j])
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise loops: a run of one channel (its coefficients k[row][ch]) or a row of columns
+# (their coefficients k[row][col0:col0 + n])
+# ---------------------------------------------------------------------------------------------
+
+cdef inline void affine_run(const activation* act, const real* x, real* y, Py_ssize_t n,
+                            real** k, Py_ssize_t ch) noexcept nogil:
+    cdef real factor = k[FACTOR][ch], center = k[CENTER][ch]
+    cdef real scale = k[SCALE][ch], shift = k[SHIFT][ch]
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = activate(act, (x[i] * factor - center) * scale + shift)
+
+
+cdef inline void affine_row(const activation* act, const real* x, real* y, Py_ssize_t n,
+                            real** k, Py_ssize_t col0) noexcept nogil:
+    cdef const real* factor = k[FACTOR] + col0
+    cdef const real* center = k[CENTER] + col0
+    cdef const real* scale = k[SCALE] + col0
+    cdef const real* shift = k[SHIFT] + col0
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = activate(act, (x[i] * factor[i] - center[i]) * scale[i] + shift[i])
+
+
+cdef inline void grad_input_run(const activation* act, const real* dy, const real* out,
+                                const real* x, real* dx, Py_ssize_t n, real** k,
+                                Py_ssize_t ch) noexcept nogil:
+    cdef real a = k[GAIN][ch], b = k[SCALE][ch], factor = k[FACTOR][ch]
+    cdef real center = k[CENTER][ch], c = k[SHIFT][ch]
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = a * (gate(act, dy, out, i) + (x[i] * factor - center) * b + c)
+
+
+cdef inline void grad_input_row(const activation* act, const real* dy, const real* out,
+                                const real* x, real* dx, Py_ssize_t n, real** k,
+                                Py_ssize_t col0) noexcept nogil:
+    cdef const real* a = k[GAIN] + col0
+    cdef const real* b = k[SCALE] + col0
+    cdef const real* factor = k[FACTOR] + col0
+    cdef const real* center = k[CENTER] + col0
+    cdef const real* c = k[SHIFT] + col0
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = a[i] * (gate(act, dy, out, i) + (x[i] * factor[i] - center[i]) * b[i] + c[i])

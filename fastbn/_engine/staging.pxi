@@ -1,0 +1,196 @@
+# The loops of loops.pxi over stored data.  float32 and float64 data go to them as they are;
+# half data (float16, bfloat16) is widened block by block into float32 buffers on the stack,
+# fed to the same loops, and their results narrowed back.  The blocks are cut where the loops
+# can resume in the same order (multiples of LANES along a run, of four rows down a tile), so
+# a half result is the float32 path's on the widened data, rounded, bit for bit; and no pass
+# ever holds more of a half tensor in float32 than a few kilobytes.
+
+cdef inline void segment_moments(const storage* x, Py_ssize_t n, double* shift_out,
+                                 double* offset, double* m2) noexcept nogil:
+    """Moments of x[:n] (n >= 1) as shift = x[0], offset = mean - shift and M2, by sums of
+    d = x - shift in LANES float64 lanes.  The mean is kept as two parts so that merging
+    chunks loses nothing to its rounding.  (A non-finite first value is no shift: 0 is used, so
+    that a chunk holding +inf has mean +inf, as torch and numpy say, rather than inf - inf.)"""
+    cdef double shift = finite_or_zero(first_value(x))
+    cdef double s1[LANES]
+    cdef double s2[LANES]
+    cdef double t1, t2
+    cdef float xs[STAGE]
+    cdef Py_ssize_t j = 0, m
+    clear(s1, LANES)
+    clear(s2, LANES)
+    if storage is float or storage is double:
+        moment_lanes(x, n, shift, s1, s2)
+    else:
+        while j < n:
+            m = min(<Py_ssize_t>STAGE, n - j)
+            widen(x + j, xs, m)
+            moment_lanes(xs, m, shift, s1, s2)
+            j += m
+    t1 = fold_lanes(s1)
+    t2 = fold_lanes(s2)
+    shift_out[0] = shift
+    offset[0] = t1 / n
+    m2[0] = nonnegative(t2 - t1 * t1 / n)
+
+
+cdef inline void tile_moments(const Tile* t, const storage* x, double* shift_out,
+                              double* offset, double* m2) noexcept nogil:
+    """Per-column moments of a tile (x at its first element) as shift = the tile's first row,
+    offset = mean - shift and M2, by sums of d = x - shift."""
+    cdef double shift[TILE]
+    cdef double s1[TILE]
+    cdef double s2[TILE]
+    cdef float rows[STAGE_ROWS * TILE]
+    cdef Py_ssize_t r = 0, i, m
+    if storage is float or storage is double:
+        tile_moments_start(x, t.width, shift, s1, s2)
+        tile_moments_rows(x, t.stride, t.nrows, t.width, shift, s1, s2)
+    else:
+        while r < t.nrows:
+            m = min(<Py_ssize_t>STAGE_ROWS, t.nrows - r)
+            for i in range(m):
+                widen(x + (r + i) * t.stride, rows + i * TILE, t.width)
+            if r == 0:
+                tile_moments_start(rows, t.width, shift, s1, s2)
+            tile_moments_rows(rows, TILE, m, t.width, shift, s1, s2)
+            r += m
+    tile_moments_finish(t.nrows, t.width, shift, s1, s2, shift_out, offset, m2)
+
+
+cdef inline void segment_grad_sums(const activation* act, const storage* dy, const storage* out,
+                                   const storage* x, Py_ssize_t n, double center, real scale,
+                                   storage* dx, double* sum_dy, double* sum_dy_xc) noexcept nogil:
+    """sum(g) and sum(g * (x - center)) over n elements, g being dy gated by the activation
+    (see gate); with dx, also dx = scale * g."""
+    cdef double s1[LANES]
+    cdef double s2[LANES]
+    cdef float dys[STAGE]
+    cdef float outs[STAGE]
+    cdef float xs[STAGE]
+    cdef float dxs[STAGE]
+    cdef Py_ssize_t j = 0, m
+    clear(s1, LANES)
+    clear(s2, LANES)
+    if storage is float or storage is double:
+        grad_lanes(act, <const real*>dy, <const real*>out, <const real*>x, n, center, scale,
+                   <real*>dx, s1, s2)
+    else:
+        while j < n:
+            m = min(<Py_ssize_t>STAGE, n - j)
+            widen(dy + j, dys, m)
+            if activation is ReLU:
+                widen(out + j, outs, m)
+            widen(x + j, xs, m)
+            grad_lanes(act, dys, outs, xs, m, center, <float>scale,
+                       &dxs[0] if dx != NULL else <float*>NULL, s1, s2)
+            if dx != NULL:
+                narrow(dxs, dx + j, m)
+            j += m
+    sum_dy[0] = fold_lanes(s1)
+    sum_dy_xc[0] = fold_lanes(s2)
+
+
+cdef inline void tile_grad_sums(const activation* act, const Tile* t, const storage* dy,
+                                const storage* out, const storage* x, const double* center,
+                                const real* scale, storage* dx, double* sum_dy,
+                                double* sum_dy_xc) noexcept nogil:
+    """Per-column sum(g) and sum(g * (x - center[j])) of a tile (pointers at its first
+    element), g being dy gated by the activation; with dx, also dx = scale[j] * g."""
+    cdef double s1[TILE]
+    cdef double s2[TILE]
+    cdef float dys[TILE]
+    cdef float outs[TILE]
+    cdef float xs[TILE]
+    cdef float dxs[TILE]
+    cdef Tile row
+    cdef Py_ssize_t r, j, o, ahead
+    clear(s1, t.width)
+    clear(s2, t.width)
+    if storage is float or storage is double:
+        tile_grad_rows(act, t, <const real*>dy, <const real*>out, <const real*>x, center, scale,
+                       <real*>dx, s1, s2)
+    else:
+        # one row at a time, as a tile of one row
+        row.offset = row.col0 = 0
+        row.stride = t.width
+        row.nrows = 1
+        row.width = t.width
+        ahead = PREFETCH_ROWS * t.stride
+        for r in range(t.nrows):
+            o = r * t.stride
+            if r + PREFETCH_ROWS < t.nrows:
+                prefetch_row(dy + o + ahead, t.width * sizeof(storage))
+                prefetch_row(x + o + ahead, t.width * sizeof(storage))
+            widen(dy + o, dys, t.width)
+            if activation is ReLU:
+                widen(out + o, outs, t.width)
+            widen(x + o, xs, t.width)
+            tile_grad_rows(act, &row, dys, outs, xs, center, <const float*>scale,
+                           &dxs[0] if dx != NULL else <float*>NULL, s1, s2)
+            if dx != NULL:
+                narrow(dxs, dx + o, t.width)
+    for j in range(t.width):
+        sum_dy[j] = s1[j]
+        sum_dy_xc[j] = s2[j]
+
+
+cdef inline void span_affine(const activation* act, const storage* x, storage* y, Py_ssize_t n,
+                             real** k, Py_ssize_t at, bint per_column) noexcept nogil:
+    """y[:n] = the affine map of x[:n] (then the activation) with the coefficients of channel
+    `at`, or, per_column, of the columns from `at` on."""
+    cdef float xs[STAGE]
+    cdef float ys[STAGE]
+    cdef Py_ssize_t j = 0, m
+    if storage is float or storage is double:
+        if per_column:
+            affine_row(act, <const real*>x, <real*>y, n, k, at)
+        else:
+            affine_run(act, <const real*>x, <real*>y, n, k, at)
+    else:
+        while j < n:
+            m = min(<Py_ssize_t>STAGE, n - j)
+            widen(x + j, xs, m)
+            if per_column:
+                affine_row(act, xs, ys, m, <float**>k, at + j)
+            else:
+                affine_run(act, xs, ys, m, <float**>k, at)
+            narrow(ys, y + j, m)
+            j += m
+
+
+cdef inline void span_grad_input(const activation* act, const storage* dy, const storage* out,
+                                 const storage* x, storage* dx, Py_ssize_t n, real** k,
+                                 Py_ssize_t at, bint per_column) noexcept nogil:
+    """dx[:n] from dy, out (the activation's mask) and x with the coefficients of channel `at`,
+    or, per_column, of the columns from `at` on."""
+    cdef float dys[STAGE]
+    cdef float outs[STAGE]
+    cdef float xs[STAGE]
+    cdef float dxs[STAGE]
+    cdef Py_ssize_t j = 0, m
+    if storage is float or storage is double:
+        if per_column:
+            grad_input_row(act, <const real*>dy, <const real*>out, <const real*>x, <real*>dx, n,
+                           k, at)
+        else:
+            grad_input_run(act, <const real*>dy, <const real*>out, <const real*>x, <real*>dx, n,
+                           k, at)
+    else:
+        while j < n:
+            m = min(<Py_ssize_t>STAGE, n - j)
+            widen(dy + j, dys, m)
+            if activation is ReLU:
+                widen(out + j, outs, m)
+            widen(x + j, xs, m)
+            if per_column:
+                grad_input_row(act, dys, outs, xs, dxs, m, <float**>k, at + j)
+            else:
+                grad_input_run(act, dys, outs, xs, dxs, m, <float**>k, at)
+            narrow(dxs, dx + j, m)
+            j += m
+
+
+cdef inline const storage* at(const storage* p, Py_ssize_t offset) noexcept nogil:
+    """p + offset, or NULL for an absent (NULL) optional array."""
+    return NULL if p == NULL else p + offset

@@ -1,0 +1,216 @@
+# Storage types and conversion.  Data is stored as float32, float64, float16 or bfloat16; it is
+# computed in `real`, float32 for all but float64.  Half storages (float16, bfloat16) are never
+# copied whole into float32: the passes widen small blocks into buffers on the stack, run the
+# float32 loops on them and narrow their results (see staging.pxi), so every half result is
+# the float32 path's on the widened data, rounded to nearest even.
+
+from libc.stdint cimport uint16_t
+
+cdef struct half:
+    # IEEE 754 binary16 (numpy's float16), as its bits
+    uint16_t bits
+
+cdef struct bfloat:
+    # bfloat16 (ml_dtypes.bfloat16, torch.bfloat16): the high 16 bits of a float32
+    uint16_t bits
+
+# The storage types, and the types computed in.  Only the pairs (float, float), (double,
+# double), (half, float) and (bfloat, float) are ever instantiated: Cython emits only the
+# specialisations a call reaches, and the dispatcher (dispatch.pxi) reaches only these.
+ctypedef fused storage:
+    float
+    double
+    half
+    bfloat
+
+ctypedef fused real:
+    float
+    double
+
+
+cdef enum:
+    # Values per staging block: a few float32 buffers of this many values stay in L1.  A
+    # multiple of LANES, so that a run fed to the lane sums block by block sums in one order.
+    STAGE = 2048
+    # Rows of a column tile staged at once (a multiple of four: tile_moments_rows' sweep).
+    STAGE_ROWS = 16
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #if defined(__F16C__)
+    #include <immintrin.h>
+    #define FASTBN_HALF_SIMD 1
+    #else
+    #define FASTBN_HALF_SIMD 0
+    #endif
+
+    /* float16 <-> float32 without F16C: exact, round to nearest even (numpy's conversions,
+       bit for bit; NaN stays NaN with its sign and the top bits of its payload, quieted). */
+    static inline float fastbn_half_to_float_soft(uint16_t h) {
+        uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
+        if (exponent == 0x1fu) {
+            bits = sign | 0x7f800000u | (mantissa << 13);
+        } else if (exponent != 0) {
+            bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+        } else {
+            float magnitude = (float)mantissa * 5.9604644775390625e-8f;  /* mantissa * 2**-24, exact */
+            memcpy(&bits, &magnitude, sizeof bits);
+            bits |= sign;
+        }
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    static inline uint16_t fastbn_float_to_half_soft(float f) {
+        uint32_t x, ax, sign, e, m, shift, rest, halfway, h;
+        memcpy(&x, &f, sizeof x);
+        sign = (x >> 16) & 0x8000u;
+        ax = x & 0x7fffffffu;
+        if (ax >= 0x7f800000u) {  /* inf, NaN */
+            return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
+        }
+        if (ax >= 0x477ff000u)    /* rounds to 65536 or more: inf */
+            return (uint16_t)(sign | 0x7c00u);
+        if (ax >= 0x38800000u) {  /* a normal half: drop 13 bits, to nearest even */
+            h = (ax - 0x38000000u) >> 13;
+            rest = ax & 0x1fffu;
+            h += (rest > 0x1000u) | ((rest == 0x1000u) & (h & 1u));
+            return (uint16_t)(sign | h);
+        }
+        if (ax <= 0x33000000u)    /* at most 2**-25, half the smallest subnormal: zero */
+            return (uint16_t)sign;
+        e = ax >> 23;             /* a subnormal half: mantissa * 2**(e - 150) in units of 2**-24 */
+        m = (ax & 0x7fffffu) | 0x800000u;
+        shift = 126u - e;         /* 14 to 24 */
+        h = m >> shift;
+        rest = m & ((1u << shift) - 1u);
+        halfway = 1u << (shift - 1u);
+        h += (rest > halfway) | ((rest == halfway) & (h & 1u));
+        return (uint16_t)(sign | h);
+    }
+
+    static void fastbn_widen_half(const void *src, float *dst, Py_ssize_t n) {
+        const uint16_t *s = (const uint16_t *)src;
+        Py_ssize_t i = 0;
+    #if FASTBN_HALF_SIMD
+    #if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
+    #endif
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+        for (; i < n; i++)
+            dst[i] = _cvtsh_ss(s[i]);
+    #else
+        for (; i < n; i++)
+            dst[i] = fastbn_half_to_float_soft(s[i]);
+    #endif
+    }
+    static void fastbn_narrow_half(const float *src, void *dst, Py_ssize_t n) {
+        uint16_t *d = (uint16_t *)dst;
+        Py_ssize_t i = 0;
+    #if FASTBN_HALF_SIMD
+    #if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256((__m256i *)(d + i),
+                                _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    #endif
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(d + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+        for (; i < n; i++)
+            d[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+    #else
+        for (; i < n; i++)
+            d[i] = fastbn_float_to_half_soft(src[i]);
+    #endif
+    }
+
+    /* bfloat16 <-> float32 with integer arithmetic, which the compiler vectorises at every
+       SIMD level.  Widening is exact (a shift).  Narrowing rounds to nearest even, as torch
+       and ml_dtypes do, denormals included; NaN stays NaN (quieted, sign kept).  (AVX512-BF16's
+       VCVTNEPS2BF16 is not used: it flushes denormal inputs to zero, so its results would
+       differ from these, and from torch's, on such values; this loop runs at memory speed.) */
+    static void fastbn_widen_bfloat(const void *src, float *dst, Py_ssize_t n) {
+        const uint16_t *s = (const uint16_t *)src;
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) {
+            uint32_t bits = (uint32_t)s[i] << 16;
+            memcpy(dst + i, &bits, sizeof bits);
+        }
+    }
+    static void fastbn_narrow_bfloat(const float *src, void *dst, Py_ssize_t n) {
+        uint16_t *d = (uint16_t *)dst;
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) {
+            uint32_t x;
+            memcpy(&x, src + i, sizeof x);
+            uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+            uint32_t quiet = (x >> 16) | 0x40u;
+            d[i] = (uint16_t)((x & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+        }
+    }
+    """
+    bint HALF_SIMD "FASTBN_HALF_SIMD"
+    void widen_half "fastbn_widen_half"(const void* src, float* dst, Py_ssize_t n) noexcept nogil
+    void narrow_half "fastbn_narrow_half"(const float* src, void* dst, Py_ssize_t n) noexcept nogil
+    void widen_bfloat "fastbn_widen_bfloat"(const void* src, float* dst, Py_ssize_t n) noexcept nogil
+    void narrow_bfloat "fastbn_narrow_bfloat"(const float* src, void* dst, Py_ssize_t n) noexcept nogil
+
+
+cdef inline void widen(const storage* src, float* dst, Py_ssize_t n) noexcept nogil:
+    """dst[:n] = src[:n] in float32, for a half storage."""
+    if storage is half:
+        widen_half(src, dst, n)
+    elif storage is bfloat:
+        widen_bfloat(src, dst, n)
+
+
+cdef inline void narrow(const float* src, storage* dst, Py_ssize_t n) noexcept nogil:
+    """dst[:n] = src[:n] rounded to nearest even, for a half storage."""
+    if storage is half:
+        narrow_half(src, dst, n)
+    elif storage is bfloat:
+        narrow_bfloat(src, dst, n)
+
+
+cdef inline double first_value(const storage* x) noexcept nogil:
+    """x[0] as the compute type sees it, in float64."""
+    cdef float v
+    if storage is float or storage is double:
+        return x[0]
+    else:
+        widen(x, &v, 1)
+        return v
+
+
+cdef void convert_run(int kind, const void* src, void* dst, Py_ssize_t n) noexcept nogil:
+    """One conversion of convert(): kind 0 widens float16, 1 narrows to float16, 2 widens
+    bfloat16, 3 narrows to bfloat16 (src, dst and n in values)."""
+    if kind == 0:
+        widen_half(src, <float*>dst, n)
+    elif kind == 1:
+        narrow_half(<const float*>src, dst, n)
+    elif kind == 2:
+        widen_bfloat(src, <float*>dst, n)
+    else:
+        narrow_bfloat(<const float*>src, dst, n)
+
+
+cdef void convert(int kind, const char* src, char* dst, Py_ssize_t n, int n_threads) noexcept nogil:
+    """A conversion of convert_run over n values, in contiguous chunks of whole cache lines,
+    one per thread."""
+    cdef Py_ssize_t parts = max(1, min(<Py_ssize_t>n_threads, n // GRAIN)), chunk, k, start
+    cdef Py_ssize_t src_size = 2 if kind % 2 == 0 else 4
+    cdef Py_ssize_t dst_size = 6 - src_size
+    chunk = ((n + parts - 1) // parts + 31) // 32 * 32
+    if parts == 1:
+        convert_run(kind, src, dst, n)
+        return
+    for k in prange(parts, num_threads=<int>parts, schedule="static"):
+        start = k * chunk
+        if start < n:
+            convert_run(kind, src + start * src_size, dst + start * dst_size, min(chunk, n - start))

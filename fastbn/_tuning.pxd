@@ -1,0 +1,3 @@
+# The kernels' process-wide tuning switches (fastbn/_tuning.pyx), read by every SIMD variant.
+cdef int layout_override() noexcept nogil
+cdef bint fusion_allowed() noexcept nogil
