@@ -103,8 +103,8 @@ def config() -> dict[str, Any]:
         * ``simd``: ``cpu_supports`` (levels this CPU and OS run, widest first), ``built``
           (kernel variants in this build), ``dispatched`` (the level the kernels run at),
           ``FASTBN_SIMD`` (the override in force when fastbn was imported, or None),
-          ``float16_f16c`` (whether float16 data is converted with F16C instructions; numpy
-          converts it otherwise, several times slower).
+          ``float16_f16c`` (whether float16 data is converted with F16C instructions; the
+          kernels convert it with exact integer arithmetic otherwise, slower, same bits).
         * ``openmp``: ``enabled`` (compiled in), ``version`` (``_OPENMP``, 0 without),
           ``spec`` (e.g. ``"4.5"``), ``library`` (path of the OpenMP runtime the kernels
           call, or None where it cannot be told), ``threadpoolctl`` (``installed``,
@@ -165,7 +165,7 @@ def _lines(info: dict[str, Any]) -> list[str]:
         ("  built", ", ".join(simd["built"])),
         ("  dispatched to", simd["dispatched"] + (f" (forced by FASTBN_SIMD={simd['FASTBN_SIMD']})"
                                                   if simd["FASTBN_SIMD"] else "")),
-        ("  float16 convert", "F16C" if simd["float16_f16c"] else "numpy (no F16C in this variant)"),
+        ("  half convert", "F16C (float16), integer (bfloat16)" if simd["float16_f16c"] else "integer (float16, bfloat16)"),
         ("openmp", ""),
         ("  compiled in", compiled),
     ]

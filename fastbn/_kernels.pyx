@@ -208,8 +208,10 @@ def describe_layout(shape):
                 rows=g.rows, tail=g.tail, tile=g.tile, block=g.block, tiles=g.tiles, items=g.items)
 
 
-def moments(cnp.ndarray x, cnp.ndarray mean, cnp.ndarray m2, int n_threads):
-    """Per-channel mean and M2 = sum((x - mean)**2) of x (N, C, ...), into float64 arrays."""
+def moments(cnp.ndarray x, cnp.ndarray mean, cnp.ndarray m2, int n_threads,
+            object mean_lo=None):
+    """Per-channel mean and M2 = sum((x - mean)**2) of x (N, C, ...), into float64 arrays; with
+    mean_lo, the mean unrounded as mean + mean_lo."""
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
     if call.g.total == 0:
@@ -217,6 +219,7 @@ def moments(cnp.ndarray x, cnp.ndarray mean, cnp.ndarray m2, int n_threads):
     if kind >= FLOAT16:
         check_half_contract("moments", (x,), (), ())
     call.stats.mean = <double*>ptr(mean)
+    call.stats.mean_lo = <double*>ptr(mean_lo)
     call.stats.m2 = <double*>ptr(m2)
     run_job(MOMENTS, &call, kind, False)
 
@@ -257,6 +260,32 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
     call.step.eps = eps
     call.step.count = <double>(call.g.n * call.g.s)
     run_job(FORWARD_TRAIN, &call, kind, relu)
+
+
+def forward_train_with_stats(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
+                             object running_mean, object running_var, double momentum,
+                             double eps, double count, cnp.ndarray mean, cnp.ndarray mean_lo,
+                             cnp.ndarray m2, cnp.ndarray save_invstd, int n_threads,
+                             bint relu=False):
+    """Training-mode forward with given batch statistics (float64: the mean as mean + mean_lo,
+    M2 over `count` values per channel, e.g. merged over several processes): save_invstd
+    written, running buffers (when not None) updated -- also when x is empty --, y written
+    (then ReLU), by the same code as forward_train's."""
+    cdef Call call
+    cdef Storage kind = prepare(&call, x, n_threads)
+    if kind >= FLOAT16 or is_half(y):
+        check_half_contract("forward_train_with_stats", (x,), (y,),
+                            (weight, bias, running_mean, running_var))
+    call.y = ptr(y)
+    set_params(&call, weight, bias, running_mean, running_var)
+    call.stats.mean = <double*>ptr(mean)
+    call.stats.mean_lo = <double*>ptr(mean_lo)
+    call.stats.m2 = <double*>ptr(m2)
+    call.stats.invstd = <double*>ptr(save_invstd)
+    call.step.momentum = momentum
+    call.step.eps = eps
+    call.step.count = count
+    run_job(FORWARD_TRAIN_GIVEN, &call, kind, relu)
 
 
 def forward_eval(cnp.ndarray x, cnp.ndarray y, object weight, object bias,

@@ -11,12 +11,23 @@ import numbers
 
 import numpy as np
 
-#: dtypes the kernels compute in; float16 data is computed in float32 (see functional.py).
+#: dtypes the kernels compute in; half data (float16, bfloat16) is computed in float32.
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
 KERNEL_DTYPES = (FLOAT32, FLOAT64)
 FLOAT16 = np.dtype(np.float16)
 INPUT_DTYPES = KERNEL_DTYPES + (FLOAT16,)
+
+
+def is_bfloat16(dt):
+    """Whether dt is ml_dtypes' bfloat16 (recognised by name, without importing ml_dtypes: an
+    array of it can only exist where ml_dtypes is already imported)."""
+    return dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16"
+
+
+def is_half(dt):
+    """Whether dt is a 16-bit float storage (float16 or bfloat16), computed in float32."""
+    return dt == FLOAT16 or is_bfloat16(dt)
 
 
 # The kernels read an array's data, mask or no mask: say so rather than use masked values.
@@ -45,9 +56,11 @@ def as_float_array(value, name):
             raise TypeError(f"{name} must be an array of floats, could not convert "
                             f"{type(value).__name__}: {exc}") from None
     dt = value.dtype
+    if is_bfloat16(dt):
+        return value
     if dt.kind != "f" or dt.newbyteorder("=") not in INPUT_DTYPES:
-        raise TypeError(f"{name} must have a floating-point dtype (float16, float32 or float64), "
-                        f"got {dt}")
+        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32 or "
+                        f"float64), got {dt}")
     if not dt.isnative:
         value = value.astype(dt.newbyteorder("="))
     return value

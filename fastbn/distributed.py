@@ -20,17 +20,28 @@ Gathering rows, rather than reducing them with ``Allreduce``, lets each rank com
 itself, in rank order and with the same code: the results are bitwise identical on every
 rank whatever the MPI library's reduction algorithm, and the statistics can be merged with
 Chan's stable update (:func:`fastbn.functional.merge_stats`) rather than summed as raw
-moments.  The cost is that a rank receives ``size`` rows instead of one: 8 * (2 + 2C) bytes
+moments.  The cost is that a rank receives ``size`` rows instead of one: 8 * (2 + 3C) bytes
 per rank in the forward and 8 * (1 + 2C) in the backward (torch's SyncBatchNorm also gathers
 its forward statistics).
+
+Pipeline
+--------
+Only the statistics and the sums cross ranks; everything else is the modules' own code.  The
+merged statistics go to the base class's training step (``_BatchNorm._train_step``), which
+updates the running estimates and the counter and normalises by the same kernel code as
+:class:`fastbn.BatchNorm2d` (``functional.forward`` with ``stats=``), in the input's memory
+format and storage type: channels-last stays channels-last, float16 and bfloat16 are read and
+written as they are.  The backward takes the local sums and grad_input from the same forward
+context (``functional.local_grad_sums``, ``functional.grad_input_from_sums``).  On a single
+rank every result is bitwise :class:`fastbn.BatchNorm2d`'s.
 """
 
 import numpy as np
 
-from . import _float16
 from . import _validation as V
 from . import functional as F
-from .modules import _OVERWRITTEN, _BatchNorm
+from ._openmp import effective_n_threads
+from .modules import _BatchNorm
 
 __all__ = ["SyncBatchNorm"]
 
@@ -55,20 +66,6 @@ def _world():
             "could not be imported: install it with `pip install fastbn[mpi]` (mpi4py and an "
             f"MPI library), or pass comm= explicitly ({exc})") from exc
     return MPI.COMM_WORLD
-
-
-class _Synced:
-    """What a synchronised training forward saves for backward."""
-
-    __slots__ = ("input", "dtype", "mean", "invstd", "count", "output")
-
-    def __init__(self, input, dtype, mean, invstd, count, output=None):
-        self.input = input    # as the kernels read it (C-contiguous, float16 widened)
-        self.dtype = dtype    # the caller's dtype, which grad_input takes
-        self.mean = mean      # global statistics, float64 (C,)
-        self.invstd = invstd
-        self.count = count    # global number of values per channel
-        self.output = output  # with an activation, its mask: the output as the kernels wrote it
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -103,7 +100,7 @@ class SyncBatchNorm(_BatchNorm):
         Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``.
     dtype : float32 or float64, default float32
         dtype of the parameters and buffers, and of the input the module accepts (plus float16
-        input for a float32 module, computed in float32).
+        and bfloat16 input for a float32 module, computed in float32).
     bias : bool, default True (keyword only)
         With ``affine=True``, whether to learn the bias; ``bias=False`` keeps a weight only.
     activation : None or 'relu', default None (keyword only)
@@ -117,11 +114,13 @@ class SyncBatchNorm(_BatchNorm):
     Notes
     -----
     Each training forward makes one ``Allgather`` of a float64 row ``[status, count, mean[C],
-    M2[C]]`` per rank, M2 being the sum of squared deviations from the rank's mean
-    (:func:`fastbn.functional.batch_stats`).  Every rank merges the rows in rank order with
-    Chan's update (:func:`fastbn.functional.merge_stats`): the stable equivalent of an
-    allreduce of the moments, bitwise identical on every rank.  The running estimates take
-    the global mean and the unbiased global variance ``M2 / (count - 1)``.
+    mean_lo[C], M2[C]]`` per rank, M2 being the sum of squared deviations from the rank's mean
+    (:func:`fastbn.functional.batch_stats`) and mean + mean_lo its mean unrounded.  Every rank
+    merges the rows in rank order with Chan's update (:func:`fastbn.functional.merge_stats`):
+    the stable equivalent of an allreduce of the moments, bitwise identical on every rank.  The
+    running estimates take the global mean and the unbiased global variance
+    ``M2 / (count - 1)``.  The output and grad_input keep the input's memory format
+    (channels-last too) and dtype.
 
     Each training backward makes one ``Allgather`` of ``[status, sum(dy), sum(dy * (x - mean))]``
     per rank, summed in rank order on every rank.  ``grad_input`` follows from the global sums
@@ -160,6 +159,12 @@ class SyncBatchNorm(_BatchNorm):
                                 f"{', '.join(_COMM_METHODS)}), got {type(comm).__name__} "
                                 f"without {', '.join(missing)}")
         self._comm = comm
+        self._synced = None  # the context of the last forward when it was synchronised
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_synced"] = None
+        return state
 
     @property
     def comm(self):
@@ -207,72 +212,40 @@ class SyncBatchNorm(_BatchNorm):
         In training mode every rank of ``comm`` must call this together (one ``Allgather``);
         the running estimates and ``num_batches_tracked`` are updated identically on every
         rank.  In eval mode there is no communication.  ``out`` (keyword only) receives the
-        output, as in the base class.  Returns an array of input's shape and
-        dtype.  The input and the statistics used are kept for :meth:`backward`; do not modify
-        the input in place before calling it.
+        output, as in the base class.  Returns an array of input's shape, dtype and memory
+        format.  The input and the statistics used are kept for :meth:`backward`; do not
+        modify the input in place before calling it.
         """
         if not self.training:
-            return super().forward(input, out=out)
+            y = super().forward(input, out=out)
+            self._synced = None  # (only once the call has succeeded: a rejected one changes nothing)
+            return y
         comm = self.comm
         c = self.num_features
-        row = np.zeros(2 + 2 * c)
+        row = np.zeros(2 + 3 * c)
         failure = None
         try:
             x = self._check_input(input)
-            V.check_eps(self.eps, training=True)
+            eps = V.check_eps(self.eps, training=True)
+            V.check_momentum(self.momentum, allow_none=True)
             if out is not None:
                 V.check_out(out, x.shape, x.dtype)
-            xk = F.kernel_view(x)
-            count, mean, m2 = F.batch_stats(xk)
+            if not (x.flags.c_contiguous or F.is_channels_last(x)):
+                x = np.ascontiguousarray(x)  # once, for the statistics and the normalisation
+            count, mean, mean_lo, m2 = F.local_moments(x, effective_n_threads())
             row[1] = count
-            row[2:2 + c] = mean
-            row[2 + c:] = m2
+            row[2:] = np.concatenate([mean, mean_lo, m2])
         except Exception as exc:  # noqa: BLE001 - this rank must still join the collective
             failure = exc
         rows = _allgather_checked(comm, row, failure)
-
-        # Every rank merges the same rows in the same order: the same bits everywhere.
-        counts = [int(n) for n in rows[:, 1]]
-        count, mean, m2 = F.merge_stats(*[(n, r[2:2 + c], r[2 + c:]) for n, r in zip(counts, rows)])
-        if count == 1:
+        stats = _merged_statistics(rows, c)
+        if stats[0] == 1:
+            counts = [int(n) for n in rows[:, 1]]
             raise ValueError(f"Expected more than 1 value per channel when training, got 1 value "
                              f"per channel over all {len(counts)} ranks (values per channel by "
                              f"rank: {counts})")
-
-        if count == 0:
-            # As the base class: nothing to normalise, running estimates untouched.
-            y = np.empty(x.shape, x.dtype)
-            invstd = np.zeros(c)
-        else:
-            invstd = 1.0 / np.sqrt(m2 / count + self.eps)  # the biased variance normalises
-            y = F.batch_norm_elemt(xk, mean, invstd, self.weight, self.bias,
-                                   activation=self.activation)
-
-        # State changes last, once nothing can fail; the same on every rank.
-        counter = self.num_batches_tracked
-        if self.track_running_stats:
-            if self.momentum is None:
-                momentum = 1.0 / float(counter + 1)  # cumulative moving average
-            else:
-                momentum = self.momentum
-            if count > 0:
-                # Same arithmetic as the kernels' update: float64, then rounded to the buffer's
-                # dtype.  running_var tracks the unbiased variance.
-                rm, rv = self.running_mean, self.running_var
-                rm[...] = momentum * mean + (1.0 - momentum) * rm.astype(np.float64)
-                rv[...] = momentum * (m2 / (count - 1.0)) + (1.0 - momentum) * rv.astype(np.float64)
-            counter += 1
-        saved = _Synced(xk, x.dtype, mean, invstd, count, y if self.activation else None)
-        self._saved = _OVERWRITTEN if out is not None and np.may_share_memory(out, x) else saved
-        if out is not None:
-            if y.dtype != out.dtype and out.flags.c_contiguous:  # float16 data: y's order
-                _float16.narrow(y, out)
-            else:
-                with np.errstate(over="ignore"):  # float16 out: out of range is inf, as torch
-                    out[...] = y
-            return out
-        if y.dtype != x.dtype:  # float16 data computed in float32
-            y = _float16.narrow(y)
+        y = self._train_step(x, out, eps, stats)
+        self._synced = self._saved
         return y
 
     __call__ = forward
@@ -283,26 +256,25 @@ class SyncBatchNorm(_BatchNorm):
         After a training forward every rank must call this together (one ``Allgather``); it
         sets ``grad_weight`` and ``grad_bias`` to the global gradients, identical on every rank
         (None without the parameter), overwritten at each call.  After an eval forward there
-        is no communication, as in the base class.
+        is no communication, as in the base class.  grad_input has the input's memory format.
         """
-        saved = self._saved
-        if not isinstance(saved, _Synced):
+        context = self._saved
+        if context is None or context is not self._synced:
             return super().backward(grad_output)
         comm = self.comm
         c = self.num_features
+        n_threads = effective_n_threads()
         row = np.zeros(1 + 2 * c)
         failure = None
         try:
             dy = V.as_float_array(grad_output, "grad_output")
-            if dy.shape != saved.input.shape:
+            if dy.shape != context.shape:
                 raise ValueError(f"grad_output has shape {tuple(dy.shape)} but the last forward's "
-                                 f"input has shape {tuple(saved.input.shape)}; they must match")
-            if dy.dtype != saved.dtype:
+                                 f"input has shape {context.shape}; they must match")
+            if dy.dtype != context.dtype:
                 raise TypeError(f"grad_output has dtype {dy.dtype} but the last forward's input "
-                                f"had dtype {saved.dtype}; they must match")
-            dyk = F.kernel_view(dy)
-            sum_dy, sum_dy_xmu = F.batch_norm_backward_reduce(
-                dyk, saved.input, saved.mean, output=saved.output, activation=self.activation)
+                                f"had dtype {context.dtype}; they must match")
+            sum_dy, sum_dy_xmu = F.local_grad_sums(dy, context, n_threads)
             row[1:1 + c] = sum_dy
             row[1 + c:] = sum_dy_xmu
         except Exception as exc:  # noqa: BLE001 - this rank must still join the collective
@@ -315,18 +287,32 @@ class SyncBatchNorm(_BatchNorm):
         for other in rows[1:]:
             total += other[1:]
         sum_dy, sum_dy_xmu = total[:c], total[c:]
-        if saved.count > 0:
-            dx = F.batch_norm_backward_elemt(dyk, saved.input, saved.mean, saved.invstd,
-                                             self.weight, sum_dy, sum_dy_xmu, saved.count,
-                                             output=saved.output, activation=self.activation)
-        else:
-            dx = np.empty(saved.input.shape, saved.input.dtype)
-        if self.weight is not None:
-            self.grad_weight = (sum_dy_xmu * saved.invstd).astype(self.dtype)
-        else:
-            self.grad_weight = None
+        dx = F.grad_input_from_sums(dy, context, self.weight, sum_dy, sum_dy_xmu, n_threads)
+        # The same arithmetic as the kernels' epilogue: float64, rounded to the module's dtype.
+        self.grad_weight = ((sum_dy_xmu * context.invstd).astype(self.dtype)
+                            if self.weight is not None else None)
         self.grad_bias = sum_dy.astype(self.dtype) if self.bias is not None else None
-        return _float16.narrow(dx) if dx.dtype != saved.dtype else dx
+        return dx
+
+
+def _merged_statistics(rows, c):
+    """``(count, mean, mean_lo, m2)`` of the global batch from the gathered rows, merged in
+    rank order with Chan's update (the same bits on every rank).  mean + mean_lo is the mean
+    unrounded: a single rank's own pair when only one rank has data (so one rank gives
+    BatchNorm's bits), else Chan's merged mean and the ranks' low parts, count-weighted."""
+    counts = [int(n) for n in rows[:, 1]]
+    means, lows, m2s = rows[:, 2:2 + c], rows[:, 2 + c:2 + 2 * c], rows[:, 2 + 2 * c:]
+    count, mean, m2 = F.merge_stats(*zip(counts, means, m2s))
+    filled = [r for r, n in enumerate(counts) if n]
+    if len(filled) == 1:
+        mean_lo = lows[filled[0]].copy()
+    else:
+        mean_lo = np.zeros(c)
+        for r in filled:
+            mean_lo += counts[r] * lows[r]
+        if count:
+            mean_lo /= count
+    return count, mean, mean_lo, m2
 
 
 def _allgather_checked(comm, row, failure):

@@ -11,8 +11,11 @@
 
 dtypes: float32 and float64 inputs are computed in their own precision, with float64
 accumulation for all statistics; parameters and running buffers must have the input's dtype
-(mixing is a TypeError, as in torch).  float16 input is computed in float32, with float32
-parameters and buffers, and gives float16 output.
+(mixing is a TypeError, as in torch).  Half inputs -- float16, and bfloat16 as
+``ml_dtypes.bfloat16`` arrays -- take float32 parameters and buffers, as torch's CPU batch norm
+does; the kernels read and write them as they are and compute in float32, so every half result
+is the float32 result on the widened data, rounded to nearest even, and the running buffers
+and parameter gradients are the float32 path's, bit for bit.
 
 ``n_threads`` follows scikit-learn: None uses the OpenMP runtime's current setting (which
 honours OMP_NUM_THREADS, ``fastbn.set_num_threads`` and threadpoolctl); -1 means all CPUs.
@@ -21,7 +24,6 @@ Results are bitwise identical for any thread count.
 
 import numpy as np
 
-from . import _float16
 from . import _validation as V
 from ._dispatch import kernels as _kernels
 from ._openmp import effective_n_threads
@@ -35,10 +37,10 @@ __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_sta
 # ---------------------------------------------------------------------------------------------
 
 def compute_dtype(dtype):
-    """The dtype the kernels compute in for data of this dtype."""
+    """The dtype the kernels compute in for data of this dtype: float32 for half data."""
     if dtype is V.FLOAT32 or dtype is V.FLOAT64:
         return dtype
-    return V.FLOAT32 if dtype == V.FLOAT16 else dtype
+    return V.FLOAT32 if V.is_half(dtype) else dtype
 
 
 def as_input(value, name="input"):
@@ -55,9 +57,8 @@ def is_channels_last(x):
     return x.ndim >= 3 and not x.flags.c_contiguous and np.moveaxis(x, 1, -1).flags.c_contiguous
 
 
-def to_kernels(x, channels_last, n_threads=None, widen=True):
-    """x as the C-contiguous array the kernels read, float16 widened to float32 (or, with
-    widen=False, kept as aligned float16 in the machine's byte order, for the float16 kernels).
+def to_kernels(x, channels_last):
+    """x as the aligned, C-contiguous array the kernels read, in its own dtype (half data too).
 
     Channels-last memory is read as the (N * spatial, C) matrix it is -- BatchNorm1d's layout,
     one row per position -- without a copy; anything else as (N, C, *spatial), copied once if
@@ -68,32 +69,19 @@ def to_kernels(x, channels_last, n_threads=None, widen=True):
     channels = x.shape[1]
     if channels_last:
         x = np.moveaxis(x, 1, -1)  # (N, *spatial, C): C-contiguous when x is channels-last
-    if x.dtype != V.FLOAT16:
-        x = np.ascontiguousarray(x)
-    elif widen:
-        x = _float16.widen(x, n_threads)
-    else:
-        x = np.require(x, V.FLOAT16, ["C_CONTIGUOUS", "ALIGNED"])
+    x = np.require(x, None, ["C_CONTIGUOUS", "ALIGNED"])
     return x.reshape(-1, channels) if channels_last else x
 
 
-def widened(xk, n_threads=None):
-    """A kernel-layout array as the float32/float64 kernels read it (float16 widened)."""
-    return _float16.widen(xk, n_threads) if xk is not None and xk.dtype == V.FLOAT16 else xk
-
-
-def from_kernels(yk, shape, dtype, channels_last, n_threads=None):
-    """A result the kernels wrote in to_kernels' layout, as data of this dtype (float16 data:
-    narrowed) seen with the logical shape (N, C, *)."""
-    if yk.dtype != dtype:
-        yk = _float16.narrow(yk, n_threads=n_threads)
+def from_kernels(yk, shape, channels_last):
+    """A result the kernels wrote in to_kernels' layout, seen with the logical shape (N, C, *)."""
     if channels_last:
         return np.moveaxis(yk.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],)), -1, 1)
     return yk
 
 
 def kernel_view(x):
-    """x as the C-contiguous (N, C, *spatial) array the kernels read (float16 widened)."""
+    """x as the C-contiguous (N, C, *spatial) array the kernels read."""
     return to_kernels(x, False)
 
 
@@ -105,34 +93,33 @@ def _same_memory(a, b):
 def _kernel_output(x, xk, out, channels_last):
     """(xk, yk): where the kernels read and write.  yk is a view of `out` when out can be written
     directly; an out that overlaps the input without being it gets a copy of the input."""
-    if out is None or out.dtype != xk.dtype or not out.flags.aligned:
+    if out is None or not out.flags.aligned:
         return xk, np.empty(xk.shape, xk.dtype)
-    yk = to_kernels(out, channels_last, widen=False)  # a view: out is C-contiguous or channels-last
+    yk = to_kernels(out, channels_last)  # a view: out is C-contiguous or channels-last, aligned
     if not _same_memory(yk, xk) and np.may_share_memory(yk, xk):
         xk = xk.copy()
     return xk, yk
 
 
-def _result(yk, x, out, channels_last, n_threads):
+def _result(yk, x, out, channels_last):
     """The kernels' output as the caller sees it: `out` when given, x's shape, dtype and memory
     format otherwise."""
     if out is None:
-        return from_kernels(yk, x.shape, x.dtype, channels_last, n_threads)
-    if yk.dtype != out.dtype:  # float16 data computed in float32: narrow into out's memory
-        _float16.narrow(yk, np.moveaxis(out, 1, -1) if channels_last else out, n_threads)
-    elif not np.may_share_memory(yk, out):  # out was not aligned: the kernels wrote elsewhere
-        out[...] = from_kernels(yk, x.shape, x.dtype, channels_last)
+        return from_kernels(yk, x.shape, channels_last)
+    if not np.may_share_memory(yk, out):  # out was not aligned: the kernels wrote elsewhere
+        out[...] = from_kernels(yk, x.shape, channels_last)
     return out
 
 
 class ForwardContext:
     """What a forward keeps for its backward: its input (and, with an activation, its output)
-    as the kernels read them (float16 data as float16, widened by the backward), and the
-    statistics it used."""
+    as the kernels read them (half data as it is), the statistics it used, and the number of
+    values per channel they span (all ranks' for a distributed batch)."""
 
-    __slots__ = ("input", "output", "mean", "invstd", "training", "channels_last", "shape", "dtype")
+    __slots__ = ("input", "output", "mean", "invstd", "training", "channels_last", "shape", "dtype",
+                 "count")
 
-    def __init__(self, input, output, mean, invstd, training, channels_last, shape, dtype):
+    def __init__(self, input, output, mean, invstd, training, channels_last, shape, dtype, count):
         self.input = input
         self.output = output
         self.mean = mean
@@ -141,25 +128,36 @@ class ForwardContext:
         self.channels_last = channels_last
         self.shape = tuple(shape)
         self.dtype = dtype
+        self.count = count
+
+
+def values_per_channel(shape):
+    """N times the spatial size: the values a channel's statistics are taken over."""
+    count = shape[0]
+    for size in shape[2:]:
+        count *= size
+    return count
 
 
 def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, relu, out,
-            n_threads):
+            n_threads, stats=None):
     """The forward on validated arguments: (output, save_mean, save_invstd, context).
 
     training=True normalises with batch statistics and, when the running buffers are given,
     updates them in place; training=False normalises with the running buffers.  relu applies
     ReLU in the same pass.  The computation happens in out's memory format when out is given,
     else in the input's (channels-last stays channels-last).
+
+    stats, in training: the batch statistics to use instead of x's own, ``(count, mean,
+    mean_lo, m2)`` as :func:`local_moments` gives them (merged over the ranks of a distributed
+    batch, which x is this rank's part of); the running buffers are updated from them, also
+    when x itself is empty, by the same kernel code as with x's own statistics.
     """
     channels_last = is_channels_last(x if out is None else out)
-    # float16 data goes to kernels of its own where the CPU has F16C: they read and write it
-    # as it is, computing in float32 blocks that stay in cache (the same bits as widening it).
-    half = x.dtype == V.FLOAT16 and _float16.HALF_SIMD
-    xk, yk = _kernel_output(x, to_kernels(x, channels_last, n_threads, widen=not half), out,
-                            channels_last)
+    xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
     channels = x.shape[1]
-    if training and xk.size == 0:
+    count = values_per_channel(x.shape) if stats is None else stats[0]
+    if training and count == 0:
         # As torch: nothing to normalise, running buffers untouched; no statistics exist.
         # (np.zeros, not a fill: calloc'd pages cost nothing until read, whatever C is.)
         save_mean = np.zeros(channels)
@@ -167,32 +165,73 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     else:
         save_mean = np.empty(channels)
         save_invstd = np.empty(channels)
-    if training:
-        if xk.size:
-            _kernels.forward_train(xk, yk, weight, bias, running_mean, running_var, momentum, eps,
-                                   save_mean, save_invstd, n_threads, relu)
-    else:
+    if not training:
         _kernels.forward_eval(xk, yk, weight, bias, running_mean, running_var, eps, save_mean,
                               save_invstd, n_threads, relu)
+    elif stats is not None:
+        if count:
+            _, mean, mean_lo, m2 = stats
+            save_mean[...] = mean
+            _kernels.forward_train_with_stats(xk, yk, weight, bias, running_mean, running_var,
+                                              momentum, eps, float(count), save_mean, mean_lo, m2,
+                                              save_invstd, n_threads, relu)
+    elif count:
+        _kernels.forward_train(xk, yk, weight, bias, running_mean, running_var, momentum, eps,
+                               save_mean, save_invstd, n_threads, relu)
     context = ForwardContext(xk, yk if relu else None, save_mean, save_invstd, training,
-                             channels_last, x.shape, x.dtype)
-    return _result(yk, x, out, channels_last, n_threads), save_mean, save_invstd, context
+                             channels_last, x.shape, x.dtype, count)
+    return _result(yk, x, out, channels_last), save_mean, save_invstd, context
 
 
 def backward(dy, context, weight, param_grads, n_threads):
     """The backward of a forward's context: (grad_input, grad_weight, grad_bias); the parameter
     gradients are None when param_grads is False."""
-    xk = widened(context.input, n_threads)
-    dyk = to_kernels(dy, context.channels_last, n_threads)
+    xk = context.input
+    dyk = to_kernels(dy, context.channels_last)
     dxk = np.empty(xk.shape, xk.dtype)
     grad_weight = grad_bias = None
     if param_grads:
-        grad_weight = np.zeros(context.shape[1], xk.dtype)
-        grad_bias = np.zeros(context.shape[1], xk.dtype)
+        grad_weight = np.zeros(context.shape[1], compute_dtype(xk.dtype))
+        grad_bias = np.zeros(context.shape[1], compute_dtype(xk.dtype))
     _kernels.backward(dyk, xk, dxk, weight, context.mean, context.invstd, grad_weight, grad_bias,
-                      context.training, n_threads, widened(context.output, n_threads))
-    dx = from_kernels(dxk, context.shape, context.dtype, context.channels_last, n_threads)
-    return dx, grad_weight, grad_bias
+                      context.training, n_threads, context.output)
+    return from_kernels(dxk, context.shape, context.channels_last), grad_weight, grad_bias
+
+
+# The pieces of a distributed batch's forward and backward (fastbn.distributed): each rank's
+# contribution, and the rest from the merged totals, by the same kernels as the above.
+
+def local_moments(x, n_threads):
+    """``(count, mean, mean_lo, m2)`` of x's channels (validated input, any memory format):
+    the mean unrounded as mean + mean_lo (float64 each), M2 the sum of squared deviations."""
+    channels = x.shape[1]
+    count = values_per_channel(x.shape)
+    mean, mean_lo, m2 = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+    if count:
+        _kernels.moments(to_kernels(x, is_channels_last(x)), mean, m2, n_threads, mean_lo)
+    return count, mean, mean_lo, m2
+
+
+def local_grad_sums(dy, context, n_threads):
+    """``(sum(g), sum(g * (x - mean)))`` per channel over this forward's input (float64), g
+    being dy gated by the activation of the context's output when it has one."""
+    sum_dy, sum_dy_xc = np.zeros(context.shape[1]), np.zeros(context.shape[1])
+    if context.input.size:
+        _kernels.grad_sums(to_kernels(dy, context.channels_last), context.input, context.mean,
+                           sum_dy, sum_dy_xc, n_threads, context.output)
+    return sum_dy, sum_dy_xc
+
+
+def grad_input_from_sums(dy, context, weight, sum_dy, sum_dy_xc, n_threads):
+    """The training backward's grad_input for this forward's input, in its memory format, from
+    per-channel sums (float64) over all context.count values of each channel."""
+    xk = context.input
+    dxk = np.empty(xk.shape, xk.dtype)
+    if xk.size:
+        _kernels.backward_from_sums(to_kernels(dy, context.channels_last), xk, dxk, weight,
+                                    context.mean, context.invstd, sum_dy, sum_dy_xc,
+                                    float(context.count), n_threads, context.output)
+    return from_kernels(dxk, context.shape, context.channels_last)
 
 
 def _check_forward_args(x, running_mean, running_var, weight, bias, training, momentum, eps, out):
@@ -364,11 +403,11 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
     weight = V.check_per_channel(weight, "weight", x.shape[1], compute_dtype(x.dtype))
     training = V.check_flag(training, "training")
     channels_last = is_channels_last(x)
-    n_threads = effective_n_threads(n_threads)
-    context = ForwardContext(to_kernels(x, channels_last, n_threads),
-                             None if output is None else to_kernels(output, channels_last, n_threads),
-                             mean, invstd, training, channels_last, x.shape, x.dtype)
-    return backward(dy, context, weight, True, n_threads)
+    context = ForwardContext(to_kernels(x, channels_last),
+                             None if output is None else to_kernels(output, channels_last),
+                             mean, invstd, training, channels_last, x.shape, x.dtype,
+                             values_per_channel(x.shape))
+    return backward(dy, context, weight, True, effective_n_threads(n_threads))
 
 
 def _grad_and_input(grad_output, input):
@@ -414,14 +453,7 @@ def batch_stats(input, *, n_threads=None):
         Per-channel mean and sum of squared deviations from it.  An empty batch gives
         ``(0, zeros, zeros)``, the identity of the merge.
     """
-    x = as_input(input)
-    channels = x.shape[1]
-    count = x.shape[0] * int(np.prod(x.shape[2:], dtype=np.int64))
-    mean = np.zeros(channels)
-    m2 = np.zeros(channels)
-    if count:
-        n_threads = effective_n_threads(n_threads)
-        _kernels.moments(to_kernels(x, is_channels_last(x), n_threads), mean, m2, n_threads)
+    count, mean, _, m2 = local_moments(as_input(input), effective_n_threads(n_threads))
     return count, mean, m2
 
 
@@ -538,10 +570,9 @@ def batch_norm_elemt(input, mean, invstd, weight=None, bias=None, *, activation=
     if out is not None:
         V.check_out(out, x.shape, x.dtype)
     channels_last = is_channels_last(x if out is None else out)
-    n_threads = effective_n_threads(n_threads)
-    xk, yk = _kernel_output(x, to_kernels(x, channels_last, n_threads), out, channels_last)
-    _kernels.normalize_given(xk, yk, weight, bias, mean, invstd, n_threads, relu)
-    return _result(yk, x, out, channels_last, n_threads)
+    xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
+    _kernels.normalize_given(xk, yk, weight, bias, mean, invstd, effective_n_threads(n_threads), relu)
+    return _result(yk, x, out, channels_last)
 
 
 def batch_norm_backward_reduce(grad_output, input, mean, *, output=None, activation=None,
@@ -576,14 +607,7 @@ def batch_norm_backward_reduce(grad_output, input, mean, *, output=None, activat
     dy, x = _grad_and_input(grad_output, input)
     output = _gating_output(activation, output, x)
     (mean,) = _statistics(x.shape[1], mean=mean)
-    sum_dy = np.zeros(x.shape[1])
-    sum_dy_xmu = np.zeros(x.shape[1])
-    channels_last = is_channels_last(x)
-    n_threads = effective_n_threads(n_threads)
-    _kernels.grad_sums(to_kernels(dy, channels_last, n_threads), to_kernels(x, channels_last, n_threads),
-                       mean, sum_dy, sum_dy_xmu, n_threads,
-                       None if output is None else to_kernels(output, channels_last, n_threads))
-    return sum_dy, sum_dy_xmu
+    return local_grad_sums(dy, _given_context(x, output, mean, None), effective_n_threads(n_threads))
 
 
 def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
@@ -628,11 +652,14 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
                         f"{type(count).__name__}")
     if count < 1:
         raise ValueError(f"count must be a positive int (values per channel over all workers), got {count!r}")
+    context = _given_context(x, output, mean, invstd, count)
+    return grad_input_from_sums(dy, context, weight, sum_dy, sum_dy_xmu, effective_n_threads(n_threads))
+
+
+def _given_context(x, output, mean, invstd, count=None):
+    """A training forward's context for validated x (and output), with given statistics."""
     channels_last = is_channels_last(x)
-    n_threads = effective_n_threads(n_threads)
-    xk = to_kernels(x, channels_last, n_threads)
-    dxk = np.empty(xk.shape, xk.dtype)
-    _kernels.backward_from_sums(to_kernels(dy, channels_last, n_threads), xk, dxk, weight, mean,
-                                invstd, sum_dy, sum_dy_xmu, float(count), n_threads,
-                                None if output is None else to_kernels(output, channels_last, n_threads))
-    return from_kernels(dxk, x.shape, x.dtype, channels_last, n_threads)
+    return ForwardContext(to_kernels(x, channels_last),
+                          None if output is None else to_kernels(output, channels_last),
+                          mean, invstd, True, channels_last, x.shape, x.dtype,
+                          values_per_channel(x.shape) if count is None else count)

@@ -162,31 +162,42 @@ class _BatchNorm:
         eps = V.check_eps(self.eps, batch_stats)
         if batch_stats:
             V.check_batch_size(x.shape)
-        relu = self.activation == "relu"
         if update:
-            # An attribute a user may set, as eps: checked where it is used.
-            momentum = V.check_momentum(self.momentum, allow_none=True)
-            # One training step at a time: the kernel updates the running statistics in place
-            # with the GIL released, and momentum=None reads the counter, so that concurrent
-            # calls from several threads would lose updates.  (Uncontended: ~0.1 us a call.)
-            with self._lock:
-                counter = self.num_batches_tracked
-                if momentum is None:  # cumulative moving average
-                    momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
-                y, _, _, context = F.forward(x, self.weight, self.bias, self.running_mean,
-                                             self.running_var, True, momentum, eps, relu, out,
-                                             effective_n_threads())
-                if counter is not None:
-                    counter += 1  # only once the call has succeeded
-        else:
-            running = not self.training  # eval with running statistics, else batch statistics
-            y, _, _, context = F.forward(
-                x, self.weight, self.bias,
-                self.running_mean if running else None, self.running_var if running else None,
-                batch_stats, 0.0, eps, relu, out, effective_n_threads())
+            return self._train_step(x, out, eps)
+        running = not self.training  # eval with running statistics, else batch statistics
+        y, _, _, context = F.forward(
+            x, self.weight, self.bias,
+            self.running_mean if running else None, self.running_var if running else None,
+            batch_stats, 0.0, eps, self.activation == "relu", out, effective_n_threads())
+        self._keep(context, x, out)
+        return y
+
+    def _train_step(self, x, out, eps, stats=None):
+        """The training forward that updates the running estimates and the counter, on
+        validated input: with x's own batch statistics, or with `stats` (a distributed batch's,
+        see functional.forward) -- the same code either way."""
+        # An attribute a user may set, as eps: checked where it is used.
+        momentum = V.check_momentum(self.momentum, allow_none=True)
+        # One training step at a time: the kernel updates the running statistics in place
+        # with the GIL released, and momentum=None reads the counter, so that concurrent
+        # calls from several threads would lose updates.  (Uncontended: ~0.1 us a call.)
+        with self._lock:
+            counter = self.num_batches_tracked
+            if momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
+            y, _, _, context = F.forward(x, self.weight, self.bias, self.running_mean,
+                                         self.running_var, True, momentum, eps,
+                                         self.activation == "relu", out, effective_n_threads(),
+                                         stats)
+            if counter is not None:
+                counter += 1  # only once the call has succeeded
+        self._keep(context, x, out)
+        return y
+
+    def _keep(self, context, x, out):
+        """Keep a forward's context for backward(), unless it wrote over its own input."""
         overwritten = out is not None and np.may_share_memory(out, x)
         self._saved = _OVERWRITTEN if overwritten else context
-        return y
 
     __call__ = forward
 

@@ -121,8 +121,8 @@ def run_case(comm, case):
 
         del counting.allgathers[:]
         y = sync(x[mine])
-        assert counting.allgathers == [8 * (2 + 2 * c)], \
-            f"{where}: forward made Allgathers of {counting.allgathers} bytes, expected one of {8 * (2 + 2 * c)}"
+        assert counting.allgathers == [8 * (2 + 3 * c)], \
+            f"{where}: forward made Allgathers of {counting.allgathers} bytes, expected one of {8 * (2 + 3 * c)}"
         dx = sync.backward(dy[mine])
         assert counting.allgathers[1:] == [8 * (1 + 2 * c)], \
             f"{where}: backward made Allgathers of {counting.allgathers[1:]} bytes, expected one of {8 * (1 + 2 * c)}"

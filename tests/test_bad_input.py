@@ -120,7 +120,7 @@ def not_float_arrays(role, shape):
         if np.dtype(dt).kind == "S":
             name = "|S3"
         value = np.zeros(shape, dt)
-        yield f"{name} dtype", value, TypeError, rf"{role} must have a floating-point dtype \(float16, float32 or float64\), got {re.escape(str(np.dtype(dt)))}"
+        yield f"{name} dtype", value, TypeError, rf"{role} must have a floating-point dtype \(float16, bfloat16, float32 or float64\), got {re.escape(str(np.dtype(dt)))}"
     yield "a masked array", masked(np.zeros(shape, np.float32)), TypeError, rf"{role} is a masked array"
 
 

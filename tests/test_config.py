@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _cpu, _dispatch, _float16, _openmp
+from fastbn import _cpu, _dispatch, _openmp
 from fastbn.__main__ import main
 
 SECTIONS = {
@@ -48,7 +48,7 @@ def test_config_simd_section_matches_the_dispatcher():
     assert simd["cpu_supports"][-1] == "baseline"
     assert "baseline" in simd["built"]
     assert fastbn.simd_level in simd["built"] and fastbn.simd_level in simd["cpu_supports"]
-    assert simd["float16_f16c"] is _float16.HALF_SIMD
+    assert simd["float16_f16c"] is _dispatch.kernels.half_simd()
     # Every level this CPU runs and the build has can be dispatched to.
     assert set(_dispatch.available_levels()) == set(simd["built"]) & set(simd["cpu_supports"])
     assert simd["FASTBN_SIMD"] == _dispatch.requested_level

@@ -5,7 +5,7 @@ not (the baseline build) -- NaNs stay NaN; their payloads may come back quieted.
 import numpy as np
 import pytest
 
-from fastbn import _dispatch, _float16
+from fastbn import _dispatch
 
 LEVELS = _dispatch.available_levels()
 
@@ -119,31 +119,3 @@ def test_conversion_will_not_write_a_read_only_array(kernels):
     with pytest.raises(ValueError, match="read-only"):
         kernels.convert_float16(np.ones(4, np.float32), dst, 1)
     assert not dst.any()
-
-
-def test_python_helpers_take_any_layout_and_shape():
-    rng = np.random.default_rng(1)
-    h = rng.standard_normal((6, 5, 4)).astype(np.float16)
-    strided = h[:, ::2, ::-1]
-    w = _float16.widen(strided)
-    assert w.dtype == np.float32 and w.flags.c_contiguous and w.shape == strided.shape
-    np.testing.assert_array_equal(w, strided.astype(np.float32))
-    y = rng.standard_normal((6, 20)).astype(np.float32)
-    out = np.empty((6, 5, 4), np.float16)
-    assert _float16.narrow(y, out) is out
-    np.testing.assert_array_equal(out.reshape(6, 20), y.astype(np.float16))
-    np.testing.assert_array_equal(_float16.narrow(y), y.astype(np.float16))
-
-
-def test_python_helpers_take_byte_swapped_unaligned_and_out_of_range_data():
-    swapped = np.arange(12, dtype=np.dtype(np.float16).newbyteorder()).reshape(3, 4)
-    np.testing.assert_array_equal(_float16.widen(swapped), np.arange(12, dtype=np.float32).reshape(3, 4))
-    raw = np.zeros(2 * 12 + 1, np.uint8)
-    unaligned_out = raw[1:].view(np.float16)  # numpy may or may not call this aligned
-    y = np.array([1e6, -1e6, 0.5] * 4, np.float32)
-    with np.errstate(over="raise"):  # out of range is inf without a warning, as torch
-        _float16.narrow(y, unaligned_out)
-    np.testing.assert_array_equal(unaligned_out, [np.inf, -np.inf, 0.5] * 4)
-    swapped_out = np.empty(12, np.dtype(np.float16).newbyteorder())
-    _float16.narrow(y, swapped_out)
-    np.testing.assert_array_equal(swapped_out, [np.inf, -np.inf, 0.5] * 4)

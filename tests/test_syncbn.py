@@ -119,14 +119,14 @@ def test_eval_mode_does_not_communicate(size):
 def test_error_of_an_unexpected_kind_reaches_every_rank(monkeypatch):
     # Not a validation error: a failure inside the local statistics (here, simulated) must still
     # reach the collective, and surfaces everywhere as RuntimeError with the rank's message.
-    real = distributed.F.batch_stats
+    real = distributed.F.local_moments
 
-    def flaky(x, **kwargs):
+    def flaky(x, *args, **kwargs):
         if x.shape[0] == 3:
             raise OSError("disk on fire")
-        return real(x, **kwargs)
+        return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(distributed.F, "batch_stats", flaky)
+    monkeypatch.setattr(distributed.F, "local_moments", flaky)
 
     def work(comm):
         bn = fastbn.SyncBatchNorm(2, comm=comm)

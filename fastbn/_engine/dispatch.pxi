@@ -6,6 +6,7 @@ cdef enum Job:
     MOMENTS             # per-channel mean and M2 (Stats.mean, .m2)
     NORMALIZE           # y from x with given statistics (Stats.mean, .invstd)
     FORWARD_TRAIN       # y, batch statistics, running buffers
+    FORWARD_TRAIN_GIVEN # y and running buffers from given batch statistics (distributed)
     FORWARD_EVAL        # y with the running statistics
     GRAD_SUMS           # per-channel gradient sums around Stats.mean
     BACKWARD_TRAIN      # dx and the parameter gradients, batch statistics
@@ -47,6 +48,8 @@ cdef int run(Job job, Call* call, const activation* act, const storage* stored,
         rc = normalize(act, call, x, y, p)
     elif job == FORWARD_TRAIN:
         rc = train_forward(act, call, x, y, p)
+    elif job == FORWARD_TRAIN_GIVEN:
+        rc = train_forward_given(act, call, x, y, p)
     elif job == FORWARD_EVAL:
         rc = eval_forward(act, call, x, y, p)
     elif job == GRAD_SUMS:

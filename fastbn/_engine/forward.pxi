@@ -291,6 +291,24 @@ cdef int train_forward(const activation* act, Call* call, const storage* x, stor
     return rc
 
 
+cdef int train_forward_given(const activation* act, Call* call, const storage* x, storage* y,
+                             real** p) noexcept nogil:
+    """The training forward with batch statistics given in call.stats (mean + mean_lo, m2
+    over call.step.count values: a distributed batch's), the same epilogue and elementwise
+    pass as train_forward's unfused path: invstd, running buffers (also when x is empty), y."""
+    cdef Py_ssize_t ch
+    cdef int rc
+    cdef real* k[N_COEFFICIENTS]
+    cdef real* block = coefficient_block(call.g.c, FACTOR + 1, k)
+    if block == NULL and call.g.c > 0:
+        return -1
+    for ch in range(call.g.c):
+        train_channel(call, p, k, ch)
+    rc = affine_pass(act, &call.g, x, y, k, call.n_threads)
+    free(block)
+    return rc
+
+
 cdef int eval_forward(const activation* act, Call* call, const storage* x, storage* y,
                       real** p) noexcept nogil:
     """The eval forward: the running statistics into call.stats (mean, invstd), y normalised
