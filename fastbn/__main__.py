@@ -31,8 +31,9 @@ def main(argv=None):
                             "such as train+relu, train:nhwc, eval:fp16 (see fastbn.bench.VARIANTS)")
     bench.add_argument("--shapes", default=None,
                        help="semicolon-separated shapes, e.g. '32,64,56,56;4096,1024' (default: the suite)")
-    bench.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                       help="dtype of the data (default float32; the fp16 variants use float16)")
+    bench.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32",
+                       help="dtype of the data (default float32; the fp16 variants use float16; "
+                            "half data goes into float32 modules, torch's too; bfloat16 needs ml_dtypes)")
     bench.add_argument("--json", dest="json_path", metavar="F", help="also write the results to F as JSON")
     bench.add_argument("--plot", dest="plot_path", metavar="F.png",
                        help="also draw the speed-ups into F.png (needs matplotlib)")

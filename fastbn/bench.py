@@ -22,7 +22,9 @@ Variants of these operations time the features that change speed: ``+relu`` (the
 torch runs its BatchNorm then an in-place ReLU), ``:nhwc`` (channels-last input and output;
 torch gets a channels_last tensor) and ``:fp16`` (float16 data into a float32 module, computed
 in float32 by both).  Their floors count the bytes of the data as given (two per value for
-float16).
+float16).  ``dtype`` (``--dtype``) float16 or bfloat16 times every operation on half data into
+a float32 module, against torch's BatchNorm on the same half dtype (its mixed-precision CPU
+path); ONNX Runtime and plain numpy are timed on float32 and float64 data only.
 """
 
 import json
@@ -34,6 +36,7 @@ import time
 import numpy as np
 
 from . import __version__
+from . import _validation as V
 from ._dispatch import kernels, simd_level
 from ._openmp import get_max_threads, openmp_version, set_max_threads
 from ._cpu import supported_simd_levels
@@ -52,6 +55,17 @@ VARIANTS = {"eval+relu": ("eval", "relu"), "train+relu": ("train", "relu"),
             "eval:fp16": ("eval", "fp16"), "train:fp16": ("train", "fp16"),
             "train+backward:fp16": ("train+backward", "fp16")}
 FEATURE_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (16, 3, 224, 224)]
+
+
+def data_dtype(name):
+    """The numpy dtype of a dtype name: float32, float64, float16 or bfloat16 (ml_dtypes')."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise SystemExit("--dtype bfloat16 needs ml_dtypes: pip install fastbn[bf16]") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def split_op(op):
@@ -80,7 +94,7 @@ PEERS = ("torch", "onnxruntime", "numpy")
 def fastbn_case(op, x, dy, threads):
     set_max_threads(threads)
     op, variant = split_op(op)
-    dtype = np.float32 if x.dtype == np.float16 else x.dtype
+    dtype = np.float32 if V.is_half(x.dtype) else x.dtype
     bn = (BatchNorm1d if x.ndim == 2 else BatchNorm2d)(x.shape[1], dtype=dtype,
                                                         activation="relu" if variant == "relu" else None)
     if op == "eval":
@@ -98,7 +112,7 @@ def fastbn_case(op, x, dy, threads):
 def numpy_case(op, x, dy, threads):
     """Plain numpy, the way one writes batch norm without a library (single-threaded)."""
     op, variant = split_op(op)
-    if variant is not None:
+    if variant is not None or V.is_half(x.dtype):
         return None  # the plain-numpy baseline is timed on the base operations only
     axes = (0,) + tuple(range(2, x.ndim))
     shape = (1, -1) + (1,) * (x.ndim - 2)
@@ -135,10 +149,10 @@ def torch_case(op, x, dy, threads):
     import torch
     torch.set_num_threads(threads)
     op, variant = split_op(op)
+    # A float32 module for half data, as fastbn's: torch's mixed-precision CPU batch norm.
     dtype = {np.dtype(np.float64): torch.float64}.get(x.dtype, torch.float32)
     bn = (torch.nn.BatchNorm1d if x.ndim == 2 else torch.nn.BatchNorm2d)(x.shape[1], dtype=dtype)
-    tx = torch.from_numpy(np.ascontiguousarray(x))
-    tdy = torch.from_numpy(np.ascontiguousarray(dy))
+    tx, tdy = _torch_tensor(x), _torch_tensor(dy)
     if variant == "nhwc":
         tx = tx.contiguous(memory_format=torch.channels_last)
         tdy = tdy.contiguous(memory_format=torch.channels_last)
@@ -161,9 +175,18 @@ def torch_case(op, x, dy, threads):
     return forward_backward
 
 
+def _torch_tensor(a):
+    """A torch tensor with a's values and dtype (bfloat16 through its bits)."""
+    import torch
+    a = np.ascontiguousarray(a)
+    if V.is_bfloat16(a.dtype):
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def onnxruntime_case(op, x, dy, threads):
     """ONNX Runtime's BatchNormalization: an inference operator, so eval only."""
-    if op != "eval" or x.dtype == np.float16:
+    if op != "eval" or V.is_half(x.dtype):
         return None
     import onnx
     import onnxruntime as ort
@@ -245,8 +268,8 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
     saved_threads = get_max_threads()
     try:
         for shape in shapes:
-            x = rng.standard_normal(shape).astype(dtype)
-            dy = rng.standard_normal(shape).astype(dtype)
+            x = rng.standard_normal(shape).astype(np.float32).astype(dtype)
+            dy = rng.standard_normal(shape).astype(np.float32).astype(dtype)
             for nthreads in threads:
                 for op in ops:
                     variant = split_op(op)[1]
@@ -349,7 +372,7 @@ def plot(records, path):
 def main(threads=(1, 2), against=PEERS, quick=False, json_path=None, plot_path=None, shapes=None,
          ops=None, out=None, dtype="float32"):
     out = sys.stdout if out is None else out
-    dtype = np.dtype(dtype)
+    dtype = data_dtype(dtype)
     print(header(against), file=out)
     print(f"threads: {', '.join(map(str, threads))}  |  dtype: {dtype.name}  |  "
           f"{'quick run' if quick else 'full run'}", file=out)

@@ -43,6 +43,24 @@ def test_cli_bench_runs_float64(tmp_path, capsys):
     assert dtypes == {"train": "float64", "eval:fp16": "float16"}
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cli_bench_runs_half_data_against_torch_on_the_same_dtype(dtype, tmp_path, capsys):
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    against = "torch" if bench.peer_version("torch") else "numpy"
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--threads", "1", "--against", against, "--shapes", "4,3,8,8;64,5",
+                 "--ops", "eval,train,train+backward", "--dtype", dtype, "--json", str(path)]) == 0
+    assert f"dtype: {dtype}" in capsys.readouterr().out
+    records = json.loads(path.read_text())["records"]
+    assert {r["dtype"] for r in records} == {dtype} and len(records) == 6
+    for r in records:
+        assert r["times"]["fastbn"] > 0 and r["bytes"] == 2 * int(np.prod(r["shape"]))
+        assert "numpy" not in r["times"]  # plain numpy is timed on float32/float64 only
+        if against == "torch":
+            assert r["times"]["torch"] > 0
+
+
 @pytest.mark.parametrize("argv", [["bench", "--threads", "0"], ["bench", "--against", "tensorflow"],
                                   ["bench", "--ops", "fly"], ["bench", "--shapes", "2,x"],
                                   ["bench", "--dtype", "int8"]])
