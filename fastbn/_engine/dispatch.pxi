@@ -1,6 +1,7 @@
 # The one dispatcher: a job, the storage type of the call's data and its activation select the
-# specialisation that runs.  Adding a storage type is a line in `dispatch` (and its member of
-# the fused type in storage.pxi); adding an activation, a line in `with_activation`.
+# specialisation that runs.  Adding a storage type is a branch in `dispatch` (with its member of
+# the fused type in storage.pxi and its conversion there); adding an activation, a line in each
+# branch (with its member of the fused type in loops.pxi).
 
 cdef enum Job:
     MOMENTS             # per-channel mean and M2 (Stats.mean, .m2)
@@ -33,6 +34,8 @@ cdef int run(Job job, Call* call, const activation* act, const storage* stored,
     cdef Py_ssize_t i, c = call.g.c
     cdef int rc = -1
     cdef real* p[N_PARAMS]
+    if (storage is double and real is float) or (storage is not double and real is double):
+        return -1  # not a pairing dispatch() makes: Cython then emits no code below for it
     if job == MOMENTS:
         return moments_pass(&call.g, x, &call.stats, call.n_threads)
     # Absent per-channel arrays point at fillers (see Param): ones for the weight, zeros (and
@@ -64,20 +67,22 @@ cdef int run(Job job, Call* call, const activation* act, const storage* stored,
     return rc
 
 
-cdef inline int with_activation(Job job, Call* call, bint relu, const storage* stored,
-                                const real* computed) noexcept nogil:
-    if relu:
-        return run(job, call, <ReLU*>NULL, stored, computed)
-    return run(job, call, <Identity*>NULL, stored, computed)
-
-
 cdef int dispatch(Job job, Call* call, Storage kind, bint relu) noexcept nogil:
     """Run `job` on data of storage type `kind`: float32, float16 and bfloat16 are computed in
-    float32, float64 in float64.  -1 if out of memory."""
+    float32, float64 in float64.  -1 if out of memory.  (Each call names its types outright:
+    Cython then emits just these specialisations, not every storage x compute pairing.)"""
     if kind == FLOAT32:
-        return with_activation(job, call, relu, <float*>NULL, <float*>NULL)
+        if relu:
+            return run(job, call, <ReLU*>NULL, <float*>NULL, <float*>NULL)
+        return run(job, call, <Identity*>NULL, <float*>NULL, <float*>NULL)
     if kind == FLOAT64:
-        return with_activation(job, call, relu, <double*>NULL, <double*>NULL)
+        if relu:
+            return run(job, call, <ReLU*>NULL, <double*>NULL, <double*>NULL)
+        return run(job, call, <Identity*>NULL, <double*>NULL, <double*>NULL)
     if kind == FLOAT16:
-        return with_activation(job, call, relu, <half*>NULL, <float*>NULL)
-    return with_activation(job, call, relu, <bfloat*>NULL, <float*>NULL)
+        if relu:
+            return run(job, call, <ReLU*>NULL, <half*>NULL, <float*>NULL)
+        return run(job, call, <Identity*>NULL, <half*>NULL, <float*>NULL)
+    if relu:
+        return run(job, call, <ReLU*>NULL, <bfloat*>NULL, <float*>NULL)
+    return run(job, call, <Identity*>NULL, <bfloat*>NULL, <float*>NULL)
