@@ -279,11 +279,12 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     Parameters
     ----------
     input : ndarray, shape (N, C, *)
-        float16, float32 or float64 data.  C-contiguous and channels-last memory (torch's
-        channels_last: contiguous as (N, *spatial, C)) are read in place, and the output keeps
-        the input's memory format; other strides are copied once.
+        float16, bfloat16 (ml_dtypes.bfloat16), float32 or float64 data.  C-contiguous and
+        channels-last memory (torch's channels_last: contiguous as (N, *spatial, C)) are read
+        in place, and the output keeps the input's memory format; other strides are copied
+        once.  Half data is read and written as it is and computed in float32.
     running_mean, running_var : ndarray, shape (C,), or None
-        Running statistics, of the computing dtype.  In training mode they are updated in place
+        Running statistics, of the computing dtype (float32 for half data).  In training mode they are updated in place
         (``new = (1 - momentum) * old + momentum * batch``, the variance unbiased) when given;
         in eval mode (``training=False``) they are required and used to normalise.
     weight, bias : ndarray, shape (C,), or None
@@ -441,7 +442,7 @@ def batch_stats(input, *, n_threads=None):
     Parameters
     ----------
     input : ndarray, shape (N, C, *)
-        float16, float32 or float64 data.
+        float16, bfloat16 (ml_dtypes.bfloat16), float32 or float64 data.
     n_threads : int or None, default None
         As in :func:`batch_norm_forward`.
 
@@ -545,7 +546,8 @@ def batch_norm_elemt(input, mean, invstd, weight=None, bias=None, *, activation=
     Parameters
     ----------
     input : ndarray, shape (N, C, *)
-        float16, float32 or float64 data, C-contiguous or channels-last (kept in the output).
+        float16, bfloat16, float32 or float64 data, C-contiguous or channels-last (kept in the
+        output).
     mean, invstd : array_like, shape (C,)
         The statistics to normalise with, cast to float64.
     weight, bias : ndarray, shape (C,), or None
