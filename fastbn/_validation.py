@@ -57,7 +57,7 @@ def as_float_array(value, name):
                             f"{type(value).__name__}: {exc}") from None
     dt = value.dtype
     if is_bfloat16(dt):
-        return value
+        return value if dt.isnative else value.astype(dt.newbyteorder("="))
     if dt.kind != "f" or dt.newbyteorder("=") not in INPUT_DTYPES:
         raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32 or "
                         f"float64), got {dt}")
