@@ -155,18 +155,29 @@ cdef inline double fold_lanes(double* acc) noexcept nogil:
 cdef inline void moment_lanes(const real* x, Py_ssize_t n, double shift, double* s1,
                               double* s2) noexcept nogil:
     """Add d = x - shift and d * d over x[:n] to the lane sums s1 and s2."""
+    # The sums are carried in local arrays, which the compiler can prove apart from x and so
+    # keep in registers (through the pointers it would have to store and reload them at every
+    # step where x is float64).
+    cdef double a[LANES]
+    cdef double b[LANES]
     cdef double d
     cdef Py_ssize_t i = 0, j, full = n - n % LANES
+    for j in range(LANES):
+        a[j] = s1[j]
+        b[j] = s2[j]
     while i < full:
         for j in range(LANES):
             d = <double>x[i + j] - shift
-            s1[j] += d
-            s2[j] += d * d
+            a[j] += d
+            b[j] += d * d
         i += LANES
     for j in range(n - full):
         d = <double>x[full + j] - shift
-        s1[j] += d
-        s2[j] += d * d
+        a[j] += d
+        b[j] += d * d
+    for j in range(LANES):
+        s1[j] = a[j]
+        s2[j] = b[j]
 
 
 cdef inline void grad_lanes(const activation* act, const real* dy, const real* out,
@@ -174,29 +185,37 @@ cdef inline void grad_lanes(const activation* act, const real* dy, const real* o
                             double* s1, double* s2) noexcept nogil:
     """Add g and g * (x - center) over n elements to the lane sums s1 and s2, g being dy gated
     by the activation (see gate); with dx, also dx = scale * g."""
+    cdef double a[LANES]  # (local sums, kept in registers: see moment_lanes)
+    cdef double b[LANES]
     cdef double v
     cdef Py_ssize_t i = 0, j, full = n - n % LANES
+    for j in range(LANES):
+        a[j] = s1[j]
+        b[j] = s2[j]
     if dx == NULL:
         while i < full:
             for j in range(LANES):
                 v = gate(act, dy, out, i + j)
-                s1[j] += v
-                s2[j] += v * (<double>x[i + j] - center)
+                a[j] += v
+                b[j] += v * (<double>x[i + j] - center)
             i += LANES
     else:
         while i < full:
             for j in range(LANES):
                 v = gate(act, dy, out, i + j)
                 dx[i + j] = scale * gate(act, dy, out, i + j)
-                s1[j] += v
-                s2[j] += v * (<double>x[i + j] - center)
+                a[j] += v
+                b[j] += v * (<double>x[i + j] - center)
             i += LANES
     for j in range(n - full):
         v = gate(act, dy, out, full + j)
         if dx != NULL:
             dx[full + j] = scale * gate(act, dy, out, full + j)
-        s1[j] += v
-        s2[j] += v * (<double>x[full + j] - center)
+        a[j] += v
+        b[j] += v * (<double>x[full + j] - center)
+    for j in range(LANES):
+        s1[j] = a[j]
+        s2[j] = b[j]
 
 
 # ---------------------------------------------------------------------------------------------
