@@ -15,7 +15,7 @@ cdef inline void segment_moments(const storage* x, Py_ssize_t n, double* shift_o
     cdef double s1[LANES]
     cdef double s2[LANES]
     cdef double t1, t2
-    cdef float xs[STAGE]
+    cdef float xs[STAGE_READ]
     cdef Py_ssize_t j = 0, m
     clear(s1, LANES)
     clear(s2, LANES)
@@ -23,7 +23,7 @@ cdef inline void segment_moments(const storage* x, Py_ssize_t n, double* shift_o
         moment_lanes(x, n, shift, s1, s2)
     else:
         while j < n:
-            m = min(<Py_ssize_t>STAGE, n - j)
+            m = min(<Py_ssize_t>STAGE_READ, n - j)
             widen(x + j, xs, m)
             moment_lanes(xs, m, shift, s1, s2)
             j += m
@@ -65,11 +65,11 @@ cdef inline void segment_grad_sums(const activation* act, const storage* dy, con
     (see gate); with dx, also dx = scale * g."""
     cdef double s1[LANES]
     cdef double s2[LANES]
-    cdef float dys[STAGE]
-    cdef float outs[STAGE]
-    cdef float xs[STAGE]
+    cdef float dys[STAGE_READ]
+    cdef float outs[STAGE_READ]
+    cdef float xs[STAGE_READ]
     cdef float dxs[STAGE]
-    cdef Py_ssize_t j = 0, m
+    cdef Py_ssize_t j = 0, m, stage = STAGE_READ if dx == NULL else STAGE
     clear(s1, LANES)
     clear(s2, LANES)
     if storage is float or storage is double:
@@ -77,7 +77,7 @@ cdef inline void segment_grad_sums(const activation* act, const storage* dy, con
                    <real*>dx, s1, s2)
     else:
         while j < n:
-            m = min(<Py_ssize_t>STAGE, n - j)
+            m = min(stage, n - j)
             widen(dy + j, dys, m)
             if activation is ReLU:
                 widen(out + j, outs, m)

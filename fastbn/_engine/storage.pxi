@@ -31,7 +31,11 @@ ctypedef fused real:
 cdef enum:
     # Values per staging block: a few float32 buffers of this many values stay in L1.  A
     # multiple of LANES, so that a run fed to the lane sums block by block sums in one order.
+    # Short blocks where a pass writes, so that narrowing one block overlaps widening the next
+    # in the core's out-of-order window (2048-value blocks made float16 eval 4x slower); long
+    # ones where it only reads, so that the lane sums are loaded and stored seldom.
     STAGE = 256
+    STAGE_READ = 2048
     # Rows of a column tile staged at once (a multiple of four: tile_moments_rows' sweep).
     STAGE_ROWS = 16
 
@@ -94,7 +98,7 @@ cdef extern from *:
         return (uint16_t)(sign | h);
     }
 
-    static void fastbn_widen_half(const void *src, float *dst, Py_ssize_t n) {
+    static inline void fastbn_widen_half(const void *src, float *dst, Py_ssize_t n) {
         const uint16_t *s = (const uint16_t *)src;
         Py_ssize_t i = 0;
     #if FASTBN_HALF_SIMD
@@ -111,7 +115,7 @@ cdef extern from *:
             dst[i] = fastbn_half_to_float_soft(s[i]);
     #endif
     }
-    static void fastbn_narrow_half(const float *src, void *dst, Py_ssize_t n) {
+    static inline void fastbn_narrow_half(const float *src, void *dst, Py_ssize_t n) {
         uint16_t *d = (uint16_t *)dst;
         Py_ssize_t i = 0;
     #if FASTBN_HALF_SIMD
@@ -142,7 +146,7 @@ cdef extern from *:
         uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
         return (uint16_t)((x & 0x7fffffffu) > 0x7f800000u ? (x >> 16) | 0x40u : rounded);
     }
-    static void fastbn_widen_bfloat(const void *src, float *dst, Py_ssize_t n) {
+    static inline void fastbn_widen_bfloat(const void *src, float *dst, Py_ssize_t n) {
         const uint16_t *s = (const uint16_t *)src;
         Py_ssize_t i = 0;
     #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -161,7 +165,7 @@ cdef extern from *:
             memcpy(dst + i, &bits, sizeof bits);
         }
     }
-    static void fastbn_narrow_bfloat(const float *src, void *dst, Py_ssize_t n) {
+    static inline void fastbn_narrow_bfloat(const float *src, void *dst, Py_ssize_t n) {
         uint16_t *d = (uint16_t *)dst;
         Py_ssize_t i = 0;
     #if defined(__AVX512F__) && defined(__AVX512BW__)
