@@ -15,6 +15,7 @@ _engine/storage.pxi     storage types (float32, float64, float16, bfloat16) and 
 _engine/loops.pxi       inner loops on runs and rows of the compute type; the activation
 _engine/staging.pxi     those loops over stored data: half data widened in blocks on the stack
 _engine/statistics.pxi  moments of work items and their merge in a fixed order
+_engine/call.pxi        what one call carries: data, per-channel arrays, statistics, scalars
 _engine/forward.pxi     coefficients, the normalisation pass, eval and training forwards
 _engine/backward.pxi    gradient sums, grad_input, eval and training backwards
 _engine/dispatch.pxi    (job, storage, activation) -> the specialisation that runs
@@ -80,6 +81,7 @@ include "_engine/storage.pxi"
 include "_engine/loops.pxi"
 include "_engine/staging.pxi"
 include "_engine/statistics.pxi"
+include "_engine/call.pxi"
 include "_engine/forward.pxi"
 include "_engine/backward.pxi"
 include "_engine/dispatch.pxi"

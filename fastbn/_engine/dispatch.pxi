@@ -38,7 +38,7 @@ cdef int run(Job job, Call* call, const activation* act, const storage* stored,
         return -1  # not a pairing dispatch() makes: Cython then emits no code below for it
     if job == MOMENTS:
         return moments_pass(&call.g, x, &call.stats, call.n_threads)
-    # Absent per-channel arrays point at fillers (see Param): ones for the weight, zeros (and
+    # Absent per-channel arrays point at fillers (see call.pxi): ones for the weight, zeros (and
     # scratch) for the rest.
     cdef real* fill = <real*>malloc(N_PARAMS * max(c, <Py_ssize_t>1) * sizeof(real))
     if fill == NULL:

@@ -3,37 +3,6 @@
 # unfused (statistics pass, epilogue, elementwise pass) or fused channel by channel (planar)
 # or tile by tile (columns) while the data is in cache, with the same bits either way.
 
-cdef enum:
-    # Per-channel arrays of the compute type that a call may take.  Drivers get `real** p`
-    # with none NULL: an absent one points at a filler (ones for WEIGHT, zeros elsewhere, the
-    # writable ones scratch), so that every per-channel loop is free of branches, vectorises,
-    # and the fused and unfused paths run exactly the same arithmetic.
-    WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR, GRAD_WEIGHT, GRAD_BIAS, N_PARAMS
-
-
-cdef struct Step:
-    # The scalars of a training step
-    double momentum, eps
-    double count        # values per channel: N * S (or, for distributed sums, all ranks')
-
-
-cdef struct Call:
-    # One kernel call: its geometry, data (void*: the storage type, fixed by the dispatcher),
-    # per-channel arrays, statistics and scalars.  The Python entry points fill it; the job
-    # runner (dispatch.pxi) types its pointers; the drivers read it.
-    Geometry g
-    int n_threads
-    const void* x
-    void* y
-    const void* dy
-    const void* out       # the forward's output: the activation's mask in the backward
-    void* dx
-    void* params[N_PARAMS]  # compute type, NULL where absent (see Param)
-    bint param_grads      # whether GRAD_WEIGHT or GRAD_BIAS was given
-    Stats stats
-    Step step
-
-
 cdef real* coefficient_block(Py_ssize_t n, int rows, real** k) noexcept nogil:
     """One malloc'd block of rows * n values of the compute type, k[row] pointing at each row;
     NULL if out of memory (or n is 0).  Free the block."""
