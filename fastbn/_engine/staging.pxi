@@ -147,6 +147,10 @@ cdef inline void span_affine(const activation* act, const storage* x, storage* y
             affine_row(act, <const real*>x, <real*>y, n, k, at)
         else:
             affine_run(act, <const real*>x, <real*>y, n, k, at)
+    elif HALF_AFFINE and not per_column:
+        # one channel's run, converted in registers (the same bits: see fastbn_affine_half)
+        affine_half(storage is bfloat, activation is ReLU, x, y, n, k[FACTOR][at],
+                    k[CENTER][at], k[SCALE][at], k[SHIFT][at])
     else:
         while j < n:
             m = min(<Py_ssize_t>STAGE, n - j)

@@ -42,6 +42,7 @@ cdef enum:
 
 cdef extern from *:
     """
+    #include <math.h>
     #include <stdint.h>
     #include <string.h>
     #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
@@ -137,7 +138,7 @@ cdef extern from *:
 
     /* bfloat16 <-> float32 with integer arithmetic.  Widening is exact (a shift).  Narrowing
        rounds to nearest even, as torch and ml_dtypes do, denormals included; NaN stays NaN
-       (quieted, sign kept).  AVX-512 and AVX2 builds do 16 values a step with the same integer
+       (quieted, sign kept).  AVX-512 and AVX2 builds do 16 or 8 values a step with the same integer
        operations (the compiler's own vectorisation of the scalar loop is several times slower:
        it packs 32-bit lanes to 16 with permutes).  AVX512-BF16's VCVTNEPS2BF16 is not used: it
        flushes denormal inputs to zero, so its results would differ from these, and from
@@ -146,6 +147,31 @@ cdef extern from *:
         uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
         return (uint16_t)((x & 0x7fffffffu) > 0x7f800000u ? (x >> 16) | 0x40u : rounded);
     }
+    #if defined(__AVX512F__) && defined(__AVX512BW__)
+    /* 16 float32 bit patterns rounded to bfloat16 (the scalar function's arithmetic). */
+    static inline __m256i fastbn_bfloat_round16(__m512i x) {
+        __m512i high = _mm512_srli_epi32(x, 16);
+        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)),
+                                                             _mm512_and_si512(high, _mm512_set1_epi32(1))), 16);
+        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+        return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40))));
+    }
+    #endif
+    #if defined(__AVX2__)
+    /* 8 float32 bit patterns rounded to bfloat16. */
+    static inline __m128i fastbn_bfloat_round8(__m256i x) {
+        __m256i high = _mm256_srli_epi32(x, 16);
+        __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)),
+                                                             _mm256_and_si256(high, _mm256_set1_epi32(1))), 16);
+        /* (magnitudes are non-negative as int32: a signed compare is the unsigned one) */
+        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+        __m256i r = _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+        /* each lane < 2**16: packing with unsigned saturation keeps it */
+        return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    }
+    #endif
     static inline void fastbn_widen_bfloat(const void *src, float *dst, Py_ssize_t n) {
         const uint16_t *s = (const uint16_t *)src;
         Py_ssize_t i = 0;
@@ -154,7 +180,8 @@ cdef extern from *:
             __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i)));
             _mm512_storeu_si512((void *)(dst + i), _mm512_slli_epi32(w, 16));
         }
-    #elif defined(__AVX2__)
+    #endif
+    #if defined(__AVX2__)
         for (; i + 8 <= n; i += 8) {
             __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
             _mm256_storeu_si256((__m256i *)(dst + i), _mm256_slli_epi32(w, 16));
@@ -169,37 +196,12 @@ cdef extern from *:
         uint16_t *d = (uint16_t *)dst;
         Py_ssize_t i = 0;
     #if defined(__AVX512F__) && defined(__AVX512BW__)
-        const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
-        const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
-        const __m512i quiet = _mm512_set1_epi32(0x40);
-        for (; i + 16 <= n; i += 16) {
-            __m512i x = _mm512_loadu_si512((const void *)(src + i));
-            __m512i high = _mm512_srli_epi32(x, 16);
-            __m512i rounded = _mm512_srli_epi32(
-                _mm512_add_epi32(_mm512_add_epi32(x, bias), _mm512_and_si512(high, one)), 16);
-            __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, magnitude), inf);
-            __m512i r = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, quiet));
-            _mm256_storeu_si256((__m256i *)(d + i), _mm512_cvtepi32_epi16(r));
-        }
-    #elif defined(__AVX2__)
-        const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-        const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
-        const __m256i quiet = _mm256_set1_epi32(0x40);
-        for (; i + 16 <= n; i += 16) {
-            __m256i r[2];
-            for (int half = 0; half < 2; half++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(src + i + 8 * half));
-                __m256i high = _mm256_srli_epi32(x, 16);
-                __m256i rounded = _mm256_srli_epi32(
-                    _mm256_add_epi32(_mm256_add_epi32(x, bias), _mm256_and_si256(high, one)), 16);
-                /* (magnitudes are non-negative as int32: a signed compare is the unsigned one) */
-                __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, magnitude), inf);
-                r[half] = _mm256_blendv_epi8(rounded, _mm256_or_si256(high, quiet), nan);
-            }
-            /* pack the 32-bit lanes (each < 2**16) to 16 bits, then undo packus' lane interleave */
-            __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xd8);
-            _mm256_storeu_si256((__m256i *)(d + i), packed);
-        }
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256((__m256i *)(d + i), fastbn_bfloat_round16(_mm512_loadu_si512((const void *)(src + i))));
+    #endif
+    #if defined(__AVX2__)
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(d + i), fastbn_bfloat_round8(_mm256_loadu_si256((const __m256i *)(src + i))));
     #endif
         for (; i < n; i++) {
             uint32_t x;
@@ -207,8 +209,99 @@ cdef extern from *:
             d[i] = fastbn_float_to_bfloat_soft(x);
         }
     }
+
+    /* The affine map of a run of half data with one channel's coefficients, conversions in
+       registers: y = act((x * factor - center) * scale + shift), rounded to the half type.
+       Only where the compiler contracts the float32 loop (affine_run) into the same two fused
+       multiply-adds -- the FMA builds -- so that every value is the float32 loop's, bit for bit
+       (tests/test_bfloat16.py checks it at every level); elsewhere the run is staged. */
+    #if defined(__FMA__) && (defined(__AVX2__) || defined(__AVX512F__))
+    #define FASTBN_HALF_AFFINE 1
+    #if defined(__AVX512F__) && defined(__AVX512BW__)
+    static inline __m512 fastbn_load16(int bfloat, const uint16_t *s) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)s);
+        if (bfloat)
+            return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        return _mm512_cvtph_ps(h);
+    }
+    static inline void fastbn_store16(int bfloat, uint16_t *d, __m512 v) {
+        if (bfloat)
+            _mm256_storeu_si256((__m256i *)d, fastbn_bfloat_round16(_mm512_castps_si512(v)));
+        else
+            _mm256_storeu_si256((__m256i *)d, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    #endif
+    static inline __m256 fastbn_load8(int bfloat, const uint16_t *s) {
+        __m128i h = _mm_loadu_si128((const __m128i *)s);
+        if (bfloat)
+            return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        return _mm256_cvtph_ps(h);
+    }
+    static inline void fastbn_store8(int bfloat, uint16_t *d, __m256 v) {
+        if (bfloat)
+            _mm_storeu_si128((__m128i *)d, fastbn_bfloat_round8(_mm256_castps_si256(v)));
+        else
+            _mm_storeu_si128((__m128i *)d, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    static inline void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
+                                          Py_ssize_t n, float factor, float center, float scale,
+                                          float shift) {
+        const uint16_t *s = (const uint16_t *)src;
+        uint16_t *d = (uint16_t *)dst;
+        Py_ssize_t i = 0;
+    #if defined(__AVX512F__) && defined(__AVX512BW__)
+        {
+            const __m512 f = _mm512_set1_ps(factor), c = _mm512_set1_ps(center);
+            const __m512 k = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift), zero = _mm512_setzero_ps();
+            for (; i + 16 <= n; i += 16) {
+                __m512 z = _mm512_fmadd_ps(_mm512_fmsub_ps(fastbn_load16(bfloat, s + i), f, c), k, b);
+                if (relu)  /* torch's ReLU: 0 where z < 0; NaN and -0.0 pass */
+                    z = _mm512_mask_mov_ps(z, _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ), zero);
+                fastbn_store16(bfloat, d + i, z);
+            }
+        }
+    #endif
+        {
+            const __m256 f = _mm256_set1_ps(factor), c = _mm256_set1_ps(center);
+            const __m256 k = _mm256_set1_ps(scale), b = _mm256_set1_ps(shift), zero = _mm256_setzero_ps();
+            for (; i + 8 <= n; i += 8) {
+                __m256 z = _mm256_fmadd_ps(_mm256_fmsub_ps(fastbn_load8(bfloat, s + i), f, c), k, b);
+                if (relu)
+                    z = _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
+                fastbn_store8(bfloat, d + i, z);
+            }
+        }
+        for (; i < n; i++) {
+            float v, z;
+            if (bfloat)
+                fastbn_widen_bfloat(s + i, &v, 1);
+            else
+                fastbn_widen_half(s + i, &v, 1);
+            z = fmaf(fmaf(v, factor, -center), scale, shift);
+            if (relu && z < 0.0f)
+                z = 0.0f;
+            if (bfloat)
+                fastbn_narrow_bfloat(&z, d + i, 1);
+            else
+                fastbn_narrow_half(&z, d + i, 1);
+        }
+    }
+    #else
+    #define FASTBN_HALF_AFFINE 0
+    /* Never called: FASTBN_HALF_AFFINE tells the caller to stage the run. */
+    static inline void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
+                                          Py_ssize_t n, float factor, float center, float scale,
+                                          float shift) {
+        (void)bfloat; (void)relu; (void)src; (void)dst; (void)n;
+        (void)factor; (void)center; (void)scale; (void)shift;
+    }
+    #endif
     """
     bint HALF_SIMD "FASTBN_HALF_SIMD"
+    bint HALF_AFFINE "FASTBN_HALF_AFFINE"
+    void affine_half "fastbn_affine_half"(int bfloat, int relu, const void* src, void* dst,
+                                          Py_ssize_t n, float factor, float center, float scale,
+                                          float shift) noexcept nogil
     void widen_half "fastbn_widen_half"(const void* src, float* dst, Py_ssize_t n) noexcept nogil
     void narrow_half "fastbn_narrow_half"(const float* src, void* dst, Py_ssize_t n) noexcept nogil
     void widen_bfloat "fastbn_widen_bfloat"(const void* src, float* dst, Py_ssize_t n) noexcept nogil
