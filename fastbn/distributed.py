@@ -245,7 +245,8 @@ class SyncBatchNorm(_BatchNorm):
                              f"per channel over all {len(counts)} ranks (values per channel by "
                              f"rank: {counts})")
         y = self._train_step(x, out, eps, stats)
-        self._synced = self._saved
+        # (after out=input there is no input to differentiate: the base class's backward says so)
+        self._synced = self._saved if isinstance(self._saved, F.ForwardContext) else None
         return y
 
     __call__ = forward

@@ -156,3 +156,18 @@ def test_ranks_keep_storage_and_memory_format_and_match_one_batchnorm(sizes, sto
                     assert_rounded(got[what], wide[what], dtype, f"{where}: {what} vs float32's")
                 for name in STATE:
                     assert_same_bits(got[name], wide[name], f"{where}: {name} vs float32's")
+
+
+def test_a_forward_over_its_own_input_has_no_backward_on_any_rank(rng):
+    # out=input in training: every rank normalises in place (one Allgather, as always), and
+    # backward then says, as BatchNorm2d does, that there is no input left -- no collective.
+    x = [make_input((2 + r, C, 4, 4), np.float32, rng) for r in range(2)]
+
+    def work(comm):
+        bn = fastbn.SyncBatchNorm(C, comm=comm)
+        mine = x[comm.Get_rank()].copy()
+        assert bn(mine, out=mine) is mine
+        with pytest.raises(RuntimeError, match="wrote its output over its input"):
+            bn.backward(np.ones_like(mine))
+
+    run_ranks(2, work)
