@@ -419,7 +419,7 @@ def _checkpoint_value(name, value, target):
         array = np.asarray(value)
     except Exception as exc:
         raise TypeError(f'could not convert "{name}" ({type(value).__name__}) to an array: {exc}') from None
-    if array.dtype.name == "bfloat16" and array.dtype.itemsize == 2:
+    if V.is_bfloat16(array.dtype):
         # ml_dtypes.bfloat16 (load_checkpoint(..., bfloat16="keep")), recognised without
         # importing ml_dtypes: its bits are the high half of the float32 of the same value,
         # so this widening is exact, and the checks below then see an ordinary float32.
