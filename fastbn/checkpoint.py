@@ -19,9 +19,8 @@ Formats, recognised by their content:
 * safetensors (through the optional ``safetensors`` package: ``pip install fastbn[io]``);
 * ``.npz`` archives, read with ``allow_pickle=False``.
 
-Only numpy and the standard library are used; torch is never imported.  bfloat16 tensors are
-widened to float32 unless ``bfloat16="keep"`` asks for ``ml_dtypes.bfloat16`` arrays, and only
-then is the optional ``ml_dtypes`` package imported.
+Only numpy and the standard library are used; torch is never imported (nor ml_dtypes, unless
+``bfloat16="keep"`` asks for ``ml_dtypes.bfloat16`` arrays rather than float32 ones).
 """
 
 import collections
@@ -92,11 +91,9 @@ _BFLOAT16_CHOICES = ("float32", "keep")
 
 
 def _bfloat16_dtype(bfloat16):
-    """The dtype bfloat16 tensors are returned as for the ``bfloat16=`` option: None to widen
-    them to float32, or ``ml_dtypes.bfloat16`` to keep them.
-
-    Called before the file is opened, so that a bad value or a missing package fails before
-    any reading; ml_dtypes is imported only here, so ``import fastbn`` never needs it.
+    """The dtype bfloat16 tensors are returned as for ``bfloat16=``: None (widen them to
+    float32) or ``ml_dtypes.bfloat16`` (keep them).  Called before the file is opened, so that
+    a bad value or a missing ml_dtypes fails first; ``import fastbn`` never imports ml_dtypes.
     """
     if not (isinstance(bfloat16, str) and bfloat16 in _BFLOAT16_CHOICES):
         raise ValueError(f"bfloat16 must be one of {', '.join(map(repr, _BFLOAT16_CHOICES))}, "
@@ -424,8 +421,8 @@ def _unpickle(unpickler, path, what):
 # -- building arrays ------------------------------------------------------------------------
 
 def _finish(view, element, bf16=None):
-    """A C-contiguous, native-endian copy of ``view`` (elements as stored) as its dtype;
-    bfloat16 elements as ``bf16`` (``ml_dtypes.bfloat16``), or widened to float32 if None."""
+    """A C-contiguous, native-endian copy of ``view`` as its dtype (bfloat16: as ``bf16``, or
+    widened to float32 if None)."""
     if element == "bfloat16":
         if bf16 is not None:
             # The stored bits, reordered to native uint16, reinterpreted: never through a
