@@ -5,7 +5,9 @@ and shape, with the bandwidth floor (an OpenMP copy of the same bytes) in each g
 
 The cases and implementations are fastbn.bench's (``python -m fastbn bench`` prints the same
 comparison as a table with ratios).  FASTBN_BENCH_THREADS sets the thread count (default 2);
-FASTBN_BENCH_QUICK=1 restricts to the quick shapes.  Nothing here asserts a timing.
+FASTBN_BENCH_QUICK=1 restricts to the quick shapes; FASTBN_BENCH_DTYPE the data's dtype
+(float32, float64, float16 or bfloat16; half data against torch on the same dtype).  Nothing
+here asserts a timing.
 """
 
 import os
@@ -19,6 +21,7 @@ from fastbn._dispatch import kernels
 pytest.importorskip("pytest_benchmark")
 
 THREADS = int(os.environ.get("FASTBN_BENCH_THREADS", "2"))
+DTYPE = bench.data_dtype(os.environ.get("FASTBN_BENCH_DTYPE", "float32"))
 SHAPES = bench.QUICK_SHAPES if os.environ.get("FASTBN_BENCH_QUICK") else bench.SHAPES
 OPS = list(bench.OPS) + [op for op in bench.VARIANTS]
 IMPLEMENTATIONS = ["fastbn"] + [p for p in bench.PEERS if bench.peer_version(p)]
@@ -34,8 +37,8 @@ def cases():
 
 def data(op, shape):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32).astype(DTYPE)
+    dy = rng.standard_normal(shape).astype(np.float32).astype(DTYPE)
     variant = bench.split_op(op)[1]
     return bench.variant_input(variant, x), bench.variant_input(variant, dy)
 
@@ -43,7 +46,7 @@ def data(op, shape):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS + ["floor"])
 @pytest.mark.parametrize("op,shape", list(cases()), ids=lambda v: v if isinstance(v, str) else "x".join(map(str, v)))
 def test_batchnorm(benchmark, impl, op, shape):
-    benchmark.group = f"{op} {'x'.join(map(str, shape))} ({THREADS} threads)"
+    benchmark.group = f"{op} {'x'.join(map(str, shape))} {DTYPE.name} ({THREADS} threads)"
     x, dy = data(op, shape)
     if impl == "floor":
         # One copy of the data, the floor's yardstick: the operation's floor is this time
