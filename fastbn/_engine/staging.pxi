@@ -21,6 +21,9 @@ cdef inline void segment_moments(const storage* x, Py_ssize_t n, double* shift_o
     clear(s2, LANES)
     if storage is float or storage is double:
         moment_lanes(x, n, shift, s1, s2)
+    elif HALF_LANES:
+        # converted in registers, the same sums (see fastbn_moment_lanes_half)
+        moment_lanes_half(storage is bfloat, x, n, shift, s1, s2)
     else:
         while j < n:
             m = min(<Py_ssize_t>STAGE_READ, n - j)

@@ -286,9 +286,66 @@ cdef extern from *:
                 fastbn_narrow_half(&z, d + i, 1);
         }
     }
+
+    #if defined(__AVX512F__) && defined(__AVX512BW__)
+    /* The lane sums of a run of half data, conversions in registers: moment_lanes' arithmetic
+       (d = x - shift in float64; s1 += d; s2 += d * d, which the FMA builds compile to one
+       fused multiply-add) in its order, value i into lane i % 32, so the same bits. */
+    #define FASTBN_HALF_LANES 1
+    static inline void fastbn_moment_lanes_half(int bfloat, const void *src, Py_ssize_t n,
+                                                double shift, double *s1, double *s2) {
+        const uint16_t *s = (const uint16_t *)src;
+        __m512d a[4], b[4];
+        const __m512d k = _mm512_set1_pd(shift);
+        Py_ssize_t i = 0, full = n - n % 32, j;
+        for (j = 0; j < 4; j++) {
+            a[j] = _mm512_loadu_pd(s1 + 8 * j);
+            b[j] = _mm512_loadu_pd(s2 + 8 * j);
+        }
+        for (; i < full; i += 32) {
+            __m512 lo = fastbn_load16(bfloat, s + i), hi = fastbn_load16(bfloat, s + i + 16);
+            __m512d d[4];
+            d[0] = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(lo)), k);
+            d[1] = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lo), 1))), k);
+            d[2] = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(hi)), k);
+            d[3] = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(hi), 1))), k);
+            for (j = 0; j < 4; j++) {
+                a[j] = _mm512_add_pd(a[j], d[j]);
+                b[j] = _mm512_fmadd_pd(d[j], d[j], b[j]);
+            }
+        }
+        for (j = 0; j < 4; j++) {
+            _mm512_storeu_pd(s1 + 8 * j, a[j]);
+            _mm512_storeu_pd(s2 + 8 * j, b[j]);
+        }
+        for (j = 0; i + j < n; j++) {
+            float v;
+            double d;
+            if (bfloat)
+                fastbn_widen_bfloat(s + i + j, &v, 1);
+            else
+                fastbn_widen_half(s + i + j, &v, 1);
+            d = (double)v - shift;
+            s1[j] += d;
+            s2[j] = fma(d, d, s2[j]);
+        }
+    }
+    #else
+    #define FASTBN_HALF_LANES 0
+    /* Never called (FASTBN_HALF_LANES): the run is staged. */
+    static inline void fastbn_moment_lanes_half(int bfloat, const void *src, Py_ssize_t n,
+                                                double shift, double *s1, double *s2) {
+        (void)bfloat; (void)src; (void)n; (void)shift; (void)s1; (void)s2;
+    }
+    #endif
     #else
     #define FASTBN_HALF_AFFINE 0
-    /* Never called: FASTBN_HALF_AFFINE tells the caller to stage the run. */
+    #define FASTBN_HALF_LANES 0
+    /* Never called: FASTBN_HALF_AFFINE and FASTBN_HALF_LANES tell the caller to stage the run. */
+    static inline void fastbn_moment_lanes_half(int bfloat, const void *src, Py_ssize_t n,
+                                                double shift, double *s1, double *s2) {
+        (void)bfloat; (void)src; (void)n; (void)shift; (void)s1; (void)s2;
+    }
     static inline void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
                                           Py_ssize_t n, float factor, float center, float scale,
                                           float shift) {
@@ -299,6 +356,10 @@ cdef extern from *:
     """
     bint HALF_SIMD "FASTBN_HALF_SIMD"
     bint HALF_AFFINE "FASTBN_HALF_AFFINE"
+    bint HALF_LANES "FASTBN_HALF_LANES"
+    void moment_lanes_half "fastbn_moment_lanes_half"(int bfloat, const void* src, Py_ssize_t n,
+                                                      double shift, double* s1,
+                                                      double* s2) noexcept nogil
     void affine_half "fastbn_affine_half"(int bfloat, int relu, const void* src, void* dst,
                                           Py_ssize_t n, float factor, float center, float scale,
                                           float shift) noexcept nogil
