@@ -37,8 +37,3 @@ def set_fusion(enabled):
     global fusion_enabled
     fusion_enabled = bool(enabled)
 
-
-def forced():
-    """The current switches: (layout name or None, fusion allowed)."""
-    names = {value: key for key, value in LAYOUTS.items()}
-    return names[forced_layout], bool(fusion_enabled)

@@ -152,12 +152,17 @@ def check_momentum(momentum, allow_none=False):
     return momentum
 
 
+def values_per_channel(shape):
+    """N times the spatial size: the values a channel's statistics are taken over."""
+    count = shape[0]
+    for size in shape[2:]:
+        count *= size
+    return count
+
+
 def check_batch_size(shape):
     """torch's _verify_batch_size: training needs more than one value per channel."""
-    values = shape[0]
-    for size in shape[2:]:
-        values *= size
-    if values == 1:
+    if values_per_channel(shape) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{tuple(shape)}")
 

@@ -80,11 +80,6 @@ def from_kernels(yk, shape, channels_last):
     return yk
 
 
-def kernel_view(x):
-    """x as the C-contiguous (N, C, *spatial) array the kernels read."""
-    return to_kernels(x, False)
-
-
 def _same_memory(a, b):
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
             and a.strides == b.strides and a.shape == b.shape)
@@ -131,14 +126,6 @@ class ForwardContext:
         self.count = count
 
 
-def values_per_channel(shape):
-    """N times the spatial size: the values a channel's statistics are taken over."""
-    count = shape[0]
-    for size in shape[2:]:
-        count *= size
-    return count
-
-
 def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, relu, out,
             n_threads, stats=None):
     """The forward on validated arguments: (output, save_mean, save_invstd, context).
@@ -156,7 +143,7 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     channels_last = is_channels_last(x if out is None else out)
     xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
     channels = x.shape[1]
-    count = values_per_channel(x.shape) if stats is None else stats[0]
+    count = V.values_per_channel(x.shape) if stats is None else stats[0]
     if training and count == 0:
         # As torch: nothing to normalise, running buffers untouched; no statistics exist.
         # (np.zeros, not a fill: calloc'd pages cost nothing until read, whatever C is.)
@@ -205,7 +192,7 @@ def local_moments(x, n_threads):
     """``(count, mean, mean_lo, m2)`` of x's channels (validated input, any memory format):
     the mean unrounded as mean + mean_lo (float64 each), M2 the sum of squared deviations."""
     channels = x.shape[1]
-    count = values_per_channel(x.shape)
+    count = V.values_per_channel(x.shape)
     mean, mean_lo, m2 = np.zeros(channels), np.zeros(channels), np.zeros(channels)
     if count:
         _kernels.moments(to_kernels(x, is_channels_last(x)), mean, m2, n_threads, mean_lo)
@@ -407,7 +394,7 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
     context = ForwardContext(to_kernels(x, channels_last),
                              None if output is None else to_kernels(output, channels_last),
                              mean, invstd, training, channels_last, x.shape, x.dtype,
-                             values_per_channel(x.shape))
+                             V.values_per_channel(x.shape))
     return backward(dy, context, weight, True, effective_n_threads(n_threads))
 
 
@@ -664,4 +651,4 @@ def _given_context(x, output, mean, invstd, count=None):
     return ForwardContext(to_kernels(x, channels_last),
                           None if output is None else to_kernels(output, channels_last),
                           mean, invstd, True, channels_last, x.shape, x.dtype,
-                          values_per_channel(x.shape) if count is None else count)
+                          V.values_per_channel(x.shape) if count is None else count)
