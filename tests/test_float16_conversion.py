@@ -1,6 +1,7 @@
 """The float16 <-> float32 conversion kernels: numpy's conversion, bit for bit, on every variant
 -- with F16C where the variant has it (half_simd()), with exact integer arithmetic where it does
-not (the baseline build) -- NaNs stay NaN; their payloads may come back quieted."""
+not (the baseline build) -- NaNs stay NaN; their payloads may come back quieted.  The test of
+every length and start covers bfloat16's conversion too (against ml_dtypes, when installed)."""
 
 import numpy as np
 import pytest
@@ -82,20 +83,33 @@ def test_conversion_rejects_what_it_cannot_convert(kernels, src, dst, error, mat
 GRAIN = 32768  # elements per thread below which the kernels stay on one thread
 
 
+def half_dtype(name):
+    """The numpy dtype of a half storage (bfloat16 from ml_dtypes: skipped without it)."""
+    if name == "bfloat16":
+        return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    return np.dtype(np.float16)
+
+
 @pytest.mark.parametrize("n", [*range(40), 2 * GRAIN - 1, 2 * GRAIN, 2 * GRAIN + 17])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_every_length_and_start_converts_both_ways_and_leaves_the_source(kernels, n, offset):
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_every_length_and_start_converts_both_ways_and_leaves_the_source(kernels, half, n, offset):
     # Lengths around the 8- and 16-wide vector bodies and their scalar tails, the threading
-    # threshold, and an array that starts one element past its buffer (so not vector-aligned).
+    # threshold, and an array that starts one element past its buffer (so not vector-aligned);
+    # for float16 (numpy's conversion the reference) and bfloat16 (ml_dtypes').
+    dtype = half_dtype(half)
+    convert = getattr(kernels, f"convert_{half}")
     rng = np.random.default_rng(n)
     x = rng.standard_normal(n + offset).astype(np.float32)[offset:]
     before = x.copy()
-    h = np.full(n + offset, np.float16(7))[offset:]
-    kernels.convert_float16(x, h, 2)
+    h = np.full(n + offset, 7, dtype)[offset:]
+    convert(x, h, 2)
     np.testing.assert_array_equal(x, before)
-    assert_same_values(h, x.astype(np.float16))
+    assert_same_values(h, x.astype(dtype))
     w = np.full(n + offset, np.float32(7))[offset:]
-    kernels.convert_float16(h, w, 2)
+    h_before = h.copy()
+    convert(h, w, 2)
+    assert_same_values(h, h_before)
     assert_same_values(w, h.astype(np.float32))
 
 
