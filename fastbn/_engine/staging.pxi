@@ -17,21 +17,22 @@ cdef inline void segment_moments(const storage* x, Py_ssize_t n, double* shift_o
     cdef double t1, t2
     cdef float xs[STAGE_READ]
     cdef Py_ssize_t j = 0, m
-    clear(s1, LANES)
-    clear(s2, LANES)
     if storage is float or storage is double:
-        moment_lanes(x, n, shift, s1, s2)
-    elif HALF_LANES:
-        # converted in registers, the same sums (see fastbn_moment_lanes_half)
-        moment_lanes_half(storage is bfloat, x, n, shift, s1, s2)
+        moment_totals(x, n, shift, &t1, &t2)
     else:
-        while j < n:
-            m = min(<Py_ssize_t>STAGE_READ, n - j)
-            widen(x + j, xs, m)
-            moment_lanes(xs, m, shift, s1, s2)
-            j += m
-    t1 = fold_lanes(s1)
-    t2 = fold_lanes(s2)
+        clear(s1, LANES)
+        clear(s2, LANES)
+        if HALF_LANES:
+            # converted in registers, the same sums (see fastbn_moment_lanes_half)
+            moment_lanes_half(storage is bfloat, x, n, shift, s1, s2)
+        else:
+            while j < n:
+                m = min(<Py_ssize_t>STAGE_READ, n - j)
+                widen(x + j, xs, m)
+                moment_lanes(xs, m, shift, s1, s2)
+                j += m
+        t1 = fold_lanes(s1)
+        t2 = fold_lanes(s2)
     shift_out[0] = shift
     offset[0] = t1 / n
     m2[0] = nonnegative(t2 - t1 * t1 / n)
