@@ -67,7 +67,7 @@ from cython.parallel cimport prange
 from libc.float cimport DBL_EPSILON, DBL_MAX, FLT_EPSILON, FLT_MAX
 from libc.math cimport fabs, sqrt
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 cimport numpy as cnp
 
@@ -306,6 +306,70 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
     call.stats.invstd = <double*>ptr(save_invstd)
     call.step.eps = eps
     run_job(FORWARD_EVAL, &call, kind, relu)
+
+
+def eval_table(object weight, object bias, cnp.ndarray running_mean, cnp.ndarray running_var,
+               double eps, cnp.ndarray table, cnp.ndarray save_mean, cnp.ndarray save_invstd):
+    """forward_eval's per-channel coefficients into table, a C-contiguous (4, C) array of the
+    compute dtype (float32 or float64, the parameters' and buffers'), and its statistics into
+    save_mean/save_invstd (float64), by forward_eval's code: apply_table then writes forward_eval's
+    output, bit for bit, for as long as the parameters, buffers and eps are unchanged."""
+    cdef Call call
+    cdef cnp.npy_intp dims[2]
+    dims[0] = 1
+    dims[1] = cnp.PyArray_SIZE(running_mean)
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(table) and cnp.PyArray_SIZE(table) == 4 * dims[1]
+            and cnp.PyArray_TYPE(table) == cnp.PyArray_TYPE(running_mean)):
+        raise ValueError("eval_table: expected a C-contiguous table of 4 * C values of the "
+                         "buffers' dtype")
+    memset(&call, 0, sizeof(Call))
+    set_geometry(&call.g, dims, 2)
+    call.n_threads = 1
+    call.table = cnp.PyArray_DATA(table)
+    set_params(&call, weight, bias, running_mean, running_var)
+    call.stats.mean = <double*>ptr(save_mean)
+    call.stats.invstd = <double*>ptr(save_invstd)
+    call.step.eps = eps
+    run_job(EVAL_TABLE, &call, storage_of(table), False)
+
+
+def apply_table(cnp.ndarray x, cnp.ndarray y, cnp.ndarray table, int n_threads, bint relu=False):
+    """forward_eval's output from a table eval_table made: y = the affine map of x (then ReLU),
+    x and y of a storage type computed in the table's dtype."""
+    cdef Call call
+    cdef Storage kind = prepare(&call, x, n_threads)
+    if call.g.total == 0:
+        return
+    if kind >= FLOAT16 or is_half(y):
+        check_half_contract("apply_table", (x,), (y,), ())
+    if cnp.PyArray_SIZE(table) != 4 * call.g.c or not cnp.PyArray_IS_C_CONTIGUOUS(table) or (
+            cnp.PyArray_TYPE(table) != (cnp.NPY_FLOAT64 if kind == FLOAT64 else cnp.NPY_FLOAT32)):
+        raise ValueError("apply_table: expected a C-contiguous table of 4 * C values of the "
+                         "compute dtype")
+    call.y = ptr(y)
+    call.table = cnp.PyArray_DATA(table)
+    run_job(APPLY_TABLE, &call, kind, relu)
+
+
+def same_bytes(cnp.ndarray snapshot, tuple arrays):
+    """Whether the C-contiguous arrays (None skipped) hold, one after the other, exactly the
+    bytes of snapshot: the test of a cached table's freshness, by memcmp (bits, so any change
+    of a value, NaN payloads and signed zeros included, counts)."""
+    cdef char* at = <char*>cnp.PyArray_DATA(snapshot)
+    cdef Py_ssize_t left = cnp.PyArray_NBYTES(snapshot), nbytes
+    cdef cnp.ndarray a
+    for item in arrays:
+        if item is None:
+            continue
+        a = item
+        nbytes = cnp.PyArray_NBYTES(a)
+        if nbytes > left or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+            return False
+        if memcmp(at, cnp.PyArray_DATA(a), nbytes) != 0:
+            return False
+        at += nbytes
+        left -= nbytes
+    return left == 0
 
 
 def grad_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray center, cnp.ndarray sum_dy,

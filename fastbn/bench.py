@@ -7,16 +7,21 @@ model).  Nothing here asserts a timing.
 
 The floor of an operation is the time of the fastest copy of the input's bytes at the same
 thread count (an OpenMP memcpy of fastbn's own), times the passes over memory the operation
-needs at least, over the copy's two:
+needs at least, over the copy's two.  The minima assume that a channel's data (or a column
+tile of a flat tensor) fits in cache between its statistics and its normalisation, so that
+the second read of it costs no memory traffic:
 
 =================  ======  ==================================================================
 operation          passes  memory traffic
 =================  ======  ==================================================================
 eval               2       read x, write y
-train              3       read x (statistics), read x and write y
-train+backward     8       the training forward, then read x and dy (sums), read x and dy and
-                           write dx
+train              2       read x (statistics, then normalisation from cache), write y
+train+backward     5       the training forward, then read x and dy (sums, then grad_input
+                           from cache), write dx
 =================  ======  ==================================================================
+
+Below a few hundred KiB nothing leaves the cache and a call costs its fixed overhead: the
+floor column then says how far the call is from a copy of the same bytes, not from memory.
 
 Variants of these operations time the features that change speed: ``+relu`` (the fused ReLU;
 torch runs its BatchNorm then an in-place ReLU), ``:nhwc`` (channels-last input and output;
@@ -40,13 +45,20 @@ from . import _validation as V
 from ._dispatch import kernels, simd_level
 from ._openmp import get_max_threads, openmp_version, set_max_threads
 from ._cpu import supported_simd_levels
-from .modules import BatchNorm1d, BatchNorm2d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-#: The suite of issue #3: (N, C, H, W) shapes, and BatchNorm1d's (N, C).
+#: The suite: NCHW planes (issue #3), 1x1 planes, BatchNorm1d's (N, C) and (N, C, L), small
+#: tensors and batch-1 inference (issue #12), from 96 bytes to 25 MiB of float32.
 SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (64, 32, 32, 32), (256, 512, 7, 7),
-          (16, 3, 224, 224), (128, 2048, 1, 1), (4, 64, 8, 8), (1, 2, 3, 4), (4096, 1024)]
-QUICK_SHAPES = [(8, 256, 28, 28), (128, 2048, 1, 1), (4, 64, 8, 8), (1, 2, 3, 4), (4096, 1024)]
-OPS = {"eval": 2, "train": 3, "train+backward": 8}
+          (16, 3, 224, 224),                       # NCHW planes
+          (128, 2048, 1, 1),                       # 1x1 planes (late stages, heads)
+          (4096, 1024), (512, 256), (64, 128),     # BatchNorm1d (N, C): MLPs, tabular models
+          (64, 256, 32), (16, 64, 50),             # BatchNorm1d (N, C, L): sequences
+          (1, 64, 56, 56), (1, 512, 7, 7), (1, 2048, 1, 1),  # batch-1 inference
+          (4, 64, 8, 8), (1, 2, 3, 4)]             # small tensors
+QUICK_SHAPES = [(8, 256, 28, 28), (128, 2048, 1, 1), (512, 256), (16, 64, 50), (1, 512, 7, 7),
+                (1, 2048, 1, 1), (4, 64, 8, 8), (1, 2, 3, 4), (4096, 1024)]
+OPS = {"eval": 2, "train": 2, "train+backward": 5}
 #: Feature variants (``python -m fastbn bench --ops ...``): the base operation, then options.
 VARIANTS = {"eval+relu": ("eval", "relu"), "train+relu": ("train", "relu"),
             "train+backward+relu": ("train+backward", "relu"),
@@ -95,8 +107,8 @@ def fastbn_case(op, x, dy, threads):
     set_max_threads(threads)
     op, variant = split_op(op)
     dtype = np.float32 if V.is_half(x.dtype) else x.dtype
-    bn = (BatchNorm1d if x.ndim == 2 else BatchNorm2d)(x.shape[1], dtype=dtype,
-                                                        activation="relu" if variant == "relu" else None)
+    module = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}[x.ndim]
+    bn = module(x.shape[1], dtype=dtype, activation="relu" if variant == "relu" else None)
     if op == "eval":
         bn.eval()
         return lambda: bn(x)
@@ -151,7 +163,9 @@ def torch_case(op, x, dy, threads):
     op, variant = split_op(op)
     # A float32 module for half data, as fastbn's: torch's mixed-precision CPU batch norm.
     dtype = {np.dtype(np.float64): torch.float64}.get(x.dtype, torch.float32)
-    bn = (torch.nn.BatchNorm1d if x.ndim == 2 else torch.nn.BatchNorm2d)(x.shape[1], dtype=dtype)
+    module = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+              5: torch.nn.BatchNorm3d}[x.ndim]
+    bn = module(x.shape[1], dtype=dtype)
     tx, tdy = _torch_tensor(x), _torch_tensor(dy)
     if variant == "nhwc":
         tx = tx.contiguous(memory_format=torch.channels_last)
@@ -272,7 +286,9 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
             dy = rng.standard_normal(shape).astype(np.float32).astype(dtype)
             for nthreads in threads:
                 for op in ops:
-                    variant = split_op(op)[1]
+                    base, variant = split_op(op)
+                    if base != "eval" and V.values_per_channel(shape) < 2:
+                        continue  # one value per channel (a batch-1 1x1 head): eval only
                     xv, dyv = variant_input(variant, x), variant_input(variant, dy)
                     floor_copy = copy_time(np.ascontiguousarray(xv), nthreads, budget)
                     record = dict(shape=list(shape), op=op, dtype=xv.dtype.name,
@@ -322,7 +338,7 @@ def format_row(record, peers):
     mib = record["bytes"] / 2**20
     gbs = record["passes"] * record["bytes"] / t / 1e9
     cells = [f"{str(tuple(record['shape'])):>18}", f"{record['op']:>14}", f"{record['threads']:>2}",
-             f"{mib:>7.2f}", f"{t * 1e3:>9.4f}", f"{gbs:>6.1f}", f"{t / record['floor_s']:>6.2f}"]
+             f"{mib:>7.2f}", f"{t * 1e6:>9.1f}", f"{gbs:>6.1f}", f"{t / record['floor_s']:>6.2f}"]
     for peer in peers:
         other = record["times"].get(peer)
         cells.append(f"{other / t:>8.2f}x" if other else f"{'-':>9}")
@@ -331,7 +347,7 @@ def format_row(record, peers):
 
 def table(records, against=PEERS):
     peers = [p for p in against if any(p in r["times"] for r in records)]
-    head = (f"{'shape':>18} {'op':>14} {'th':>2} {'MiB':>7} {'fastbn ms':>9} {'GB/s':>6} {'floor':>6} "
+    head = (f"{'shape':>18} {'op':>14} {'th':>2} {'MiB':>7} {'fastbn us':>9} {'GB/s':>6} {'floor':>6} "
             + " ".join(f"{'vs ' + p[:5]:>9}" for p in peers))
     lines = [head, "-" * len(head)]
     lines += [format_row(r, peers) for r in records]

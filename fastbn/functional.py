@@ -22,6 +22,8 @@ honours OMP_NUM_THREADS, ``fastbn.set_num_threads`` and threadpoolctl); -1 means
 Results are bitwise identical for any thread count.
 """
 
+import math
+
 import numpy as np
 
 from . import _validation as V
@@ -126,8 +128,42 @@ class ForwardContext:
         self.count = count
 
 
+class EvalTable:
+    """An eval forward's per-channel coefficients (the kernels' eval_table), kept with the
+    bytes of the parameters, buffers and eps they were computed from.  A module keeps one and
+    uses it only while those bytes are unchanged, compared at every call (:func:`eval_table`):
+    a change in place, through a view, by load_state_dict or by a new array is never served
+    stale.  Never written after it is made, so a forward's context may share its statistics."""
+
+    __slots__ = ("snapshot", "eps", "table", "mean", "invstd")
+
+    def __init__(self, weight, bias, running_mean, running_var, eps):
+        present = [a for a in (weight, bias, running_mean, running_var) if a is not None]
+        self.snapshot = np.concatenate(present)
+        self.eps = eps
+        channels = running_mean.shape[0]
+        self.table = np.empty((4, channels), running_mean.dtype)
+        self.mean = np.empty(channels)
+        self.invstd = np.empty(channels)
+        _kernels.eval_table(weight, bias, running_mean, running_var, eps, self.table, self.mean,
+                            self.invstd)
+
+    def fresh(self, weight, bias, running_mean, running_var, eps):
+        """Whether the table was made from exactly these values (bit for bit; eps's sign too)."""
+        return (eps == self.eps and math.copysign(1.0, eps) == math.copysign(1.0, self.eps)
+                and _kernels.same_bytes(self.snapshot, (weight, bias, running_mean, running_var)))
+
+
+def eval_table(cached, weight, bias, running_mean, running_var, eps):
+    """`cached` (an EvalTable or None) if it was made from these parameters, buffers and eps,
+    else a new EvalTable of them."""
+    if cached is not None and cached.fresh(weight, bias, running_mean, running_var, eps):
+        return cached
+    return EvalTable(weight, bias, running_mean, running_var, eps)
+
+
 def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, relu, out,
-            n_threads, stats=None):
+            n_threads, stats=None, table=None):
     """The forward on validated arguments: (output, save_mean, save_invstd, context).
 
     training=True normalises with batch statistics and, when the running buffers are given,
@@ -139,12 +175,28 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     mean_lo, m2)`` as :func:`local_moments` gives them (merged over the ranks of a distributed
     batch, which x is this rank's part of); the running buffers are updated from them, also
     when x itself is empty, by the same kernel code as with x's own statistics.
+
+    table, in eval: the EvalTable of these parameters, buffers and eps (:func:`eval_table`),
+    whose coefficients then normalise x, with the same bits; the statistics returned are the
+    table's own arrays, not to be written.
     """
-    channels_last = is_channels_last(x if out is None else out)
-    xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
     channels = x.shape[1]
-    count = V.values_per_channel(x.shape) if stats is None else stats[0]
-    if training and count == 0:
+    if out is None and x.flags.c_contiguous and x.flags.aligned:
+        # The everyday call, without the memory-format and out= logic (tiny calls are
+        # dominated by it): the kernels read x as it is and write a new array.
+        channels_last = False
+        xk = x
+        yk = np.empty(x.shape, x.dtype)
+    else:
+        channels_last = is_channels_last(x if out is None else out)
+        xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
+    if stats is not None:
+        count = stats[0]
+    else:
+        count = x.size // channels if channels else V.values_per_channel(x.shape)
+    if not training and table is not None:
+        save_mean, save_invstd = table.mean, table.invstd
+    elif training and count == 0:
         # As torch: nothing to normalise, running buffers untouched; no statistics exist.
         # (np.zeros, not a fill: calloc'd pages cost nothing until read, whatever C is.)
         save_mean = np.zeros(channels)
@@ -153,8 +205,11 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
         save_mean = np.empty(channels)
         save_invstd = np.empty(channels)
     if not training:
-        _kernels.forward_eval(xk, yk, weight, bias, running_mean, running_var, eps, save_mean,
-                              save_invstd, n_threads, relu)
+        if table is not None:
+            _kernels.apply_table(xk, yk, table.table, n_threads, relu)
+        else:
+            _kernels.forward_eval(xk, yk, weight, bias, running_mean, running_var, eps,
+                                  save_mean, save_invstd, n_threads, relu)
     elif stats is not None:
         if count:
             _, mean, mean_lo, m2 = stats
@@ -167,6 +222,8 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                save_mean, save_invstd, n_threads, relu)
     context = ForwardContext(xk, yk if relu else None, save_mean, save_invstd, training,
                              channels_last, x.shape, x.dtype, count)
+    if out is None and not channels_last:
+        return yk, save_mean, save_invstd, context
     return _result(yk, x, out, channels_last), save_mean, save_invstd, context
 
 

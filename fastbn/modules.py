@@ -95,6 +95,7 @@ class _BatchNorm:
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None  # the last forward's functional.ForwardContext, for backward()
+        self._eval_table = None  # the eval coefficients (functional.EvalTable), made on demand
         # Held while the running statistics and the counter change (see forward).
         self._lock = threading.Lock()
         self.reset_parameters()
@@ -164,11 +165,19 @@ class _BatchNorm:
             V.check_batch_size(x.shape)
         if update:
             return self._train_step(x, out, eps)
-        running = not self.training  # eval with running statistics, else batch statistics
-        y, _, _, context = F.forward(
-            x, self.weight, self.bias,
-            self.running_mean if running else None, self.running_var if running else None,
-            batch_stats, 0.0, eps, self.activation == "relu", out, effective_n_threads())
+        if batch_stats:
+            y, _, _, context = F.forward(x, self.weight, self.bias, None, None, True, 0.0, eps,
+                                         self.activation == "relu", out, effective_n_threads())
+        else:
+            # Eval with the running statistics: their coefficients are computed once and kept
+            # for as long as the parameters, buffers and eps keep the same bytes (checked at
+            # every call, so nothing changed in place is ever served stale).
+            table = self._eval_table = F.eval_table(self._eval_table, self.weight, self.bias,
+                                                    self.running_mean, self.running_var, eps)
+            y, _, _, context = F.forward(x, self.weight, self.bias, self.running_mean,
+                                         self.running_var, False, 0.0, eps,
+                                         self.activation == "relu", out, effective_n_threads(),
+                                         table=table)
         self._keep(context, x, out)
         return y
 
@@ -184,13 +193,15 @@ class _BatchNorm:
         with self._lock:
             counter = self.num_batches_tracked
             if momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
+                momentum = 1.0 / float(counter.item() + 1) if counter is not None else 0.0
             y, _, _, context = F.forward(x, self.weight, self.bias, self.running_mean,
                                          self.running_var, True, momentum, eps,
                                          self.activation == "relu", out, effective_n_threads(),
                                          stats)
             if counter is not None:
-                counter += 1  # only once the call has succeeded
+                # only once the call has succeeded (item() and a scalar store: a ufunc on a
+                # 0-d array costs a microsecond, a fifth of a small call)
+                counter[()] = counter.item() + 1
         self._keep(context, x, out)
         return y
 
@@ -401,15 +412,17 @@ class _BatchNorm:
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def __getstate__(self):
-        # The last forward's input is scratch for backward(), not state worth pickling; a lock
-        # cannot be pickled, and a copy gets its own.
+        # The last forward's input is scratch for backward() and the eval table a cache, not
+        # state worth pickling; a lock cannot be pickled, and a copy gets its own.
         state = self.__dict__.copy()
         state["_saved"] = None
+        state["_eval_table"] = None
         state.pop("_lock", None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_eval_table", None)  # (pickled before there was one)
         self._lock = threading.Lock()
 
 

@@ -28,5 +28,6 @@ cdef struct Call:
     void* dx
     void* params[N_PARAMS]  # compute type, NULL where absent (WEIGHT ... GRAD_BIAS above)
     bint param_grads      # whether GRAD_WEIGHT or GRAD_BIAS was given
+    void* table           # eval coefficients (compute type): rows CENTER ... FACTOR, C each
     Stats stats
     Step step

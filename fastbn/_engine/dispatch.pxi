@@ -9,6 +9,9 @@ cdef enum Job:
     FORWARD_TRAIN       # y, batch statistics, running buffers
     FORWARD_TRAIN_GIVEN # y and running buffers from given batch statistics (distributed)
     FORWARD_EVAL        # y with the running statistics
+    EVAL_TABLE          # FORWARD_EVAL's coefficients into Call.table (and its statistics)
+    APPLY_TABLE         # y from the coefficients in Call.table
+    # the backward jobs, from here on (only they read the parameter gradients' rows)
     GRAD_SUMS           # per-channel gradient sums around Stats.mean
     BACKWARD_TRAIN      # dx and the parameter gradients, batch statistics
     BACKWARD_EVAL       # dx and the parameter gradients, fixed statistics
@@ -32,21 +35,33 @@ cdef int run(Job job, Call* call, const activation* act, const storage* stored,
     cdef const storage* out = <const storage*>call.out
     cdef storage* dx = <storage*>call.dx
     cdef Py_ssize_t i, c = call.g.c
-    cdef int rc = -1
+    cdef int rc = -1, r, missing = 0
     cdef real* p[N_PARAMS]
+    cdef real* fill = NULL
     if (storage is double and real is float) or (storage is not double and real is double):
         return -1  # not a pairing dispatch() makes: Cython then emits no code below for it
     if job == MOMENTS:
         return moments_pass(&call.g, x, &call.stats, call.n_threads)
     # Absent per-channel arrays point at fillers (see call.pxi): ones for the weight, zeros (and
-    # scratch) for the rest.
-    cdef real* fill = <real*>malloc(N_PARAMS * max(c, <Py_ssize_t>1) * sizeof(real))
-    if fill == NULL:
-        return -1
-    for i in range(N_PARAMS * c):
-        fill[i] = 1 if i < c else 0
-    for i in range(N_PARAMS):
-        p[i] = <real*>call.params[i] if call.params[i] != NULL else fill + i * c
+    # scratch) for the rest.  Fillers are made only for the arrays that are absent and that
+    # the job reads (the forwards never touch the parameter gradients): a module's forward
+    # then needs none, where C can be thousands and the call a few microseconds.
+    cdef int used = N_PARAMS if job >= GRAD_SUMS else (0 if job == APPLY_TABLE else GRAD_WEIGHT)
+    for r in range(used):
+        missing += call.params[r] == NULL
+    if missing:
+        fill = <real*>malloc(missing * max(c, <Py_ssize_t>1) * sizeof(real))
+        if fill == NULL:
+            return -1
+    missing = 0
+    for r in range(N_PARAMS):
+        if call.params[r] != NULL or r >= used:
+            p[r] = <real*>call.params[r]
+        else:
+            p[r] = fill + missing * c
+            missing += 1
+            for i in range(c):
+                p[r][i] = 1 if r == WEIGHT else 0
     if job == NORMALIZE:
         rc = normalize(act, call, x, y, p)
     elif job == FORWARD_TRAIN:
@@ -55,6 +70,8 @@ cdef int run(Job job, Call* call, const activation* act, const storage* stored,
         rc = train_forward_given(act, call, x, y, p)
     elif job == FORWARD_EVAL:
         rc = eval_forward(act, call, x, y, p)
+    elif job == EVAL_TABLE or job == APPLY_TABLE:
+        rc = table_job(job == APPLY_TABLE, act, call, x, y, p)
     elif job == GRAD_SUMS:
         rc = grad_sums_pass(act, call, dy, out, x, <real*>NULL, <storage*>NULL)
     elif job == BACKWARD_TRAIN:

@@ -127,29 +127,34 @@ cdef int affine_pass(const activation* act, const Geometry* g, const storage* x,
     return 0
 
 
+cdef void given_coefficients(const Call* call, real** p, real** k) noexcept nogil:
+    """The coefficients k of y = (x - mean) * invstd * weight + bias with the call's statistics
+    (the mean given as mean + mean_lo, mean_lo possibly NULL)."""
+    cdef Py_ssize_t ch
+    cdef const Stats* st = &call.stats
+    if st.mean_lo != NULL:
+        for ch in range(call.g.c):
+            split_center(st.mean[ch], st.mean_lo[ch], <double>p[WEIGHT][ch] * st.invstd[ch],
+                         <double>p[BIAS][ch], k, ch)
+    else:
+        for ch in range(call.g.c):
+            split_center(st.mean[ch], 0.0, <double>p[WEIGHT][ch] * st.invstd[ch],
+                         <double>p[BIAS][ch], k, ch)
+
+
 cdef int normalize(const activation* act, const Call* call, const storage* x, storage* y,
                    real** p) noexcept nogil:
     """y = (x - mean) * invstd * weight + bias with the call's statistics (the mean given as
     mean + mean_lo, mean_lo possibly NULL); -1 if out of memory."""
-    cdef const Geometry* g = &call.g
-    cdef Py_ssize_t ch, c = g.c
     cdef int rc
     cdef real* k[N_COEFFICIENTS]
-    if g.total == 0:
+    if call.g.total == 0:
         return 0  # (and no malloc(0), which may return NULL)
-    cdef double* lo = <double*>calloc(c, sizeof(double))
-    cdef real* block = coefficient_block(c, FACTOR + 1, k)
-    if lo == NULL or block == NULL:
-        free(lo)
-        free(block)
+    cdef real* block = coefficient_block(call.g.c, FACTOR + 1, k)
+    if block == NULL:
         return -1
-    if call.stats.mean_lo != NULL:
-        memcpy(lo, call.stats.mean_lo, c * sizeof(double))
-    for ch in range(c):
-        split_center(call.stats.mean[ch], lo[ch], <double>p[WEIGHT][ch] * call.stats.invstd[ch],
-                     <double>p[BIAS][ch], k, ch)
-    rc = affine_pass(act, g, x, y, k, call.n_threads)
-    free(lo)
+    given_coefficients(call, p, k)
+    rc = affine_pass(act, &call.g, x, y, k, call.n_threads)
     free(block)
     return rc
 
@@ -278,14 +283,44 @@ cdef int train_forward_given(const activation* act, Call* call, const storage* x
     return rc
 
 
-cdef int eval_forward(const activation* act, Call* call, const storage* x, storage* y,
-                      real** p) noexcept nogil:
-    """The eval forward: the running statistics into call.stats (mean, invstd), y normalised
-    with them (then the activation)."""
+cdef void eval_coefficients(Call* call, real** p, real** k) noexcept nogil:
+    """The running statistics into call.stats (mean, invstd = 1 / sqrt(running_var + eps)) and
+    the eval forward's coefficients k from them."""
     cdef Py_ssize_t ch
     cdef const real* running_mean = p[RUNNING_MEAN]
     cdef const real* running_var = p[RUNNING_VAR]
     for ch in range(call.g.c):
         call.stats.mean[ch] = running_mean[ch]
         call.stats.invstd[ch] = 1.0 / sqrt(<double>running_var[ch] + call.step.eps)
-    return normalize(act, call, x, y, p)
+    given_coefficients(call, p, k)
+
+
+cdef int eval_forward(const activation* act, Call* call, const storage* x, storage* y,
+                      real** p) noexcept nogil:
+    """The eval forward: the running statistics into call.stats (mean, invstd), y normalised
+    with them (then the activation)."""
+    cdef int rc
+    cdef real* k[N_COEFFICIENTS]
+    cdef real* block = coefficient_block(call.g.c, FACTOR + 1, k)
+    if block == NULL and call.g.c > 0:
+        return -1
+    eval_coefficients(call, p, k)
+    rc = affine_pass(act, &call.g, x, y, k, call.n_threads)
+    free(block)
+    return rc
+
+
+cdef int table_job(bint apply, const activation* act, Call* call, const storage* x,
+                   storage* y, real** p) noexcept nogil:
+    """The eval forward in two halves around a table of its coefficients (call.table: rows
+    CENTER, SCALE, SHIFT, FACTOR of C values each), by the code of eval_forward, so with its
+    bits: computing the table (and the statistics, as eval_forward gives them), or applying a
+    table made earlier -- a module's, while its parameters and buffers are unchanged."""
+    cdef real* k[N_COEFFICIENTS]
+    cdef int r
+    for r in range(FACTOR + 1):
+        k[r] = <real*>call.table + r * call.g.c
+    if not apply:
+        eval_coefficients(call, p, k)
+        return 0
+    return affine_pass(act, &call.g, x, y, k, call.n_threads)
