@@ -121,11 +121,11 @@ def test_kernels_match_reference(level, dtype, shape, offset, layout, rng):
 
 
 # Shapes large enough that the kernels really use several threads, in both layouts; on
-# (8, 4, 64, 64) one thread processes channel by channel (fused) and several do not, and on
-# (256, 40, 7, 7) and (1024, 128) one thread processes column tiles over all rows (fused) and
-# several do not, so the paths must agree to the bit.
+# (1024, 128) one thread processes column tiles over all rows (fused) and several do not, so
+# the paths must agree to the bit; (2, 16, 32, 32) and (1, 24, 20, 20) go channel by channel
+# (fused) at any thread count.
 THREAD_SHAPES = [(8, 16, 32, 32), (3, 2, 150000), (4096, 96), (200001, 3), (64, 80, 7, 7),
-                 (8, 4, 64, 64), (256, 40, 7, 7), (1024, 128)]
+                 (8, 4, 64, 64), (256, 40, 7, 7), (1024, 128), (2, 16, 32, 32), (1, 24, 20, 20)]
 
 
 @pytest.mark.parametrize("level", LEVELS)

@@ -32,11 +32,23 @@ cdef enum:
     # Elements per thread under which another thread costs more (fork/join) than it saves.
     GRAIN = 32768
     # Planar channels of at most this many bytes per array are processed one by one,
-    # statistics then the elementwise pass while the channel is still in cache (L2): two
-    # passes over memory instead of three in the forward, three instead of five in the
-    # backward.  Where a channel does not fit, the second read comes from further out, as it
-    # would unfused: fusing never moves more bytes.
-    FUSE_BYTES = 1024 * 1024
+    # statistics then the elementwise pass while the channel is still in cache (L1).  Only
+    # small ones: on the 1 MiB-L2 machine this was measured on (AMD EPYC, Zen 4), channels
+    # of 25 KB to 1 MB went 1.1-2x slower fused than in two streaming passes (forward and
+    # backward, 1 and 2 threads, whether or not their planes alias in the cache), although
+    # the second read then hits the cache; channels of 1 to 12.5 KB were as fast or faster
+    # (1.1x on (1, 64, 56, 56)).  Below 1 KiB a channel's fixed costs dominate, and the
+    # separate passes, whose per-channel epilogue is one vectorised loop, win (1.15x on
+    # (1, 512, 7, 7)).
+    FUSE_CHANNEL_MIN_BYTES = 1024
+    FUSE_CHANNEL_BYTES = 16 * 1024
+    # Column tiles of at most this many bytes per array (all rows) are processed one by one,
+    # statistics then the elementwise pass, while the tile is in cache (L2), where a row's
+    # columns are its channels (S = 1: BatchNorm1d's (N, C), 1x1 planes): measured 1.1-1.4x
+    # faster than separate passes on (128, 2048, 1, 1).  Tiles of channel runs (S > 1) went
+    # 1.2-1.5x slower on (256, 512, 7, 7): each of their rows is a short piece far from the
+    # next, where the separate passes stream.
+    FUSE_TILE_BYTES = 1024 * 1024
 
 
 cdef struct Geometry:
@@ -189,16 +201,21 @@ cdef inline Py_ssize_t elementwise_items(const Geometry* g) noexcept nogil:
 cdef inline bint fuse_channels(const Geometry* g, Py_ssize_t bytes_per_value, int nt) noexcept nogil:
     """Whether a pass goes channel by channel with its channels in cache (planar layout, small
     enough channels, and enough of them to keep every thread busy)."""
-    return (fusion_allowed() and g.planar and g.n * g.s * bytes_per_value <= FUSE_BYTES
-            and (nt == 1 or g.c >= 4 * nt))
+    cdef Py_ssize_t channel_bytes = g.n * g.s * bytes_per_value
+    return (fusion_allowed() and g.planar and FUSE_CHANNEL_MIN_BYTES <= channel_bytes
+            and channel_bytes <= FUSE_CHANNEL_BYTES and (nt == 1 or g.c >= 4 * nt))
 
 
-cdef inline bint fuse_tiles(const Geometry* g, Py_ssize_t bytes_per_value, int nt) noexcept nogil:
+cdef inline bint fuse_tiles(const Geometry* g, Py_ssize_t bytes_per_value, int nt,
+                            int nt_unfused) noexcept nogil:
     """Whether a columns-layout pass goes tile by tile over all rows with each tile in cache:
-    tiles must hold whole channels (one sample per row, planes no longer than a tile), be
-    small enough, and be numerous enough to keep every thread busy."""
-    return (fusion_allowed() and not g.planar and g.group == 1 and g.s <= TILE
-            and g.n * g.tile * bytes_per_value <= FUSE_BYTES and (nt == 1 or g.tiles >= 4 * nt))
+    rows must be one sample's channels (S = 1, so that a tile holds whole channels), tiles
+    small enough, be numerous enough to keep every thread busy, and give the pass as many
+    threads as its unfused passes would have (one tile on one thread is no gain over two
+    threads streaming)."""
+    return (fusion_allowed() and not g.planar and g.group == 1 and g.s == 1
+            and g.n * g.tile * bytes_per_value <= FUSE_TILE_BYTES and nt >= nt_unfused
+            and (nt == 1 or g.tiles >= 4 * nt))
 
 
 cdef inline void tile_channels(const Geometry* g, Py_ssize_t t, Py_ssize_t* col0,
