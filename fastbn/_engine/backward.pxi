@@ -100,6 +100,8 @@ cdef int grad_input_pass(const activation* act, const Call* call, const storage*
     cdef real* work = per_column(g, k, N_COEFFICIENTS, columns)
     if columns[0] == NULL:
         return -1
+    if by_rows(g) and unit_factors(k[FACTOR], g.c):
+        columns[FACTOR] = NULL  # (see grad_input_row)
     if nt == 1:
         for item in range(items):
             grad_input_item(act, call, dy, out, x, dx, columns, item)

@@ -90,6 +90,15 @@ cdef inline void split_center(double mean_hi, double mean_lo, double scale, doub
     k[FACTOR][ch] = <real>p
 
 
+cdef inline bint unit_factors(const real* factor, Py_ssize_t c) noexcept nogil:
+    """Whether every channel's FACTOR is 1 (split_center's corners are rare)."""
+    cdef Py_ssize_t ch
+    cdef bint unit = True
+    for ch in range(c):
+        unit = unit & (factor[ch] == 1)
+    return unit
+
+
 cdef inline void affine_item(const activation* act, const Geometry* g, const storage* x,
                              storage* y, real** k, Py_ssize_t item) noexcept nogil:
     cdef Py_ssize_t off, length, ch, slot
@@ -117,6 +126,8 @@ cdef int affine_pass(const activation* act, const Geometry* g, const storage* x,
     cdef real* work = per_column(g, k, FACTOR + 1, columns)
     if columns[0] == NULL:
         return -1
+    if by_rows(g) and unit_factors(k[FACTOR], g.c):
+        columns[FACTOR] = NULL  # (see affine_row)
     if nt == 1:
         for item in range(items):
             affine_item(act, g, x, y, columns, item)
