@@ -42,6 +42,71 @@ cdef extern from *:
     double keep_double "fastbn_keep_double"(int keep, double v) noexcept nogil
 
 
+cdef extern from *:
+    """
+    #if defined(__AVX512F__) && defined(__AVX512VL__)
+    #include <immintrin.h>
+    /* moment_totals of a float32 run, written out for AVX-512: the same float64 arithmetic
+       (d = x - shift; s1 += d; s2 += d * d as one fused multiply-add, as the compiled loop
+       does), lane i % 32 for value i, and the fold in fold_lanes' pairwise order, so the same
+       bits.  The last partial sweep loads under a mask, its absent lanes adding d = +0.0 (see
+       moment_totals), so the lanes never leave the registers, as they must through the
+       compiled loop's remainder. */
+    #define FASTBN_TOTALS_SIMD 1
+    static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, double shift,
+                                                  double *t1, double *t2) {
+        __m512d a[4], b[4], d;
+        const __m512d k = _mm512_set1_pd(shift);
+        Py_ssize_t i = 0, full = n - n % 32, left;
+        int j;
+        __mmask8 m;
+        for (j = 0; j < 4; j++) {
+            a[j] = _mm512_setzero_pd();
+            b[j] = _mm512_setzero_pd();
+        }
+        for (; i < full; i += 32) {
+            for (j = 0; j < 4; j++) {
+                d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * j)), k);
+                a[j] = _mm512_add_pd(a[j], d);
+                b[j] = _mm512_fmadd_pd(d, d, b[j]);
+            }
+        }
+        if (i < n) {
+            for (j = 0; j < 4; j++) {
+                left = n - i - 8 * j;
+                m = left >= 8 ? (__mmask8)0xFF : (left <= 0 ? (__mmask8)0 : (__mmask8)((1u << left) - 1u));
+                d = _mm512_maskz_sub_pd(m, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i + 8 * j)), k);
+                a[j] = _mm512_add_pd(a[j], d);
+                b[j] = _mm512_fmadd_pd(d, d, b[j]);
+            }
+        }
+        {
+            /* fold_lanes: lanes j += j + 16, then j + 8, j + 4, j + 2, j + 1 */
+            __m512d sa = _mm512_add_pd(_mm512_add_pd(a[0], a[2]), _mm512_add_pd(a[1], a[3]));
+            __m512d sb = _mm512_add_pd(_mm512_add_pd(b[0], b[2]), _mm512_add_pd(b[1], b[3]));
+            __m256d qa = _mm256_add_pd(_mm512_castpd512_pd256(sa), _mm512_extractf64x4_pd(sa, 1));
+            __m256d qb = _mm256_add_pd(_mm512_castpd512_pd256(sb), _mm512_extractf64x4_pd(sb, 1));
+            __m128d ha = _mm_add_pd(_mm256_castpd256_pd128(qa), _mm256_extractf128_pd(qa, 1));
+            __m128d hb = _mm_add_pd(_mm256_castpd256_pd128(qb), _mm256_extractf128_pd(qb, 1));
+            *t1 = _mm_cvtsd_f64(ha) + _mm_cvtsd_f64(_mm_unpackhi_pd(ha, ha));
+            *t2 = _mm_cvtsd_f64(hb) + _mm_cvtsd_f64(_mm_unpackhi_pd(hb, hb));
+        }
+    }
+    #else
+    #define FASTBN_TOTALS_SIMD 0
+    /* Never called (FASTBN_TOTALS_SIMD): moment_totals runs as compiled. */
+    static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, double shift,
+                                                  double *t1, double *t2) {
+        (void)x; (void)n; (void)shift; (void)t1; (void)t2;
+    }
+    #endif
+    """
+    bint TOTALS_SIMD "FASTBN_TOTALS_SIMD"
+    void moment_totals_float "fastbn_moment_totals_float"(const float* x, Py_ssize_t n,
+                                                          double shift, double* t1,
+                                                          double* t2) noexcept nogil
+
+
 # The activation applied in the same pass as the normalisation: a compile-time choice, so each
 # loop is written once and costs nothing when there is none.
 cdef struct Identity:

@@ -17,7 +17,9 @@ cdef inline void segment_moments(const storage* x, Py_ssize_t n, double* shift_o
     cdef double t1, t2
     cdef float xs[STAGE_READ]
     cdef Py_ssize_t j = 0, m
-    if storage is float or storage is double:
+    if storage is float and TOTALS_SIMD:
+        moment_totals_float(x, n, shift, &t1, &t2)  # (the same totals: see loops.pxi)
+    elif storage is float or storage is double:
         moment_totals(x, n, shift, &t1, &t2)
     else:
         clear(s1, LANES)
