@@ -46,58 +46,99 @@ cdef extern from *:
     """
     #if defined(__AVX512F__) && defined(__AVX512VL__)
     #include <immintrin.h>
+    #define FASTBN_TOTALS_SIMD 1
+    /* The pairwise fold of 32 lanes (four vectors) in fold_lanes' order: lanes j += j + 16,
+       then j + 8, j + 4, j + 2, j + 1. */
+    static inline double fastbn_fold32(const __m512d *a) {
+        __m512d s = _mm512_add_pd(_mm512_add_pd(a[0], a[2]), _mm512_add_pd(a[1], a[3]));
+        __m256d q = _mm256_add_pd(_mm512_castpd512_pd256(s), _mm512_extractf64x4_pd(s, 1));
+        __m128d h = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));
+        return _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
+    }
+    static inline __mmask8 fastbn_first(Py_ssize_t left) {
+        return left >= 8 ? (__mmask8)0xFF : (left <= 0 ? (__mmask8)0 : (__mmask8)((1u << left) - 1u));
+    }
     /* moment_totals of a float32 run, written out for AVX-512: the same float64 arithmetic
        (d = x - shift; s1 += d; s2 += d * d as one fused multiply-add, as the compiled loop
        does), lane i % 32 for value i, and the fold in fold_lanes' pairwise order, so the same
        bits.  The last partial sweep loads under a mask, its absent lanes adding d = +0.0 (see
        moment_totals), so the lanes never leave the registers, as they must through the
        compiled loop's remainder. */
-    #define FASTBN_TOTALS_SIMD 1
+    static inline void fastbn_moment_lanes8(const float *x, __mmask8 m, __m512d k, __m512d *a,
+                                            __m512d *b) {
+        /* Eight lanes of a sweep (m: the lanes present; all eight but in the last sweep). */
+        __m512d d = _mm512_maskz_sub_pd(m, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x)), k);
+        *a = _mm512_add_pd(*a, d);
+        *b = _mm512_fmadd_pd(d, d, *b);
+    }
     static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, double shift,
                                                   double *t1, double *t2) {
-        __m512d a[4], b[4], d;
+        __m512d a[4], b[4];
         const __m512d k = _mm512_set1_pd(shift);
-        Py_ssize_t i = 0, full = n - n % 32, left;
-        int j;
-        __mmask8 m;
-        for (j = 0; j < 4; j++) {
-            a[j] = _mm512_setzero_pd();
-            b[j] = _mm512_setzero_pd();
-        }
+        Py_ssize_t i = 0, full = n - n % 32;
+        a[0] = a[1] = a[2] = a[3] = b[0] = b[1] = b[2] = b[3] = _mm512_setzero_pd();
         for (; i < full; i += 32) {
-            for (j = 0; j < 4; j++) {
-                d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * j)), k);
-                a[j] = _mm512_add_pd(a[j], d);
-                b[j] = _mm512_fmadd_pd(d, d, b[j]);
-            }
+            fastbn_moment_lanes8(x + i, 0xFF, k, &a[0], &b[0]);
+            fastbn_moment_lanes8(x + i + 8, 0xFF, k, &a[1], &b[1]);
+            fastbn_moment_lanes8(x + i + 16, 0xFF, k, &a[2], &b[2]);
+            fastbn_moment_lanes8(x + i + 24, 0xFF, k, &a[3], &b[3]);
         }
         if (i < n) {
-            for (j = 0; j < 4; j++) {
-                left = n - i - 8 * j;
-                m = left >= 8 ? (__mmask8)0xFF : (left <= 0 ? (__mmask8)0 : (__mmask8)((1u << left) - 1u));
-                d = _mm512_maskz_sub_pd(m, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i + 8 * j)), k);
-                a[j] = _mm512_add_pd(a[j], d);
-                b[j] = _mm512_fmadd_pd(d, d, b[j]);
-            }
+            fastbn_moment_lanes8(x + i, fastbn_first(n - i), k, &a[0], &b[0]);
+            fastbn_moment_lanes8(x + i + 8, fastbn_first(n - i - 8), k, &a[1], &b[1]);
+            fastbn_moment_lanes8(x + i + 16, fastbn_first(n - i - 16), k, &a[2], &b[2]);
+            fastbn_moment_lanes8(x + i + 24, fastbn_first(n - i - 24), k, &a[3], &b[3]);
         }
-        {
-            /* fold_lanes: lanes j += j + 16, then j + 8, j + 4, j + 2, j + 1 */
-            __m512d sa = _mm512_add_pd(_mm512_add_pd(a[0], a[2]), _mm512_add_pd(a[1], a[3]));
-            __m512d sb = _mm512_add_pd(_mm512_add_pd(b[0], b[2]), _mm512_add_pd(b[1], b[3]));
-            __m256d qa = _mm256_add_pd(_mm512_castpd512_pd256(sa), _mm512_extractf64x4_pd(sa, 1));
-            __m256d qb = _mm256_add_pd(_mm512_castpd512_pd256(sb), _mm512_extractf64x4_pd(sb, 1));
-            __m128d ha = _mm_add_pd(_mm256_castpd256_pd128(qa), _mm256_extractf128_pd(qa, 1));
-            __m128d hb = _mm_add_pd(_mm256_castpd256_pd128(qb), _mm256_extractf128_pd(qb, 1));
-            *t1 = _mm_cvtsd_f64(ha) + _mm_cvtsd_f64(_mm_unpackhi_pd(ha, ha));
-            *t2 = _mm_cvtsd_f64(hb) + _mm_cvtsd_f64(_mm_unpackhi_pd(hb, hb));
+        *t1 = fastbn_fold32(a);
+        *t2 = fastbn_fold32(b);
+    }
+    static inline void fastbn_grad_lanes8(int relu, const float *dy, const float *out,
+                                          const float *x, __mmask8 m, __m512d k, __m512d *a,
+                                          __m512d *b) {
+        /* Eight lanes of a sweep (m: the lanes present; all eight but in the last sweep). */
+        __m256 v = _mm256_maskz_loadu_ps(m, dy);
+        __m512d g, t;
+        if (relu)
+            v = _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(_mm256_maskz_loadu_ps(m, out),
+                                                       _mm256_setzero_ps(), _CMP_NLE_UQ), v);
+        g = _mm512_cvtps_pd(v);
+        t = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x)), k);
+        *a = _mm512_mask_add_pd(*a, m, *a, g);
+        *b = _mm512_mask3_fmadd_pd(g, t, *b, m);
+    }
+    static inline void fastbn_grad_totals_float(int relu, const float *dy, const float *out,
+                                                const float *x, Py_ssize_t n, double center,
+                                                double *t1, double *t2) {
+        __m512d a[4], b[4];
+        const __m512d k = _mm512_set1_pd(center);
+        Py_ssize_t i = 0, full = n - n % 32;
+        a[0] = a[1] = a[2] = a[3] = b[0] = b[1] = b[2] = b[3] = _mm512_setzero_pd();
+        for (; i < full; i += 32) {
+            fastbn_grad_lanes8(relu, dy + i, out + i, x + i, 0xFF, k, &a[0], &b[0]);
+            fastbn_grad_lanes8(relu, dy + i + 8, out + i + 8, x + i + 8, 0xFF, k, &a[1], &b[1]);
+            fastbn_grad_lanes8(relu, dy + i + 16, out + i + 16, x + i + 16, 0xFF, k, &a[2], &b[2]);
+            fastbn_grad_lanes8(relu, dy + i + 24, out + i + 24, x + i + 24, 0xFF, k, &a[3], &b[3]);
         }
+        if (i < n) {
+            fastbn_grad_lanes8(relu, dy + i, out + i, x + i, fastbn_first(n - i), k, &a[0], &b[0]);
+            fastbn_grad_lanes8(relu, dy + i + 8, out + i + 8, x + i + 8, fastbn_first(n - i - 8), k, &a[1], &b[1]);
+            fastbn_grad_lanes8(relu, dy + i + 16, out + i + 16, x + i + 16, fastbn_first(n - i - 16), k, &a[2], &b[2]);
+            fastbn_grad_lanes8(relu, dy + i + 24, out + i + 24, x + i + 24, fastbn_first(n - i - 24), k, &a[3], &b[3]);
+        }
+        *t1 = fastbn_fold32(a);
+        *t2 = fastbn_fold32(b);
     }
     #else
     #define FASTBN_TOTALS_SIMD 0
-    /* Never called (FASTBN_TOTALS_SIMD): moment_totals runs as compiled. */
+    /* Never called (FASTBN_TOTALS_SIMD): moment_totals and grad_lanes run as compiled. */
     static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, double shift,
                                                   double *t1, double *t2) {
         (void)x; (void)n; (void)shift; (void)t1; (void)t2;
+    }
+    static inline void fastbn_grad_totals_float(int relu, const float *dy, const float *out,
+                                                const float *x, Py_ssize_t n, double center,
+                                                double *t1, double *t2) {
+        (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center; (void)t1; (void)t2;
     }
     #endif
     """
@@ -105,6 +146,10 @@ cdef extern from *:
     void moment_totals_float "fastbn_moment_totals_float"(const float* x, Py_ssize_t n,
                                                           double shift, double* t1,
                                                           double* t2) noexcept nogil
+    void grad_totals_float "fastbn_grad_totals_float"(int relu, const float* dy,
+                                                      const float* out, const float* x,
+                                                      Py_ssize_t n, double center, double* t1,
+                                                      double* t2) noexcept nogil
 
 
 # The activation applied in the same pass as the normalisation: a compile-time choice, so each
@@ -254,10 +299,10 @@ cdef inline void moment_totals(const real* x, Py_ssize_t n, double shift, double
     tens of values.)
 
     The last, partial sweep reads a copy of the run's end padded with `shift` (finite: the
-    run's first value or 0), whose deviation is +0.0.  Adding +0.0 leaves every lane as it is
-    except a -0.0 one, which it makes +0.0; that never reaches the totals, because lane 0
-    holds x[0] - shift = +0.0 (or a non-finite value) and a sum of zeros that includes +0.0
-    is +0.0, so the totals are moment_lanes' bit for bit."""
+    run's first value or 0), whose deviation is +0.0.  Adding +0.0 changes no lane: only -0.0
+    + +0.0 differs from -0.0, and a lane that starts at +0.0 is never -0.0 (in round to
+    nearest, zeros of opposite signs and exact cancellations sum to +0.0), so the totals are
+    moment_lanes' bit for bit."""
     cdef double a[LANES]
     cdef double b[LANES]
     cdef real tail[LANES]

@@ -76,6 +76,10 @@ cdef inline void segment_grad_sums(const activation* act, const storage* dy, con
     cdef float xs[STAGE_READ]
     cdef float dxs[STAGE]
     cdef Py_ssize_t j = 0, m, stage = STAGE_READ if dx == NULL else STAGE
+    if storage is float and TOTALS_SIMD and dx == NULL:
+        # the same totals (see loops.pxi)
+        grad_totals_float(activation is ReLU, dy, out, x, n, center, sum_dy, sum_dy_xc)
+        return
     clear(s1, LANES)
     clear(s2, LANES)
     if storage is float or storage is double:
