@@ -1,5 +1,6 @@
-"""pytest-benchmark suites: fastbn and its peers on issue #3's shapes, grouped by operation
-and shape, with the bandwidth floor (an OpenMP copy of the same bytes) in each group.
+"""pytest-benchmark suites: fastbn and its peers on the suite's shapes (NCHW planes, 1x1 planes,
+BatchNorm1d's (N, C) and (N, C, L), batch-1 and small tensors), grouped by operation and shape,
+with the bandwidth floor (an OpenMP copy of the same bytes) in each group.
 
     python -m pytest benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
@@ -32,6 +33,8 @@ def cases():
         for op in OPS:
             if op in bench.VARIANTS and shape not in bench.FEATURE_SHAPES:
                 continue
+            if bench.split_op(op)[0] != "eval" and np.prod(shape) // shape[1] < 2:
+                continue  # one value per channel: eval only
             yield op, shape
 
 

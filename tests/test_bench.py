@@ -24,6 +24,38 @@ def test_run_measures_every_op_and_floor():
     assert "floor" in text and "vs numpy" in text
 
 
+def test_floors_count_the_passes_a_fused_operation_needs():
+    # eval reads x and writes y; the training forward reads x once more only from cache; the
+    # backward adds reads of x and dy and a write of dx.
+    assert bench.OPS == {"eval": 2, "train": 2, "train+backward": 5}
+    assert bench.passes("train+backward:nhwc") == 5
+
+
+def test_suite_covers_flat_small_and_batch_one_shapes():
+    shapes = bench.SHAPES
+    assert any(len(s) == 2 for s in shapes) and any(len(s) == 3 for s in shapes)  # (N, C), (N, C, L)
+    assert any(len(s) == 4 and s[2:] == (1, 1) for s in shapes)                   # 1x1 planes
+    assert any(s[0] == 1 for s in shapes)                                         # batch 1
+    assert any(np.prod(s) * 4 <= 16 * 1024 for s in shapes)                       # small
+    assert set(bench.QUICK_SHAPES) <= set(shapes)
+
+
+def test_one_value_per_channel_is_timed_in_eval_only():
+    records = bench.run(shapes=[(1, 6, 1, 1), (5, 4, 3)], ops=list(bench.OPS), threads=(1,),
+                        against=("numpy",), budget=0.002)
+    assert [(tuple(r["shape"]), r["op"]) for r in records] == (
+        [((1, 6, 1, 1), "eval")] + [((5, 4, 3), op) for op in bench.OPS])
+
+
+def test_peers_get_the_module_of_the_input_dimensions():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    for op in bench.OPS:
+        bench.fastbn_case(op, x, x, 1)()
+        bench.torch_case(op, x, x, 1)()
+    assert torch.get_num_threads() == 1
+
+
 def test_cli_bench_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--threads", "1", "--against", "numpy", "--shapes", "2,3,4,4",
