@@ -71,7 +71,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 cimport numpy as cnp
 
-from fastbn._tuning cimport fusion_allowed, layout_override
+from fastbn._tuning cimport fused_channel_bytes, fusion_allowed, layout_override
 from fastbn import _tuning
 
 cnp.import_array()

@@ -1,3 +1,4 @@
 # The kernels' process-wide tuning switches (fastbn/_tuning.pyx), read by every SIMD variant.
 cdef int layout_override() noexcept nogil
 cdef bint fusion_allowed() noexcept nogil
+cdef Py_ssize_t fused_channel_bytes() noexcept nogil

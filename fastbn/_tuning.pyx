@@ -1,15 +1,51 @@
-"""Process-wide switches that tests and tuning set on the kernels: a forced layout and fusion.
+"""Process-wide switches that tests and tuning set on the kernels: a forced layout, fusion, and
+the largest planar channel that is fused.
 
 The kernels are compiled once per SIMD level (setup.py), but these switches live here, once,
 so that every variant reads the same state and none holds mutable state of its own.  They are
 not for production use: a switch affects every call in the process while it is set, and the
 results must not depend on it (both layouts give the same results to rounding; fused and
 unfused passes give the same bits).
+
+The one default that depends on the machine is how large a planar channel may be and still be
+processed whole (statistics, then normalisation from cache; see _engine/geometry.pxi).  It
+was measured on two CPUs: on an Intel Xeon (2 MiB L2) channels of up to 1 MiB were faster
+fused -- training forwards at 0.77-0.93 of the three-pass floor, which separate passes cannot
+reach -- while on an AMD EPYC (Zen 4, 1 MiB L2) channels of 25 KB-1 MB went 1.1-2x slower fused
+than streaming through separate passes, and only those of 1-16 KiB gained.  So Intel CPUs fuse
+up to 1 MiB, others up to 16 KiB.  This module is compiled without ISA flags, like _cpu.
 """
+
+cdef extern from *:
+    """
+    #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    static int fastbn_cpu_is_intel(void) {
+        __builtin_cpu_init();
+        return __builtin_cpu_is("intel");
+    }
+    #elif defined(_MSC_VER) && defined(_M_X64)
+    #include <intrin.h>
+    static int fastbn_cpu_is_intel(void) {
+        int r[4];
+        __cpuid(r, 0);  /* vendor "GenuineIntel" in EBX, EDX, ECX */
+        return r[1] == 0x756e6547 && r[3] == 0x49656e69 && r[2] == 0x6c65746e;
+    }
+    #else
+    static int fastbn_cpu_is_intel(void) { return 0; }
+    #endif
+    """
+    int fastbn_cpu_is_intel() noexcept nogil
+
+#: Largest planar channel (bytes per array) fused on CPUs where that was measured to pay, and
+#: elsewhere (see the module's docstring).
+LARGE_FUSED_CHANNEL_BYTES = 1024 * 1024
+SMALL_FUSED_CHANNEL_BYTES = 16 * 1024
 
 # 0: choose the layout by shape, 1: planar, 2: columns.
 cdef int forced_layout = 0
 cdef bint fusion_enabled = True
+cdef Py_ssize_t channel_bytes_limit = (LARGE_FUSED_CHANNEL_BYTES if fastbn_cpu_is_intel()
+                                       else SMALL_FUSED_CHANNEL_BYTES)
 
 LAYOUTS = {None: 0, "planar": 1, "columns": 2}
 
@@ -22,6 +58,27 @@ cdef int layout_override() noexcept nogil:
 cdef bint fusion_allowed() noexcept nogil:
     """Whether the channel- and tile-fused passes may run."""
     return fusion_enabled
+
+
+cdef Py_ssize_t fused_channel_bytes() noexcept nogil:
+    """The largest planar channel (bytes per array) that is processed whole."""
+    return channel_bytes_limit
+
+
+def default_fused_channel_bytes():
+    """This CPU's default largest fused planar channel, in bytes per array."""
+    return LARGE_FUSED_CHANNEL_BYTES if fastbn_cpu_is_intel() else SMALL_FUSED_CHANNEL_BYTES
+
+
+def set_fused_channel_bytes(nbytes):
+    """Set the largest planar channel (bytes per array) that is processed whole; None restores
+    this CPU's default."""
+    global channel_bytes_limit
+    if nbytes is None:
+        nbytes = default_fused_channel_bytes()
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative int or None, got {nbytes!r}")
+    channel_bytes_limit = nbytes
 
 
 def force_layout(name):

@@ -121,9 +121,11 @@ def test_kernels_match_reference(level, dtype, shape, offset, layout, rng):
 
 
 # Shapes large enough that the kernels really use several threads, in both layouts; on
-# (1024, 128) one thread processes column tiles over all rows (fused) and several do not, so
-# the paths must agree to the bit; (2, 16, 32, 32) and (1, 24, 20, 20) go channel by channel
-# (fused) at any thread count.
+# (1024, 128) one thread processes column tiles over all rows (fused) and several do not, and,
+# where planar channels of up to 1 MiB are fused (Intel CPUs; forced_fusion(True) anywhere), on
+# (8, 4, 64, 64) one thread processes channel by channel and several do not, so the paths must
+# agree to the bit; (2, 16, 32, 32) and (1, 24, 20, 20) go channel by channel (fused) at any
+# thread count, on any CPU.
 THREAD_SHAPES = [(8, 16, 32, 32), (3, 2, 150000), (4096, 96), (200001, 3), (64, 80, 7, 7),
                  (8, 4, 64, 64), (256, 40, 7, 7), (1024, 128), (2, 16, 32, 32), (1, 24, 20, 20)]
 
@@ -197,3 +199,27 @@ def test_simd_levels_agree(dtype, shape, rng):
     for level, y, mean in outputs[1:]:
         assert_close(y, outputs[0][1], dtype, f"output of {level} vs {outputs[0][0]}")
         assert_close(mean, outputs[0][2], dtype, f"mean of {level} vs {outputs[0][0]}", scale=1e-1)
+
+
+def test_the_largest_fused_channel_is_a_checked_process_wide_switch():
+    from fastbn import _tuning
+    default = _tuning.default_fused_channel_bytes()
+    assert default in (_tuning.LARGE_FUSED_CHANNEL_BYTES, _tuning.SMALL_FUSED_CHANNEL_BYTES)
+    for bad in (-1, 1.5, "1", True):
+        with pytest.raises(ValueError):
+            _tuning.set_fused_channel_bytes(bad)
+    x = make_input((8, 4, 64, 64), np.float32, np.random.default_rng(0), offset=3.0)
+    results = {level: [] for level in LEVELS}
+    try:
+        for limit in (0, _tuning.LARGE_FUSED_CHANNEL_BYTES):  # 128 KiB channels: unfused, fused
+            _tuning.set_fused_channel_bytes(limit)
+            for level in LEVELS:
+                y, mean, invstd = np.empty_like(x), np.empty(4), np.empty(4)
+                kernels_of(level).forward_train(x, y, None, None, None, None, 0.1, 1e-5, mean,
+                                                invstd, 1)
+                results[level].append(y)
+    finally:
+        _tuning.set_fused_channel_bytes(None)
+    assert _tuning.default_fused_channel_bytes() == default
+    for level, (unfused, fused) in results.items():
+        np.testing.assert_array_equal(fused, unfused, err_msg=level)

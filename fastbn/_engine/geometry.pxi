@@ -31,17 +31,13 @@ cdef enum:
     BLOCK_MIN_ROWS = 64
     # Elements per thread under which another thread costs more (fork/join) than it saves.
     GRAIN = 32768
-    # Planar channels of at most this many bytes per array are processed one by one,
-    # statistics then the elementwise pass while the channel is still in cache (L1).  Only
-    # small ones: on the 1 MiB-L2 machine this was measured on (AMD EPYC, Zen 4), channels
-    # of 25 KB to 1 MB went 1.1-2x slower fused than in two streaming passes (forward and
-    # backward, 1 and 2 threads, whether or not their planes alias in the cache), although
-    # the second read then hits the cache; channels of 1 to 12.5 KB were as fast or faster
-    # (1.1x on (1, 64, 56, 56)).  Below 1 KiB a channel's fixed costs dominate, and the
-    # separate passes, whose per-channel epilogue is one vectorised loop, win (1.15x on
-    # (1, 512, 7, 7)).
+    # Planar channels of at least FUSE_CHANNEL_MIN_BYTES and at most fused_channel_bytes()
+    # (fastbn._tuning: 1 MiB on Intel CPUs, 16 KiB elsewhere, as measured) per array are
+    # processed one by one, statistics then the elementwise pass while the channel is still in
+    # cache: two passes over memory instead of three in the forward, three instead of five in
+    # the backward.  Below 1 KiB a channel's fixed costs dominate, and the separate passes,
+    # whose per-channel epilogue is one vectorised loop, win (1.15x on (1, 512, 7, 7)).
     FUSE_CHANNEL_MIN_BYTES = 1024
-    FUSE_CHANNEL_BYTES = 16 * 1024
     # Column tiles of at most this many bytes per array (all rows) are processed one by one,
     # statistics then the elementwise pass, while the tile is in cache (L2), where a row's
     # columns are its channels (S = 1: BatchNorm1d's (N, C), 1x1 planes): measured 1.1-1.4x
@@ -203,7 +199,7 @@ cdef inline bint fuse_channels(const Geometry* g, Py_ssize_t bytes_per_value, in
     enough channels, and enough of them to keep every thread busy)."""
     cdef Py_ssize_t channel_bytes = g.n * g.s * bytes_per_value
     return (fusion_allowed() and g.planar and FUSE_CHANNEL_MIN_BYTES <= channel_bytes
-            and channel_bytes <= FUSE_CHANNEL_BYTES and (nt == 1 or g.c >= 4 * nt))
+            and channel_bytes <= fused_channel_bytes() and (nt == 1 or g.c >= 4 * nt))
 
 
 cdef inline bint fuse_tiles(const Geometry* g, Py_ssize_t bytes_per_value, int nt,
