@@ -49,11 +49,17 @@ def test_one_value_per_channel_is_timed_in_eval_only():
 
 def test_peers_get_the_module_of_the_input_dimensions():
     torch = pytest.importorskip("torch")
+    import fastbn
     x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
-    for op in bench.OPS:
-        bench.fastbn_case(op, x, x, 1)()
-        bench.torch_case(op, x, x, 1)()
-    assert torch.get_num_threads() == 1
+    saved = fastbn.get_num_threads(), torch.get_num_threads()
+    try:
+        for op in bench.OPS:  # (N, C, L) data: BatchNorm1d in both
+            bench.fastbn_case(op, x, x, 1)()
+            bench.torch_case(op, x, x, 1)()
+        assert torch.get_num_threads() == 1 and fastbn.get_num_threads() == 1
+    finally:
+        fastbn.set_num_threads(saved[0])
+        torch.set_num_threads(saved[1])
 
 
 def test_cli_bench_writes_json(tmp_path, capsys):
