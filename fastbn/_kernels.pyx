@@ -21,8 +21,9 @@ _engine/backward.pxi    gradient sums, grad_input, eval and training backwards
 _engine/dispatch.pxi    (job, storage, activation) -> the specialisation that runs
 this file               the Python entry points: validate the contract, fill a Call, dispatch
 
-The tuning switches that tests set (a forced layout, fusion off) live in fastbn._tuning,
-shared by every SIMD variant of this module.
+The tuning switches (a forced layout and fusion off, which tests set, and the largest planar
+channel that is fused, a per-CPU default) live in fastbn._tuning, shared by every SIMD
+variant of this module.
 
 Layouts
 -------
@@ -308,20 +309,41 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
     run_job(FORWARD_EVAL, &call, kind, relu)
 
 
-def eval_table(object weight, object bias, cnp.ndarray running_mean, cnp.ndarray running_var,
-               double eps, cnp.ndarray table, cnp.ndarray save_mean, cnp.ndarray save_invstd):
+cdef void check_per_channel(str name, tuple arrays, int type_num, Py_ssize_t c) except *:
+    """Per-channel arrays (None allowed) of one type and C values, C-contiguous: the contract
+    of the table entry points, checked (they are reached from module attributes a user may
+    have replaced, and a wrong array would be read or written out of bounds)."""
+    cdef cnp.ndarray a
+    for item in arrays:
+        if item is None:
+            continue
+        a = item
+        if (cnp.PyArray_TYPE(a) != type_num or cnp.PyArray_SIZE(a) != c
+                or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
+            raise ValueError(f"{name}: expected C-contiguous per-channel arrays of {c} values "
+                             f"of one dtype, got {(<object>a).dtype} of shape {(<object>a).shape}")
+
+
+def eval_table(object weight, object bias, cnp.ndarray running_mean not None,
+               cnp.ndarray running_var not None, double eps, cnp.ndarray table not None,
+               cnp.ndarray save_mean not None, cnp.ndarray save_invstd not None):
     """forward_eval's per-channel coefficients into table, a C-contiguous (4, C) array of the
     compute dtype (float32 or float64, the parameters' and buffers'), and its statistics into
     save_mean/save_invstd (float64), by forward_eval's code: apply_table then writes forward_eval's
     output, bit for bit, for as long as the parameters, buffers and eps are unchanged."""
     cdef Call call
     cdef cnp.npy_intp dims[2]
+    cdef int t = cnp.PyArray_TYPE(running_mean)
     dims[0] = 1
     dims[1] = cnp.PyArray_SIZE(running_mean)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        raise ValueError("eval_table: expected float32 or float64 parameters and buffers")
+    check_per_channel("eval_table", (weight, bias, running_mean, running_var), t, dims[1])
+    check_per_channel("eval_table", (save_mean, save_invstd), cnp.NPY_FLOAT64, dims[1])
     if not (cnp.PyArray_IS_C_CONTIGUOUS(table) and cnp.PyArray_SIZE(table) == 4 * dims[1]
-            and cnp.PyArray_TYPE(table) == cnp.PyArray_TYPE(running_mean)):
-        raise ValueError("eval_table: expected a C-contiguous table of 4 * C values of the "
-                         "buffers' dtype")
+            and cnp.PyArray_TYPE(table) == t and cnp.PyArray_ISWRITEABLE(table)):
+        raise ValueError("eval_table: expected a writable, C-contiguous table of 4 * C values "
+                         "of the buffers' dtype")
     memset(&call, 0, sizeof(Call))
     set_geometry(&call.g, dims, 2)
     call.n_threads = 1
@@ -333,43 +355,60 @@ def eval_table(object weight, object bias, cnp.ndarray running_mean, cnp.ndarray
     run_job(EVAL_TABLE, &call, storage_of(table), False)
 
 
-def apply_table(cnp.ndarray x, cnp.ndarray y, cnp.ndarray table, int n_threads, bint relu=False):
+def apply_table(cnp.ndarray x not None, cnp.ndarray y not None, cnp.ndarray table not None,
+                int n_threads, bint relu=False):
     """forward_eval's output from a table eval_table made: y = the affine map of x (then ReLU),
-    x and y of a storage type computed in the table's dtype."""
+    x and y C-contiguous arrays of one shape and storage type, computed in the table's dtype."""
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
-    if call.g.total == 0:
-        return
-    if kind >= FLOAT16 or is_half(y):
-        check_half_contract("apply_table", (x,), (y,), ())
     if cnp.PyArray_SIZE(table) != 4 * call.g.c or not cnp.PyArray_IS_C_CONTIGUOUS(table) or (
             cnp.PyArray_TYPE(table) != (cnp.NPY_FLOAT64 if kind == FLOAT64 else cnp.NPY_FLOAT32)):
         raise ValueError("apply_table: expected a C-contiguous table of 4 * C values of the "
                          "compute dtype")
+    if kind >= FLOAT16 or is_half(y):
+        check_half_contract("apply_table", (x,), (y,), ())
+    elif not (cnp.PyArray_TYPE(y) == cnp.PyArray_TYPE(x) and (<object>y).shape == (<object>x).shape
+              and cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(y)
+              and cnp.PyArray_ISWRITEABLE(y)):
+        raise ValueError("apply_table: expected C-contiguous x and y of one shape and dtype, "
+                         "y writable")
+    if call.g.total == 0:
+        return
     call.y = ptr(y)
     call.table = cnp.PyArray_DATA(table)
     run_job(APPLY_TABLE, &call, kind, relu)
 
 
-def same_bytes(cnp.ndarray snapshot, tuple arrays):
-    """Whether the C-contiguous arrays (None skipped) hold, one after the other, exactly the
-    bytes of snapshot: the test of a cached table's freshness, by memcmp (bits, so any change
-    of a value, NaN payloads and signed zeros included, counts)."""
-    cdef char* at = <char*>cnp.PyArray_DATA(snapshot)
-    cdef Py_ssize_t left = cnp.PyArray_NBYTES(snapshot), nbytes
+def same_values(cnp.ndarray snapshot not None, tuple arrays):
+    """Whether `arrays` (four per-channel arrays or None: weight, bias, running_mean,
+    running_var) are exactly what `snapshot` holds: a (5, C) array whose rows 0-3 are their
+    values and whose last row's first value is, as a bit mask, which of them were present.
+    Compared by memcmp (bits: any change of a value, NaN payloads and signed zeros included,
+    counts), with each array's presence, dtype, size and contiguity: the test of a cached
+    table's freshness."""
+    cdef Py_ssize_t c = cnp.PyArray_DIMS(snapshot)[1] if cnp.PyArray_NDIM(snapshot) == 2 else -1
+    cdef Py_ssize_t row_bytes = c * cnp.PyArray_ITEMSIZE(snapshot)
+    cdef char* rows = <char*>cnp.PyArray_DATA(snapshot)
+    cdef int type_num = cnp.PyArray_TYPE(snapshot), present = 0, i = 0
     cdef cnp.ndarray a
+    if c < 0 or cnp.PyArray_DIMS(snapshot)[0] != 5 or not cnp.PyArray_IS_C_CONTIGUOUS(snapshot):
+        raise ValueError("same_values: expected a C-contiguous (5, C) snapshot")
+    if len(arrays) != 4:
+        raise ValueError("same_values: expected four arrays or None")
     for item in arrays:
-        if item is None:
-            continue
-        a = item
-        nbytes = cnp.PyArray_NBYTES(a)
-        if nbytes > left or not cnp.PyArray_IS_C_CONTIGUOUS(a):
-            return False
-        if memcmp(at, cnp.PyArray_DATA(a), nbytes) != 0:
-            return False
-        at += nbytes
-        left -= nbytes
-    return left == 0
+        if item is not None:
+            a = item
+            if (cnp.PyArray_TYPE(a) != type_num or cnp.PyArray_SIZE(a) != c
+                    or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+                    or memcmp(rows + i * row_bytes, cnp.PyArray_DATA(a), row_bytes) != 0):
+                return False
+            present |= 1 << i
+        i += 1
+    if c == 0:
+        return True  # (nothing is computed with no channels)
+    if type_num == cnp.NPY_FLOAT32:
+        return (<float*>(rows + 4 * row_bytes))[0] == present
+    return type_num == cnp.NPY_FLOAT64 and (<double*>(rows + 4 * row_bytes))[0] == present
 
 
 def grad_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray center, cnp.ndarray sum_dy,

@@ -129,29 +129,48 @@ class ForwardContext:
 
 
 class EvalTable:
-    """An eval forward's per-channel coefficients (the kernels' eval_table), kept with the
-    bytes of the parameters, buffers and eps they were computed from.  A module keeps one and
-    uses it only while those bytes are unchanged, compared at every call (:func:`eval_table`):
-    a change in place, through a view, by load_state_dict or by a new array is never served
-    stale.  Never written after it is made, so a forward's context may share its statistics."""
+    """An eval forward's per-channel coefficients (the kernels' eval_table), kept with a copy of
+    the parameters, buffers and eps they were computed from.  A module keeps one and uses it
+    only while its arrays hold exactly those values, compared at every call (:func:`eval_table`:
+    bits, presence, dtype and size): a change in place, through a view, by load_state_dict or
+    by a new array or None is never served stale.  The coefficients are computed from the
+    copy, so that another thread changing the arrays meanwhile cannot make them disagree with
+    it.  Never written after it is made, so a forward's context may share its statistics."""
 
     __slots__ = ("snapshot", "eps", "table", "mean", "invstd")
 
     def __init__(self, weight, bias, running_mean, running_var, eps):
-        present = [a for a in (weight, bias, running_mean, running_var) if a is not None]
-        self.snapshot = np.concatenate(present)
+        if running_mean is None or running_var is None:
+            raise ValueError("an eval table needs running_mean and running_var")
+        dtype = running_mean.dtype
+        if dtype not in V.KERNEL_DTYPES:
+            raise TypeError(f"running_mean has dtype {dtype}; expected float32 or float64")
+        channels = running_mean.shape[0] if running_mean.ndim == 1 else -1
+        arrays = (weight, bias, running_mean, running_var)
+        for name, a in zip(("weight", "bias", "running_mean", "running_var"), arrays):
+            V.check_per_channel(a, name, channels, dtype)
+        # rows 0-3: the arrays' values (ones and zeros for absent ones, which the kernels read
+        # as such); row 4: which of them were present, as a bit mask in its first value
+        self.snapshot = np.zeros((5, channels), dtype)
+        self.snapshot[0] = 1
+        present = 0
+        for i, a in enumerate(arrays):
+            if a is not None:
+                self.snapshot[i] = a
+                present |= 1 << i
+        if channels:
+            self.snapshot[4, 0] = present
         self.eps = eps
-        channels = running_mean.shape[0]
-        self.table = np.empty((4, channels), running_mean.dtype)
+        self.table = np.empty((4, channels), dtype)
         self.mean = np.empty(channels)
         self.invstd = np.empty(channels)
-        _kernels.eval_table(weight, bias, running_mean, running_var, eps, self.table, self.mean,
-                            self.invstd)
+        _kernels.eval_table(self.snapshot[0], self.snapshot[1], self.snapshot[2],
+                            self.snapshot[3], eps, self.table, self.mean, self.invstd)
 
     def fresh(self, weight, bias, running_mean, running_var, eps):
         """Whether the table was made from exactly these values (bit for bit; eps's sign too)."""
         return (eps == self.eps and math.copysign(1.0, eps) == math.copysign(1.0, self.eps)
-                and _kernels.same_bytes(self.snapshot, (weight, bias, running_mean, running_var)))
+                and _kernels.same_values(self.snapshot, (weight, bias, running_mean, running_var)))
 
 
 def eval_table(cached, weight, bias, running_mean, running_var, eps):

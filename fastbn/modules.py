@@ -193,15 +193,17 @@ class _BatchNorm:
         with self._lock:
             counter = self.num_batches_tracked
             if momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(counter.item() + 1) if counter is not None else 0.0
+                momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
             y, _, _, context = F.forward(x, self.weight, self.bias, self.running_mean,
                                          self.running_var, True, momentum, eps,
                                          self.activation == "relu", out, effective_n_threads(),
                                          stats)
-            if counter is not None:
+            if isinstance(counter, np.ndarray):
                 # only once the call has succeeded (item() and a scalar store: a ufunc on a
                 # 0-d array costs a microsecond, a fifth of a small call)
                 counter[()] = counter.item() + 1
+            elif counter is not None:  # a number a user assigned: counted all the same
+                self.num_batches_tracked = counter + 1
         self._keep(context, x, out)
         return y
 

@@ -176,18 +176,103 @@ def test_copies_and_pickles_start_without_a_table(rng):
         same_bits(bn(x), y)  # the original keeps its own table and parameters
 
 
-def test_same_bytes():
-    a = np.arange(4, dtype=np.float32)
-    b = np.arange(4, 8, dtype=np.float32)
-    snapshot = np.concatenate([a, b])
-    assert K.same_bytes(snapshot, (a, None, b))
-    assert not K.same_bytes(snapshot, (a,))  # fewer bytes than the snapshot
-    assert not K.same_bytes(snapshot, (a, b, a))  # more
-    assert not K.same_bytes(snapshot, (b, a))
-    assert not K.same_bytes(snapshot, (np.arange(8, dtype=np.float32)[::2], b))  # not contiguous
-    assert not K.same_bytes(snapshot, (a.astype(np.float64),))
-    c = b.copy()
-    c.view(np.uint32)[3] ^= 1
-    assert not K.same_bytes(snapshot, (a, c))
+def swap_the_weight_for_a_bias(bn):
+    # the same bytes in another slot: weight 1, bias 0 -> no weight, bias of ones
+    bn.bias = np.ones(bn.num_features, np.float32)
+    bn.weight = None
+
+
+def test_which_parameters_are_present_counts_not_only_their_bytes(rng):
+    bn = randomised(fastbn.BatchNorm1d(4, bias=False), rng)
+    bn.weight[...] = 1
+    x = make_input((6, 4), np.float32, rng)
+    bn(x)
+    swap_the_weight_for_a_bias(bn)
+    same_bits(bn(x), fresh_output(bn, x))
+
+
+@pytest.mark.parametrize("name,value,error", [
+    ("running_mean", np.zeros(4, np.float16), TypeError),
+    ("running_var", np.ones(4, np.float64), TypeError),
+    ("weight", np.ones(5, np.float32), ValueError),
+    ("bias", np.zeros((2, 2), np.float32), ValueError),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_replaced_array_of_the_wrong_kind_is_an_error_not_a_crash(name, value, error, rng):
+    bn = randomised(fastbn.BatchNorm2d(4), rng)
+    x = make_input((2, 4, 3, 3), np.float32, rng)
+    bn(x)
+    setattr(bn, name, value)
+    with pytest.raises(error, match=name):
+        bn(x)
+
+
+def test_the_table_is_computed_from_its_own_copy(rng):
+    bn = randomised(fastbn.BatchNorm2d(3), rng)
+    x = make_input((2, 3, 4, 4), np.float32, rng)
+    bn(x)
+    table = bn._eval_table
+    np.testing.assert_array_equal(table.snapshot[:4], np.stack(
+        [bn.weight, bn.bias, bn.running_mean, bn.running_var]))
+    assert table.snapshot[4, 0] == 0b1111
+    assert not any(np.may_share_memory(table.snapshot, a)
+                   for a in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+
+
+def test_same_values():
+    c = 4
+    w, b = np.arange(c, dtype=np.float32), np.arange(c, 2 * c, dtype=np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    snapshot = np.zeros((5, c), np.float32)
+    snapshot[:4] = w, b, rm, rv
+    snapshot[4, 0] = 0b1111
+    assert K.same_values(snapshot, (w, b, rm, rv))
+    assert not K.same_values(snapshot, (w, None, rm, rv))      # absent where it was present
+    assert not K.same_values(snapshot, (b, w, rm, rv))
+    assert not K.same_values(snapshot, (np.arange(2 * c, dtype=np.float32)[::2], b, rm, rv))
+    assert not K.same_values(snapshot, (w.astype(np.float64), b, rm, rv))
+    assert not K.same_values(snapshot, (w[:3], b, rm, rv))
+    changed = b.copy()
+    changed.view(np.uint32)[3] ^= 1
+    assert not K.same_values(snapshot, (w, changed, rm, rv))
+    snapshot[1] = 0
+    snapshot[4, 0] = 0b1101
+    assert K.same_values(snapshot, (w, None, rm, rv))        # present where it was absent
+    assert not K.same_values(snapshot, (w, np.zeros(c, np.float32), rm, rv))
     with pytest.raises(TypeError):
-        K.same_bytes(snapshot, ([0.0, 1.0],))
+        K.same_values(snapshot, ([0.0] * c, None, rm, rv))
+    with pytest.raises(ValueError):
+        K.same_values(snapshot[:4], (w, b, rm, rv))
+    with pytest.raises(ValueError):
+        K.same_values(snapshot, (w, b, rm))
+    with pytest.raises(TypeError):
+        K.same_values(None, (w, b, rm, rv))
+
+
+def test_table_entry_points_check_their_arrays():
+    c = 3
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    table, mean, invstd = np.empty((4, c), np.float32), np.empty(c), np.empty(c)
+    with pytest.raises(ValueError, match="per-channel"):
+        K.eval_table(np.ones(c, np.float64), None, rm, rv, 1e-5, table, mean, invstd)
+    with pytest.raises(ValueError, match="per-channel"):
+        K.eval_table(None, None, rm, rv, 1e-5, table, mean[:2], invstd)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        K.eval_table(None, None, rm.astype(np.float16), rv.astype(np.float16), 1e-5,
+                     table.astype(np.float16), mean, invstd)
+    with pytest.raises(ValueError, match="table"):
+        K.eval_table(None, None, rm, rv, 1e-5, np.empty((4, c), np.float64), mean, invstd)
+    with pytest.raises(TypeError):
+        K.eval_table(None, None, None, rv, 1e-5, table, mean, invstd)
+    K.eval_table(None, None, rm, rv, 1e-5, table, mean, invstd)
+    x = np.ones((2, c), np.float32)
+    with pytest.raises(ValueError, match="x and y"):
+        K.apply_table(x, np.empty((2, c), np.float64), table, 1)
+    with pytest.raises(ValueError, match="x and y"):
+        K.apply_table(x, np.empty((2, c + 1), np.float32), table, 1)
+    with pytest.raises(ValueError, match="table"):
+        K.apply_table(np.ones((0, c), np.float32), np.ones((0, c), np.float32), table[:2], 1)
+    with pytest.raises(TypeError):
+        K.apply_table(x, None, table, 1)
+    y = np.empty_like(x)
+    K.apply_table(x, y, table, 1)
+    np.testing.assert_array_equal(y, np.float32(1 / np.sqrt(np.float64(1 + 1e-5))))

@@ -3,9 +3,11 @@
 
 cdef enum:
     # Per-channel arrays of the compute type that a call may take.  Drivers get `real** p`
-    # with none NULL: an absent one points at a filler (ones for WEIGHT, zeros elsewhere, the
-    # writable ones scratch), so that every per-channel loop is free of branches, vectorises,
-    # and the fused and unfused paths run exactly the same arithmetic.
+    # with none NULL that their job reads: an absent one points at a filler (ones for WEIGHT,
+    # zeros elsewhere, the writable ones scratch), so that every per-channel loop is free of
+    # branches, vectorises, and the fused and unfused paths run exactly the same arithmetic.
+    # (The forward jobs never read GRAD_WEIGHT and GRAD_BIAS, and APPLY_TABLE reads none:
+    # those stay as given, NULL included; see run() in dispatch.pxi.)
     WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR, GRAD_WEIGHT, GRAD_BIAS, N_PARAMS
 
 

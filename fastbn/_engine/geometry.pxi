@@ -195,8 +195,9 @@ cdef inline Py_ssize_t elementwise_items(const Geometry* g) noexcept nogil:
 
 
 cdef inline bint fuse_channels(const Geometry* g, Py_ssize_t bytes_per_value, int nt) noexcept nogil:
-    """Whether a pass goes channel by channel with its channels in cache (planar layout, small
-    enough channels, and enough of them to keep every thread busy)."""
+    """Whether a pass goes channel by channel with its channels in cache (planar layout,
+    channels of FUSE_CHANNEL_MIN_BYTES to fused_channel_bytes() per array, and enough of them
+    to keep every thread busy)."""
     cdef Py_ssize_t channel_bytes = g.n * g.s * bytes_per_value
     return (fusion_allowed() and g.planar and FUSE_CHANNEL_MIN_BYTES <= channel_bytes
             and channel_bytes <= fused_channel_bytes() and (nt == 1 or g.c >= 4 * nt))

@@ -44,7 +44,10 @@ cdef extern from *:
 
 cdef extern from *:
     """
-    #if defined(__AVX512F__) && defined(__AVX512VL__)
+    /* GCC and clang only: the compiled loops these reproduce contract s2 += a * b into a fused
+       multiply-add there (-ffp-contract=fast, their default for C), which is what the
+       intrinsics do; a compiler that does not contract would give other bits. */
+    #if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512F__) && defined(__AVX512VL__)
     #include <immintrin.h>
     #define FASTBN_TOTALS_SIMD 1
     /* The pairwise fold of 32 lanes (four vectors) in fold_lanes' order: lanes j += j + 16,
