@@ -26,6 +26,12 @@ cdef enum:
     # Planes at least this long are walked as runs with their channel's coefficients by the
     # elementwise passes of the columns layout; shorter ones by rows with per-column ones.
     RUN_MIN_S = 16
+    # The elementwise pass of short planes (per-column coefficients) goes through blocks of
+    # ROW_BLOCK rows, ROW_CHUNK columns at a time where a row's coefficients take more than
+    # ROW_COEFFICIENT_BYTES, so that a chunk's stay in L1 (see affine_rows).
+    ROW_BLOCK = 16
+    ROW_CHUNK = 512
+    ROW_COEFFICIENT_BYTES = 16 * 1024
     # Column reductions cut the rows into blocks so as to have at least this many work items.
     ITEMS_TARGET = 32
     BLOCK_MIN_ROWS = 64
