@@ -230,19 +230,26 @@ def test_the_largest_fused_channel_is_a_checked_process_wide_switch():
 @pytest.mark.parametrize("shape", [(37, 1500), (21, 3000), (5, 700, 1)], ids=str)
 @pytest.mark.parametrize("relu", [False, True])
 def test_wide_rows_go_by_chunks_with_the_bits_of_whole_rows(level, dtype, shape, relu, rng):
-    """Rows whose per-column coefficients outgrow L1 are normalised a chunk of columns at a
-    time down blocks of rows; an elementwise pass, so the same bits as the planar layout's
-    runs of one channel (and as any other order)."""
+    """Rows whose per-column coefficients outgrow L1 are normalised (and the backward's dx
+    computed) a chunk of columns at a time down blocks of rows; elementwise passes, so the same
+    bits as the planar layout's runs of one channel (and as any other order)."""
     K = kernels_of(level)
     c = shape[1]
     x = make_input(shape, dtype, rng, offset=3.0)
     pdt = np.float64 if dtype == np.float64 else np.float32
     w, b = per_channel(rng, c, pdt), per_channel(rng, c, pdt, -1, 1)
     rm, rv = per_channel(rng, c, pdt, -1, 1), per_channel(rng, c, pdt, 0.5, 2)
+    dy = make_input(shape, dtype, rng)
+    sums = rng.standard_normal(c) * 10, rng.standard_normal(c) * 10
     outputs = []
     for layout in (None, "planar"):
         with forced_layout(layout):
             y, mean, invstd = np.empty_like(x), np.empty(c), np.empty(c)
             K.forward_eval(x, y, w, b, rm, rv, 1e-5, mean, invstd, 2, relu)
-            outputs.append(y)
-    np.testing.assert_array_equal(outputs[0], outputs[1])
+            # the training backward's elementwise pass, from given sums
+            dx = np.empty_like(x)
+            K.backward_from_sums(dy, x, dx, w, mean, invstd, *sums, float(shape[0]), 2,
+                                 y if relu else None)
+            outputs.append((y, dx))
+    for by_rows, planar in zip(*outputs):
+        np.testing.assert_array_equal(by_rows, planar)
