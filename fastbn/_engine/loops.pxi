@@ -411,11 +411,30 @@ cdef inline void tile_moments_rows(const real* x, Py_ssize_t stride, Py_ssize_t 
     """Add nrows rows (`stride` apart) of a tile to its sums of d = x - shift and d * d.
     Feeding a tile's rows in pieces of multiples of four rows sums in the same order."""
     cdef const real* row
-    cdef double d, e, f, h
+    cdef double d, e, f, h, a, b, k
     cdef Py_ssize_t r = 0, j
-    # Four rows per sweep: the accumulators are loaded and stored once per four rows, which
+    # Four rows per step: the accumulators are loaded and stored once per four rows, which
     # halves the time of a one-row sweep (bound by those stores).  Row 0 is swept too: its
     # deviation is 0 unless its value was no shift (infinite or NaN), which must still count.
+    # Two steps per sweep where there are eight rows, the sums carried between them in
+    # registers: the same additions in the same order, with half the loads and stores.
+    while r + 8 <= nrows:
+        row = x + r * stride
+        for j in range(width):
+            k = shift[j]
+            d = <double>row[j] - k
+            e = <double>row[stride + j] - k
+            f = <double>row[2 * stride + j] - k
+            h = <double>row[3 * stride + j] - k
+            a = s1[j] + ((d + e) + (f + h))
+            b = s2[j] + ((d * d + e * e) + (f * f + h * h))
+            d = <double>row[4 * stride + j] - k
+            e = <double>row[5 * stride + j] - k
+            f = <double>row[6 * stride + j] - k
+            h = <double>row[7 * stride + j] - k
+            s1[j] = a + ((d + e) + (f + h))
+            s2[j] = b + ((d * d + e * e) + (f * f + h * h))
+        r += 8
     while r + 4 <= nrows:
         row = x + r * stride
         for j in range(width):
