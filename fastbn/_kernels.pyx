@@ -140,6 +140,23 @@ cdef void run_job(Job job, Call* call, Storage kind, bint relu) except *:
         raise MemoryError("fastbn: could not allocate the kernel's work space")
 
 
+cdef void check_per_channel(str name, tuple arrays, int type_num, Py_ssize_t c) except *:
+    """Per-channel arrays (None allowed) of one type (float32 or float64) and C values,
+    C-contiguous: the contract of entry points reached from module attributes a user may have
+    replaced (half data's, the table's), checked, since a wrong array would be read or written
+    out of bounds."""
+    cdef str dtype_name = "float32" if type_num == cnp.NPY_FLOAT32 else "float64"
+    cdef cnp.ndarray a
+    for item in arrays:
+        if item is None:
+            continue
+        a = item
+        if (cnp.PyArray_TYPE(a) != type_num or cnp.PyArray_SIZE(a) != c
+                or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
+            raise ValueError(f"{name}: expected C-contiguous {dtype_name} per-channel arrays of "
+                             f"{c} values, got {(<object>a).dtype} of shape {(<object>a).shape}")
+
+
 cdef void check_half_contract(str name, tuple data, tuple written, tuple per_channel) except *:
     """The contract for half data, checked (the kernels read it as raw 16-bit values): the data
     arrays aligned, C-contiguous, of one storage type and shape (N, C, ...) in the machine's
@@ -165,11 +182,7 @@ cdef void check_half_contract(str name, tuple data, tuple written, tuple per_cha
                 continue
             if _overlap(a, w) and cnp.PyArray_DATA(a) != cnp.PyArray_DATA(w):
                 raise ValueError(f"{name}: x and y overlap without being the same array")
-    for a in per_channel:
-        if a is not None and not (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
-                                  and cnp.PyArray_SIZE(a) == first.shape[1]
-                                  and cnp.PyArray_IS_C_CONTIGUOUS(a)):
-            raise ValueError(f"{name}: expected float32 per-channel arrays")
+    check_per_channel(name, per_channel, cnp.NPY_FLOAT32, first.shape[1])
 
 
 cdef bint _overlap(cnp.ndarray a, cnp.ndarray b):
@@ -307,21 +320,6 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
     call.stats.invstd = <double*>ptr(save_invstd)
     call.step.eps = eps
     run_job(FORWARD_EVAL, &call, kind, relu)
-
-
-cdef void check_per_channel(str name, tuple arrays, int type_num, Py_ssize_t c) except *:
-    """Per-channel arrays (None allowed) of one type and C values, C-contiguous: the contract
-    of the table entry points, checked (they are reached from module attributes a user may
-    have replaced, and a wrong array would be read or written out of bounds)."""
-    cdef cnp.ndarray a
-    for item in arrays:
-        if item is None:
-            continue
-        a = item
-        if (cnp.PyArray_TYPE(a) != type_num or cnp.PyArray_SIZE(a) != c
-                or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
-            raise ValueError(f"{name}: expected C-contiguous per-channel arrays of {c} values "
-                             f"of one dtype, got {(<object>a).dtype} of shape {(<object>a).shape}")
 
 
 def eval_table(object weight, object bias, cnp.ndarray running_mean not None,

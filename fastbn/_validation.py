@@ -154,10 +154,7 @@ def check_momentum(momentum, allow_none=False):
 
 def values_per_channel(shape):
     """N times the spatial size: the values a channel's statistics are taken over."""
-    count = shape[0]
-    for size in shape[2:]:
-        count *= size
-    return count
+    return shape[0] * math.prod(shape[2:])
 
 
 def check_batch_size(shape):

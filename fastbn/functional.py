@@ -211,7 +211,7 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
         xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
     if stats is not None:
         count = stats[0]
-    else:
+    else:  # (x.size // channels, not values_per_channel: 0.1 us of a 2.5 us call)
         count = x.size // channels if channels else V.values_per_channel(x.shape)
     if not training and table is not None:
         save_mean, save_invstd = table.mean, table.invstd
@@ -241,7 +241,7 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                save_mean, save_invstd, n_threads, relu)
     context = ForwardContext(xk, yk if relu else None, save_mean, save_invstd, training,
                              channels_last, x.shape, x.dtype, count)
-    if out is None and not channels_last:
+    if out is None and not channels_last:  # (the everyday call's result, without _result's calls)
         return yk, save_mean, save_invstd, context
     return _result(yk, x, out, channels_last), save_mean, save_invstd, context
 

@@ -276,7 +276,7 @@ cdef int train_forward(const activation* act, Call* call, const storage* x, stor
         else:
             for ch in prange(c, num_threads=nt, schedule="static"):
                 train_planar_channel(act, call, &parts, x, y, p, k, ch)
-    elif fuse_tiles(g, sizeof(storage), nt_tiles, threads_for(g, call.n_threads, g.items)):
+    elif fuse_tiles(g, sizeof(storage), nt_tiles, call.n_threads):
         if nt_tiles == 1:
             for t in range(g.tiles):
                 if train_columns_tile(act, call, &parts, x, y, p, k, t) != 0:

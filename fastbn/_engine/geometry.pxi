@@ -210,14 +210,15 @@ cdef inline bint fuse_channels(const Geometry* g, Py_ssize_t bytes_per_value, in
 
 
 cdef inline bint fuse_tiles(const Geometry* g, Py_ssize_t bytes_per_value, int nt,
-                            int nt_unfused) noexcept nogil:
+                            int n_threads) noexcept nogil:
     """Whether a columns-layout pass goes tile by tile over all rows with each tile in cache:
     rows must be one sample's channels (S = 1, so that a tile holds whole channels), tiles
-    small enough, be numerous enough to keep every thread busy, and give the pass as many
-    threads as its unfused passes would have (one tile on one thread is no gain over two
-    threads streaming)."""
+    small enough, be numerous enough to keep every thread busy, and give the pass (nt threads)
+    as many threads as its unfused passes would have of n_threads (one tile on one thread is
+    no gain over two threads streaming)."""
     return (fusion_allowed() and not g.planar and g.group == 1 and g.s == 1
-            and g.n * g.tile * bytes_per_value <= FUSE_TILE_BYTES and nt >= nt_unfused
+            and g.n * g.tile * bytes_per_value <= FUSE_TILE_BYTES
+            and nt >= threads_for(g, n_threads, g.items)
             and (nt == 1 or g.tiles >= 4 * nt))
 
 

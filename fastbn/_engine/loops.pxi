@@ -251,13 +251,21 @@ cdef inline void clear(double* a, Py_ssize_t n) noexcept nogil:
 
 
 cdef inline double fold_lanes(double* acc) noexcept nogil:
-    """Sum of LANES partial sums, pairwise (fixed order)."""
-    cdef int width = LANES // 2, j
-    while width > 0:
-        for j in range(width):
-            acc[j] += acc[j + width]
-        width //= 2
-    return acc[0]
+    """Sum of the LANES (32) partial sums, pairwise in a fixed order: lanes j += j + 16, then
+    j + 8, j + 4, j + 2, j + 1.  Written with constant bounds, so that the compiler unrolls it
+    and, inlined beside the loop that filled acc, keeps the lanes in registers (a loop over a
+    variable width reloads them from the stack in narrowing pieces, which stalls
+    store-to-load forwarding)."""
+    cdef int j
+    for j in range(LANES // 2):
+        acc[j] += acc[j + LANES // 2]
+    for j in range(LANES // 4):
+        acc[j] += acc[j + LANES // 4]
+    for j in range(LANES // 8):
+        acc[j] += acc[j + LANES // 8]
+    for j in range(LANES // 16):
+        acc[j] += acc[j + LANES // 16]
+    return acc[0] + acc[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,9 +305,8 @@ cdef inline void moment_totals(const real* x, Py_ssize_t n, double shift, double
                                double* t2) noexcept nogil:
     """fold_lanes of the lane sums moment_lanes makes of x[:n] from zero: the same totals, for
     a run fed in one piece, with the lanes in registers throughout.  (Through moment_lanes'
-    pointers and fold_lanes' loop the compiler keeps them on the stack, and the fold reloads
-    them in narrowing pieces, stalling store-to-load forwarding: half the time of a run of
-    tens of values.)
+    pointers, and its remainder loop's variable index, the compiler keeps them on the stack:
+    half the time of a run of tens of values.)
 
     The last, partial sweep reads a copy of the run's end padded with `shift` (finite: the
     run's first value or 0), whose deviation is +0.0.  Adding +0.0 changes no lane: only -0.0
@@ -328,21 +335,8 @@ cdef inline void moment_totals(const real* x, Py_ssize_t n, double shift, double
             d = <double>tail[j] - shift
             a[j] += d
             b[j] += d * d
-    # fold_lanes' pairwise order, unrolled
-    for j in range(LANES // 2):
-        a[j] += a[j + LANES // 2]
-        b[j] += b[j + LANES // 2]
-    for j in range(LANES // 4):
-        a[j] += a[j + LANES // 4]
-        b[j] += b[j + LANES // 4]
-    for j in range(LANES // 8):
-        a[j] += a[j + LANES // 8]
-        b[j] += b[j + LANES // 8]
-    for j in range(LANES // 16):
-        a[j] += a[j + LANES // 16]
-        b[j] += b[j + LANES // 16]
-    t1[0] = a[0] + a[1]
-    t2[0] = b[0] + b[1]
+    t1[0] = fold_lanes(a)
+    t2[0] = fold_lanes(b)
 
 
 cdef inline void grad_lanes(const activation* act, const real* dy, const real* out,
