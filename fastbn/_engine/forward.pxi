@@ -165,14 +165,9 @@ cdef void given_coefficients(const Call* call, real** p, real** k) noexcept nogi
     (the mean given as mean + mean_lo, mean_lo possibly NULL)."""
     cdef Py_ssize_t ch
     cdef const Stats* st = &call.stats
-    if st.mean_lo != NULL:
-        for ch in range(call.g.c):
-            split_center(st.mean[ch], st.mean_lo[ch], <double>p[WEIGHT][ch] * st.invstd[ch],
-                         <double>p[BIAS][ch], k, ch)
-    else:
-        for ch in range(call.g.c):
-            split_center(st.mean[ch], 0.0, <double>p[WEIGHT][ch] * st.invstd[ch],
-                         <double>p[BIAS][ch], k, ch)
+    for ch in range(call.g.c):
+        split_center(st.mean[ch], st.mean_lo[ch] if st.mean_lo != NULL else 0.0,
+                     <double>p[WEIGHT][ch] * st.invstd[ch], <double>p[BIAS][ch], k, ch)
 
 
 cdef int normalize(const activation* act, const Call* call, const storage* x, storage* y,
@@ -316,31 +311,22 @@ cdef int train_forward_given(const activation* act, Call* call, const storage* x
     return rc
 
 
-cdef void eval_coefficients(Call* call, real** p, real** k) noexcept nogil:
-    """The running statistics into call.stats (mean, invstd = 1 / sqrt(running_var + eps)) and
-    the eval forward's coefficients k from them."""
+cdef void running_statistics(Call* call, real** p) noexcept nogil:
+    """The running statistics into call.stats: mean, and invstd = 1 / sqrt(running_var + eps)."""
     cdef Py_ssize_t ch
     cdef const real* running_mean = p[RUNNING_MEAN]
     cdef const real* running_var = p[RUNNING_VAR]
     for ch in range(call.g.c):
         call.stats.mean[ch] = running_mean[ch]
         call.stats.invstd[ch] = 1.0 / sqrt(<double>running_var[ch] + call.step.eps)
-    given_coefficients(call, p, k)
 
 
 cdef int eval_forward(const activation* act, Call* call, const storage* x, storage* y,
                       real** p) noexcept nogil:
     """The eval forward: the running statistics into call.stats (mean, invstd), y normalised
     with them (then the activation)."""
-    cdef int rc
-    cdef real* k[N_COEFFICIENTS]
-    cdef real* block = coefficient_block(call.g.c, FACTOR + 1, k)
-    if block == NULL and call.g.c > 0:
-        return -1
-    eval_coefficients(call, p, k)
-    rc = affine_pass(act, &call.g, x, y, k, call.n_threads)
-    free(block)
-    return rc
+    running_statistics(call, p)
+    return normalize(act, call, x, y, p)
 
 
 cdef int table_job(bint apply, const activation* act, Call* call, const storage* x,
@@ -354,6 +340,7 @@ cdef int table_job(bint apply, const activation* act, Call* call, const storage*
     for r in range(FACTOR + 1):
         k[r] = <real*>call.table + r * call.g.c
     if not apply:
-        eval_coefficients(call, p, k)
+        running_statistics(call, p)
+        given_coefficients(call, p, k)  # (normalize's, as eval_forward runs them)
         return 0
     return affine_pass(act, &call.g, x, y, k, call.n_threads)
