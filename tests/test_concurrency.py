@@ -11,12 +11,15 @@ What is guaranteed (README, "Reliability"):
   whichever thread made them: forward/backward pairs from several threads on one module must
   be serialised by the caller (or each thread given its own module).
 
-The tensors are large enough (2**17 elements and more) that every kernel call releases the
-GIL and starts OpenMP threads (fastbn._kernels.GRAIN is 2**15 elements per thread).
+Every kernel call releases the GIL, whatever its size (proved below by an event, not a clock).
+The tensors are large enough (2**17 elements and more) that every call also starts OpenMP
+threads (fastbn._kernels.GRAIN is 2**15 elements per thread).
 """
 
+import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -205,8 +208,77 @@ def test_load_state_dict_and_reset_do_not_interleave_with_a_training_step():
 # ---------------------------------------------------------------------------------------------
 # The GIL is released during every kernel call
 # ---------------------------------------------------------------------------------------------
+#
+# Proved by an event, not a clock: a worker thread calls fastbn in a loop while this thread
+# waits for the GIL.  The switch interval is raised far beyond the test's length, so the worker
+# never hands the GIL over on the interpreter's schedule: this thread can run Python only when
+# the worker releases the GIL itself.  The kernel module seen by fastbn.functional is wrapped so
+# that the worker marks, under the GIL, which kernel it is inside; finding the mark set when this
+# thread runs means the GIL was released inside that kernel.  However busy the machine, the
+# worker keeps calling until this thread gets a turn (or gives up after a minute), so the load
+# can delay the proof but not fail it.  A call that holds the GIL never lets this thread in
+# while the mark is set (the negative control below).
 
-BIG = (16, 16, 256, 256)  # 2**24 values: a call of some tens of milliseconds on one thread
+BIG = (16, 16, 64, 64)  # 2**20 values; any size would do, since no clock is read
+
+
+class WatchedKernels:
+    """The kernel module, each function wrapped to record (in ``inside``) its name while it
+    runs."""
+
+    def __init__(self, kernels):
+        self._kernels = kernels
+        self.inside = None
+        self.entered = set()
+
+    def __getattr__(self, name):
+        function = getattr(self._kernels, name)
+        if not callable(function):
+            return function
+
+        def watched(*args, **kwargs):
+            self.inside = name
+            self.entered.add(name)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.inside = None
+        return watched
+
+
+def kernel_that_ran_python_beside_it(call, watch, give_up_after=60.0):
+    """Call call() on a worker thread until this thread runs Python while the worker is inside
+    a kernel; return that kernel's name, or None if the worker never released the GIL inside
+    one (it stops trying after give_up_after seconds of calls)."""
+    seen = []
+    failure = []
+
+    def worker():
+        deadline = time.monotonic() + give_up_after
+        try:
+            while not seen and time.monotonic() < deadline:
+                call()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(10 * give_up_after + 100)
+    try:
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()  # returns when the worker first releases the GIL (or ends)
+        while thread.is_alive():
+            # This thread holds the GIL here, so the worker is at a point where it released it.
+            if watch.inside is not None:
+                seen.append(watch.inside)
+                break
+            thread.join(0.001)  # hand the GIL back; resumed at the worker's next release
+        thread.join(give_up_after + 60)
+    finally:
+        sys.setswitchinterval(previous)
+    assert not thread.is_alive(), "the worker thread is still calling"
+    if failure:
+        raise failure[0]
+    return seen[0] if seen else None
 
 
 def _calls():
@@ -231,45 +303,25 @@ def _calls():
 CALLS = _calls()
 
 
-def ticks_during(call):
-    """(ticks, duration): how often a Python thread ticked in the middle 60% of call()."""
-    ticks = []
-    stop = threading.Event()
-
-    def ticker():
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-
-    t = threading.Thread(target=ticker, daemon=True)
-    t.start()
-    try:
-        while not ticks:  # the ticker runs
-            time.sleep(0.001)
-        start = time.perf_counter()
-        call()
-        end = time.perf_counter()
-    finally:
-        stop.set()
-        t.join(10)
-    # Holding the GIL through the call would freeze the ticker for all of it (a C call is
-    # never interrupted by the interpreter's switch interval); only the middle of the call
-    # is counted, away from the Python code on either side of the kernel.
-    margin = 0.2 * (end - start)
-    return sum(start + margin < s < end - margin for s in ticks), end - start
-
-
 @pytest.mark.parametrize("name", list(CALLS))
-def test_a_python_thread_runs_while_a_kernel_computes(name):
-    call = CALLS[name]
-    call()  # warm up (page faults of the outputs' first allocation)
-    ticks, duration = ticks_during(call)
-    assert ticks >= 100, (f"{name}: a Python thread ticked {ticks} times in the middle 60% of a "
-                          f"{1e3 * duration:.1f} ms call: the GIL was not released")
+def test_a_python_thread_runs_while_a_kernel_computes(name, monkeypatch):
+    watch = WatchedKernels(F._kernels)
+    monkeypatch.setattr(F, "_kernels", watch)
+    kernel = kernel_that_ran_python_beside_it(CALLS[name], watch)
+    assert watch.entered, f"{name} called no kernel"
+    assert kernel is not None, (f"{name}: no other Python thread ran while it was inside "
+                                f"{sorted(watch.entered)}: the GIL is not released")
 
 
-def test_the_ticker_notices_a_call_that_holds_the_gil():
-    # bytes.count scans in C without releasing the GIL: the ticker must stay still.
-    data = bytes(200 * 2 ** 20)
-    ticks, duration = ticks_during(lambda: data.count(b"x"))
-    assert duration > 0.005, f"the GIL-holding call took only {1e3 * duration:.2f} ms: no test"
-    assert ticks == 0, f"{ticks} ticks during a {1e3 * duration:.1f} ms call that holds the GIL"
+def test_the_check_notices_a_kernel_that_holds_the_gil():
+    # bytes.count scans in C without releasing the GIL: the main thread never runs beside it.
+    data = bytes(16 * 2 ** 20)
+    watch = WatchedKernels(types.SimpleNamespace(scan=lambda: data.count(b"x")))
+    assert kernel_that_ran_python_beside_it(lambda: watch.scan(), watch, give_up_after=1.0) is None
+    assert watch.entered == {"scan"}
+
+
+def test_the_check_sees_a_call_that_releases_the_gil():
+    # time.sleep releases the GIL: the positive control of the same machinery.
+    watch = WatchedKernels(types.SimpleNamespace(pause=lambda: time.sleep(0.001)))
+    assert kernel_that_ran_python_beside_it(lambda: watch.pause(), watch) == "pause"

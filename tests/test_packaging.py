@@ -103,7 +103,7 @@ def test_simd_variants_follow_the_target_architecture(host_platform, x86, monkey
 
 def test_cibuildwheel_configuration():
     cibw = _pyproject()["tool"]["cibuildwheel"]
-    assert cibw["build"] == ["cp39-*", "cp310-*", "cp311-*", "cp312-*", "cp313-*"]
+    # (the versions are .ci/pythons': test_the_pythons_claimed_are_the_pythons_ci_tests)
     for source in cibw["test-sources"]:
         assert os.path.isfile(os.path.join(ROOT, source)), f"test-sources names a missing {source}"
     assert ".ci/smoke_test.py" in cibw["test-command"]
@@ -122,3 +122,27 @@ def test_extras():
     assert {"pytest", "threadpoolctl", "mypy"} <= names["test"]
     assert {"pytest-benchmark", "matplotlib"} <= names["bench"]
     assert "safetensors" in names["io"] and "mpi4py" in names["mpi"]
+
+
+def _ci_pythons():
+    path = os.path.join(ROOT, ".ci", "pythons")
+    if not os.path.isfile(path):
+        pytest.skip("needs the source tree")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def test_the_pythons_claimed_are_the_pythons_ci_tests():
+    # requires-python, the classifiers and the release wheels name exactly .ci/pythons, the
+    # versions .ci/run builds and tests on.
+    versions = _ci_pythons()
+    project = _pyproject()["project"]
+    assert versions == sorted(versions, key=lambda v: tuple(map(int, v.split(".")))), versions
+    assert project["requires-python"] == f">={versions[0]}"
+    claimed = [c.rsplit(" :: ", 1)[1] for c in project["classifiers"]
+               if c.startswith("Programming Language :: Python :: 3.")]
+    assert claimed == versions
+    wheels = _pyproject()["tool"]["cibuildwheel"]["build"]
+    assert wheels == [f"cp{v.replace('.', '')}-*" for v in versions]
+    running = "%d.%d" % sys.version_info[:2]
+    assert running in versions, f"the tests run on Python {running}, which fastbn does not claim"
