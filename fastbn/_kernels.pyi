@@ -1,7 +1,7 @@
-# Types of the compiled kernels (fastbn/_kernels.pyx).  These functions trust their caller,
-# fastbn.functional: arrays are C-contiguous float32/float64/float16/bfloat16 data with
-# per-channel arrays of the compute dtype (weight, bias, running buffers; None where absent:
-# float64 for float64 data, float32 otherwise) and float64 statistics.
+# Types of the compiled kernels (fastbn/_kernels.pyx), called by fastbn._pipeline.  Each
+# checks its contract and raises otherwise: arrays are C-contiguous float32/float64/float16/
+# bfloat16 data with per-channel arrays of the compute dtype (weight, bias, running buffers;
+# None where absent: float64 for float64 data, float32 otherwise) and float64 statistics.
 # relu=True applies torch's ReLU in the forward's pass; a backward given the forward's `output`
 # gates the gradient by that ReLU.
 from typing import Any, Literal
@@ -40,7 +40,8 @@ def eval_table(
     eps: float, table: _Array, save_mean: _F64, save_invstd: _F64,
 ) -> None: ...
 def apply_table(x: _Array, y: _Array, table: _Array, n_threads: int, relu: bool = ...) -> None: ...
-def same_values(snapshot: _Array, arrays: tuple[_Array | None, ...]) -> bool: ...
+def same_values(snapshot: _Array, arrays: tuple[object, ...]) -> bool: ...
+def counter_ok(counter: object) -> bool: ...
 def grad_sums(
     dy: _Array, x: _Array, center: _F64, sum_dy: _F64, sum_dy_xc: _F64, n_threads: int,
     output: _Array | None = ...,

@@ -2,10 +2,12 @@
 # cython: initializedcheck=False, nonecheck=False
 """Typed batch-norm kernels over C-contiguous (N, C, *spatial) memory.
 
-These functions trust their caller (fastbn.functional): arrays are C-contiguous; data is
-float32, float64, float16 or bfloat16 (ml_dtypes.bfloat16); per-channel parameters and buffers
-have the compute dtype (float64 for float64 data, float32 otherwise); saved statistics and
-per-channel sums are float64 arrays of length C.  Every kernel releases the GIL and splits its
+Their caller is fastbn._pipeline, and each entry point checks its contract, raising instead of
+reading or writing out of bounds: arrays are C-contiguous, aligned and in the machine's byte
+order; data is float32, float64, float16 or bfloat16 (ml_dtypes.bfloat16); per-channel
+parameters and buffers have the compute dtype (float64 for float64 data, float32 otherwise);
+saved statistics and per-channel sums are float64 arrays of length C; what is written is
+writable.  Every kernel releases the GIL and splits its
 work over OpenMP threads.  Half data (float16, bfloat16) is read and written as it is.
 
 Map of the engine (each file says its job; a layer calls only the ones above it)
@@ -113,7 +115,10 @@ cdef Storage storage_of(cnp.ndarray a) except *:
 
 
 cdef Storage prepare(Call* call, cnp.ndarray x, int n_threads) except *:
-    """A Call for data x (its geometry, storage type and thread count), everything else unset."""
+    """A Call for data x (its geometry, storage type and thread count), everything else unset;
+    x must be at least 2-D (N, C, ...)."""
+    if cnp.PyArray_NDIM(x) < 2:
+        raise ValueError("fastbn kernels: expected data of shape (N, C, ...)")
     memset(call, 0, sizeof(Call))
     set_geometry(&call.g, cnp.PyArray_DIMS(x), cnp.PyArray_NDIM(x))
     call.n_threads = n_threads
@@ -140,49 +145,133 @@ cdef void run_job(Job job, Call* call, Storage kind, bint relu) except *:
         raise MemoryError("fastbn: could not allocate the kernel's work space")
 
 
-cdef void check_per_channel(str name, tuple arrays, int type_num, Py_ssize_t c) except *:
-    """Per-channel arrays (None allowed) of one type (float32 or float64) and C values,
-    C-contiguous: the contract of entry points reached from module attributes a user may have
-    replaced (half data's, the table's), checked, since a wrong array would be read or written
-    out of bounds."""
-    cdef str dtype_name = "float32" if type_num == cnp.NPY_FLOAT32 else "float64"
+# ---------------------------------------------------------------------------------------------
+# The entry points' contract, checked at every call (a few tens of nanoseconds per array): no
+# caller, public or private, can make a kernel read or write out of bounds, through a pointer
+# of another type, or into an array that is read-only.  The Python layer checks the same
+# things first, with messages in torch's words; these are the last line.
+# ---------------------------------------------------------------------------------------------
+
+cdef tuple STORAGE_NAMES = ("float32", "float64", "float16", "bfloat16")
+
+
+cdef inline int compute_type(Storage kind) noexcept:
+    """The numpy type of the per-channel parameters and buffers for data of this storage."""
+    return cnp.NPY_FLOAT64 if kind == FLOAT64 else cnp.NPY_FLOAT32
+
+
+cdef int check_datum_fully(str name, Storage kind, cnp.ndarray first, object item,
+                           bint written) except -1:
+    """check_datum's whole test, which names what is wrong."""
     cdef cnp.ndarray a
-    for item in arrays:
-        if item is None:
-            continue
-        a = item
-        if (cnp.PyArray_TYPE(a) != type_num or cnp.PyArray_SIZE(a) != c
-                or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
-            raise ValueError(f"{name}: expected C-contiguous {dtype_name} per-channel arrays of "
-                             f"{c} values, got {(<object>a).dtype} of shape {(<object>a).shape}")
+    if not cnp.PyArray_Check(item):
+        raise TypeError(f"{name}: expected numpy arrays, got {type(item).__name__}")
+    a = <cnp.ndarray>item
+    if not (cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_IS_C_CONTIGUOUS(a)
+            and cnp.PyArray_ISALIGNED(a) and storage_of(a) == kind):
+        raise ValueError(f"{name}: expected aligned, C-contiguous {STORAGE_NAMES[kind]} arrays "
+                         "in the machine's byte order")
+    if cnp.PyArray_NDIM(a) < 2 or not cnp.PyArray_SAMESHAPE(a, first):
+        raise ValueError(f"{name}: expected data arrays of the same shape (N, C, ...)")
+    if written and not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError(f"{name}: an output array is read-only")
+    return 0
 
 
-cdef void check_half_contract(str name, tuple data, tuple written, tuple per_channel) except *:
-    """The contract for half data, checked (the kernels read it as raw 16-bit values): the data
-    arrays aligned, C-contiguous, of one storage type and shape (N, C, ...) in the machine's
-    byte order, the written ones writable and each either an input itself or apart from them,
-    and the per-channel arrays None or C-contiguous float32 of C values."""
-    cdef cnp.ndarray first = data[0]
-    cdef Storage kind = storage_of(first)
-    dtype_name = "bfloat16" if kind == BFLOAT16 else "float16"
-    for a in data + written:
-        if a is None:
-            continue
-        if not (cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_IS_C_CONTIGUOUS(a)
-                and cnp.PyArray_ISALIGNED(a) and storage_of(a) == kind):
-            raise ValueError(f"{name}: expected aligned, C-contiguous {dtype_name} arrays in the "
-                             "machine's byte order")
-        if (<object>a).shape != (<object>first).shape or cnp.PyArray_NDIM(a) < 2:
-            raise ValueError(f"{name}: expected data arrays of the same shape (N, C, ...)")
-    for w in written:
-        if not cnp.PyArray_ISWRITEABLE(w):
-            raise ValueError(f"{name}: {'y' if len(written) == 1 else 'an output'} is read-only")
-        for a in data:
-            if a is None or a is w:
-                continue
-            if _overlap(a, w) and cnp.PyArray_DATA(a) != cnp.PyArray_DATA(w):
-                raise ValueError(f"{name}: x and y overlap without being the same array")
-    check_per_channel(name, per_channel, cnp.NPY_FLOAT32, first.shape[1])
+cdef inline int check_datum(str name, Storage kind, cnp.ndarray first, object item,
+                            bint written) except -1:
+    """A data array's contract (None where optional): an ndarray of x's storage type and shape
+    (N, C, ...), C-contiguous, aligned and in the machine's byte order; writable if written.
+    `first` is x, whose storage type is `kind`.  A float32/float64/float16 array is passed by
+    one test of its flags; any other goes through the whole test."""
+    cdef int need = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+    if item is None:
+        return 0
+    if written:
+        need |= cnp.NPY_ARRAY_WRITEABLE
+    if (cnp.PyArray_Check(item)
+            and cnp.PyArray_FLAGS(<cnp.ndarray>item) & need == need
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>item)
+            and cnp.PyArray_TYPE(<cnp.ndarray>item) != cnp.NPY_VOID
+            and cnp.PyArray_TYPE(<cnp.ndarray>item) == cnp.PyArray_TYPE(first)
+            and cnp.PyArray_NDIM(first) >= 2
+            and (item is first or cnp.PyArray_SAMESHAPE(<cnp.ndarray>item, first))):
+        return 0
+    return check_datum_fully(name, kind, first, item, written)
+
+
+cdef int check_apart(str name, object written, object read) except -1:
+    """A written data array is the read one itself or apart from it."""
+    if read is None or read is written:
+        return 0
+    if _overlap(read, written) and cnp.PyArray_DATA(read) != cnp.PyArray_DATA(written):
+        raise ValueError(f"{name}: x and y overlap without being the same array")
+    return 0
+
+
+cdef int refuse_channels(str name, object item, int type_num, Py_ssize_t c,
+                         bint written) except -1:
+    """Raise what is wrong with a per-channel array check_channels refused."""
+    if type(item) is not cnp.ndarray:
+        raise TypeError(f"{name}: expected numpy arrays (not subclasses) or None per channel, "
+                        f"got {type(item).__name__}")
+    if written and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>item):
+        raise ValueError(f"{name}: a per-channel array it writes is read-only")
+    raise ValueError(f"{name}: expected C-contiguous "
+                     f"{'float32' if type_num == cnp.NPY_FLOAT32 else 'float64'} per-channel "
+                     f"arrays of shape ({c},), got {(<object>item).dtype} of shape "
+                     f"{(<object>item).shape}")
+
+
+cdef inline int check_channels(str name, object item, int type_num, Py_ssize_t c,
+                               bint written) except -1:
+    """A per-channel array's contract (None where optional): an ndarray (not a subclass, which
+    may give its values other meanings: masks) of one type (float32 or float64) and shape (C,),
+    C-contiguous, aligned, in the machine's byte order; writable if written."""
+    cdef int need = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+    if item is None:
+        return 0
+    if written:
+        need |= cnp.NPY_ARRAY_WRITEABLE
+    if (type(item) is cnp.ndarray
+            and cnp.PyArray_TYPE(<cnp.ndarray>item) == type_num
+            and cnp.PyArray_NDIM(<cnp.ndarray>item) == 1
+            and cnp.PyArray_DIMS(<cnp.ndarray>item)[0] == c
+            and cnp.PyArray_FLAGS(<cnp.ndarray>item) & need == need
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>item)):
+        return 0
+    return refuse_channels(name, item, type_num, c, written)
+
+
+cdef inline int check_io(str name, Storage kind, cnp.ndarray x, cnp.ndarray y) except -1:
+    """x and the y written from it: the data contract, and y either x or apart from it."""
+    check_datum(name, kind, x, x, False)
+    check_datum(name, kind, x, y, True)
+    check_apart(name, y, x)
+    return 0
+
+
+cdef inline int check_gradient_data(str name, Storage kind, cnp.ndarray x, cnp.ndarray dy,
+                                    object output, cnp.ndarray dx) except -1:
+    """A backward's data: x, dy and the forward's output (or None) read, dx written apart from
+    them (or as one of them)."""
+    check_datum(name, kind, x, x, False)
+    check_datum(name, kind, x, dy, False)
+    check_datum(name, kind, x, output, False)
+    check_datum(name, kind, x, dx, True)
+    check_apart(name, dx, x)
+    check_apart(name, dx, dy)
+    check_apart(name, dx, output)
+    return 0
+
+
+def counter_ok(object counter):
+    """Whether num_batches_tracked is the everyday counter a training step increments in
+    place: a writable, aligned 0-d int64 ndarray (the Python layer checks anything else)."""
+    return (type(counter) is cnp.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>counter) == 0
+            and cnp.PyArray_TYPE(<cnp.ndarray>counter) == cnp.NPY_INT64
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>counter)
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>counter))
 
 
 cdef bint _overlap(cnp.ndarray a, cnp.ndarray b):
@@ -224,31 +313,37 @@ def describe_layout(shape):
                 rows=g.rows, tail=g.tail, tile=g.tile, block=g.block, tiles=g.tiles, items=g.items)
 
 
-def moments(cnp.ndarray x, cnp.ndarray mean, cnp.ndarray m2, int n_threads,
-            object mean_lo=None):
+def moments(cnp.ndarray x not None, cnp.ndarray mean not None, cnp.ndarray m2 not None,
+            int n_threads, object mean_lo=None):
     """Per-channel mean and M2 = sum((x - mean)**2) of x (N, C, ...), into float64 arrays; with
     mean_lo, the mean unrounded as mean + mean_lo."""
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
+    check_datum("moments", kind, x, x, False)
+    check_channels("moments", mean, cnp.NPY_FLOAT64, call.g.c, True)
+    check_channels("moments", m2, cnp.NPY_FLOAT64, call.g.c, True)
+    check_channels("moments", mean_lo, cnp.NPY_FLOAT64, call.g.c, True)
     if call.g.total == 0:
         return
-    if kind >= FLOAT16:
-        check_half_contract("moments", (x,), (), ())
     call.stats.mean = <double*>ptr(mean)
     call.stats.mean_lo = <double*>ptr(mean_lo)
     call.stats.m2 = <double*>ptr(m2)
     run_job(MOMENTS, &call, kind, False)
 
 
-def normalize_given(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
-                    cnp.ndarray mean, cnp.ndarray invstd, int n_threads, bint relu=False):
+def normalize_given(cnp.ndarray x not None, cnp.ndarray y not None, object weight, object bias,
+                    cnp.ndarray mean not None, cnp.ndarray invstd not None, int n_threads,
+                    bint relu=False):
     """y = (x - mean) * invstd * weight + bias with given float64 statistics (then ReLU)."""
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
+    check_io("normalize_given", kind, x, y)
+    check_channels("normalize_given", weight, compute_type(kind), call.g.c, False)
+    check_channels("normalize_given", bias, compute_type(kind), call.g.c, False)
+    check_channels("normalize_given", mean, cnp.NPY_FLOAT64, call.g.c, False)
+    check_channels("normalize_given", invstd, cnp.NPY_FLOAT64, call.g.c, False)
     if call.g.total == 0:
         return
-    if kind >= FLOAT16 or is_half(y):
-        check_half_contract("normalize_given", (x,), (y,), (weight, bias))
     call.y = ptr(y)
     set_params(&call, weight, bias)
     call.stats.mean = <double*>ptr(mean)
@@ -256,16 +351,24 @@ def normalize_given(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
     run_job(NORMALIZE, &call, kind, relu)
 
 
-def forward_train(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
+def forward_train(cnp.ndarray x not None, cnp.ndarray y not None, object weight, object bias,
                   object running_mean, object running_var, double momentum, double eps,
-                  cnp.ndarray save_mean, cnp.ndarray save_invstd, int n_threads, bint relu=False):
+                  cnp.ndarray save_mean not None, cnp.ndarray save_invstd not None, int n_threads,
+                  bint relu=False):
     """Training-mode forward: batch statistics into save_mean/save_invstd (float64), running
     buffers (when not None) updated in place, y written (then ReLU).  Needs N * S >= 2.  Half
     x and y (float16, bfloat16) take float32 parameters and buffers."""
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
-    if kind >= FLOAT16 or is_half(y):
-        check_half_contract("forward_train", (x,), (y,), (weight, bias, running_mean, running_var))
+    check_io("forward_train", kind, x, y)
+    check_channels("forward_train", weight, compute_type(kind), call.g.c, False)
+    check_channels("forward_train", bias, compute_type(kind), call.g.c, False)
+    check_channels("forward_train", running_mean, compute_type(kind), call.g.c, True)
+    check_channels("forward_train", running_var, compute_type(kind), call.g.c, True)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("forward_train: expected running_mean and running_var both or neither")
+    check_channels("forward_train", save_mean, cnp.NPY_FLOAT64, call.g.c, True)
+    check_channels("forward_train", save_invstd, cnp.NPY_FLOAT64, call.g.c, True)
     if call.g.total == 0:
         return
     call.y = ptr(y)
@@ -278,20 +381,31 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
     run_job(FORWARD_TRAIN, &call, kind, relu)
 
 
-def forward_train_with_stats(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
-                             object running_mean, object running_var, double momentum,
-                             double eps, double count, cnp.ndarray mean, cnp.ndarray mean_lo,
-                             cnp.ndarray m2, cnp.ndarray save_invstd, int n_threads,
-                             bint relu=False):
+def forward_train_with_stats(cnp.ndarray x not None, cnp.ndarray y not None, object weight,
+                             object bias, object running_mean, object running_var,
+                             double momentum, double eps, double count,
+                             cnp.ndarray mean not None, cnp.ndarray mean_lo not None,
+                             cnp.ndarray m2 not None, cnp.ndarray save_invstd not None,
+                             int n_threads, bint relu=False):
     """Training-mode forward with given batch statistics (float64: the mean as mean + mean_lo,
     M2 over `count` values per channel, e.g. merged over several processes): save_invstd
     written, running buffers (when not None) updated -- also when x is empty --, y written
     (then ReLU), by the same code as forward_train's."""
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
-    if kind >= FLOAT16 or is_half(y):
-        check_half_contract("forward_train_with_stats", (x,), (y,),
-                            (weight, bias, running_mean, running_var))
+    check_io("forward_train_with_stats", kind, x, y)
+    check_channels("forward_train_with_stats", weight, compute_type(kind), call.g.c, False)
+    check_channels("forward_train_with_stats", bias, compute_type(kind), call.g.c, False)
+    check_channels("forward_train_with_stats", running_mean, compute_type(kind), call.g.c, True)
+    check_channels("forward_train_with_stats", running_var, compute_type(kind), call.g.c, True)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("forward_train_with_stats: expected running_mean and running_var both or neither")
+    check_channels("forward_train_with_stats", mean, cnp.NPY_FLOAT64, call.g.c, False)
+    check_channels("forward_train_with_stats", mean_lo, cnp.NPY_FLOAT64, call.g.c, False)
+    check_channels("forward_train_with_stats", m2, cnp.NPY_FLOAT64, call.g.c, False)
+    check_channels("forward_train_with_stats", save_invstd, cnp.NPY_FLOAT64, call.g.c, True)
+    if not count >= 0:
+        raise ValueError("forward_train_with_stats: expected a count of at least 0")
     call.y = ptr(y)
     set_params(&call, weight, bias, running_mean, running_var)
     call.stats.mean = <double*>ptr(mean)
@@ -304,16 +418,22 @@ def forward_train_with_stats(cnp.ndarray x, cnp.ndarray y, object weight, object
     run_job(FORWARD_TRAIN_GIVEN, &call, kind, relu)
 
 
-def forward_eval(cnp.ndarray x, cnp.ndarray y, object weight, object bias,
-                 cnp.ndarray running_mean, cnp.ndarray running_var, double eps,
-                 cnp.ndarray save_mean, cnp.ndarray save_invstd, int n_threads, bint relu=False):
+def forward_eval(cnp.ndarray x not None, cnp.ndarray y not None, object weight, object bias,
+                 cnp.ndarray running_mean not None, cnp.ndarray running_var not None, double eps,
+                 cnp.ndarray save_mean not None, cnp.ndarray save_invstd not None, int n_threads,
+                 bint relu=False):
     """Eval-mode forward with running statistics (then ReLU); save_mean/save_invstd (float64)
     receive the statistics used: running_mean and 1 / sqrt(running_var + eps).  Half x and y
     as forward_train takes them."""
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
-    if kind >= FLOAT16 or is_half(y):
-        check_half_contract("forward_eval", (x,), (y,), (weight, bias, running_mean, running_var))
+    check_io("forward_eval", kind, x, y)
+    check_channels("forward_eval", weight, compute_type(kind), call.g.c, False)
+    check_channels("forward_eval", bias, compute_type(kind), call.g.c, False)
+    check_channels("forward_eval", running_mean, compute_type(kind), call.g.c, False)
+    check_channels("forward_eval", running_var, compute_type(kind), call.g.c, False)
+    check_channels("forward_eval", save_mean, cnp.NPY_FLOAT64, call.g.c, True)
+    check_channels("forward_eval", save_invstd, cnp.NPY_FLOAT64, call.g.c, True)
     call.y = ptr(y)
     set_params(&call, weight, bias, running_mean, running_var)
     call.stats.mean = <double*>ptr(save_mean)
@@ -336,8 +456,12 @@ def eval_table(object weight, object bias, cnp.ndarray running_mean not None,
     dims[1] = cnp.PyArray_SIZE(running_mean)
     if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
         raise ValueError("eval_table: expected float32 or float64 parameters and buffers")
-    check_per_channel("eval_table", (weight, bias, running_mean, running_var), t, dims[1])
-    check_per_channel("eval_table", (save_mean, save_invstd), cnp.NPY_FLOAT64, dims[1])
+    check_channels("eval_table", weight, t, dims[1], False)
+    check_channels("eval_table", bias, t, dims[1], False)
+    check_channels("eval_table", running_mean, t, dims[1], False)
+    check_channels("eval_table", running_var, t, dims[1], False)
+    check_channels("eval_table", save_mean, cnp.NPY_FLOAT64, dims[1], True)
+    check_channels("eval_table", save_invstd, cnp.NPY_FLOAT64, dims[1], True)
     if not (cnp.PyArray_IS_C_CONTIGUOUS(table) and cnp.PyArray_SIZE(table) == 4 * dims[1]
             and cnp.PyArray_TYPE(table) == t and cnp.PyArray_ISWRITEABLE(table)):
         raise ValueError("eval_table: expected a writable, C-contiguous table of 4 * C values "
@@ -360,16 +484,21 @@ def apply_table(cnp.ndarray x not None, cnp.ndarray y not None, cnp.ndarray tabl
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
     if cnp.PyArray_SIZE(table) != 4 * call.g.c or not cnp.PyArray_IS_C_CONTIGUOUS(table) or (
+            not cnp.PyArray_ISALIGNED(table)) or (
             cnp.PyArray_TYPE(table) != (cnp.NPY_FLOAT64 if kind == FLOAT64 else cnp.NPY_FLOAT32)):
         raise ValueError("apply_table: expected a C-contiguous table of 4 * C values of the "
                          "compute dtype")
     if kind >= FLOAT16 or is_half(y):
-        check_half_contract("apply_table", (x,), (y,), ())
-    elif not (cnp.PyArray_TYPE(y) == cnp.PyArray_TYPE(x) and (<object>y).shape == (<object>x).shape
+        check_io("apply_table", kind, x, y)
+    elif not (cnp.PyArray_TYPE(y) == cnp.PyArray_TYPE(x) and cnp.PyArray_SAMESHAPE(x, y)
               and cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(y)
+              and cnp.PyArray_ISALIGNED(x) and cnp.PyArray_ISALIGNED(y)
+              and cnp.PyArray_ISNOTSWAPPED(x) and cnp.PyArray_ISNOTSWAPPED(y)
               and cnp.PyArray_ISWRITEABLE(y)):
         raise ValueError("apply_table: expected C-contiguous x and y of one shape and dtype, "
                          "y writable")
+    elif _overlap(x, y) and cnp.PyArray_DATA(x) != cnp.PyArray_DATA(y):
+        raise ValueError("apply_table: x and y overlap without being the same array")
     if call.g.total == 0:
         return
     call.y = ptr(y)
@@ -395,6 +524,8 @@ def same_values(cnp.ndarray snapshot not None, tuple arrays):
         raise ValueError("same_values: expected four arrays or None")
     for item in arrays:
         if item is not None:
+            if not cnp.PyArray_Check(item):
+                return False  # (the table is then made anew, and its checks name the problem)
             a = item
             if (cnp.PyArray_TYPE(a) != type_num or cnp.PyArray_SIZE(a) != c
                     or not cnp.PyArray_IS_C_CONTIGUOUS(a)
@@ -409,16 +540,21 @@ def same_values(cnp.ndarray snapshot not None, tuple arrays):
     return type_num == cnp.NPY_FLOAT64 and (<double*>(rows + 4 * row_bytes))[0] == present
 
 
-def grad_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray center, cnp.ndarray sum_dy,
-              cnp.ndarray sum_dy_xc, int n_threads, object output=None):
+def grad_sums(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray center not None,
+              cnp.ndarray sum_dy not None, cnp.ndarray sum_dy_xc not None, int n_threads,
+              object output=None):
     """Per-channel sum(g) and sum(g * (x - center)) into float64 arrays, g being dy, or, when
     the forward's output is given, dy gated by its ReLU (dy where output > 0)."""
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
+    check_datum("grad_sums", kind, x, x, False)
+    check_datum("grad_sums", kind, x, dy, False)
+    check_datum("grad_sums", kind, x, output, False)
+    check_channels("grad_sums", center, cnp.NPY_FLOAT64, call.g.c, False)
+    check_channels("grad_sums", sum_dy, cnp.NPY_FLOAT64, call.g.c, True)
+    check_channels("grad_sums", sum_dy_xc, cnp.NPY_FLOAT64, call.g.c, True)
     if call.g.total == 0:
         return
-    if kind >= FLOAT16:
-        check_half_contract("grad_sums", (x, dy, output), (), ())
     call.dy = ptr(dy)
     call.out = ptr(output)
     call.stats.mean = <double*>ptr(center)
@@ -427,9 +563,10 @@ def grad_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray center, cnp.ndarray sum
     run_job(GRAD_SUMS, &call, kind, output is not None)
 
 
-def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight, cnp.ndarray mean,
-             cnp.ndarray invstd, object grad_weight, object grad_bias, bint training,
-             int n_threads, object output=None):
+def backward(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray dx not None,
+             object weight, cnp.ndarray mean not None, cnp.ndarray invstd not None,
+             object grad_weight, object grad_bias, bint training, int n_threads,
+             object output=None):
     """dx (and grad_weight/grad_bias when not None) of y = (x - mean) * invstd * weight + bias,
     or of ReLU(y) when the forward's output is given (it supplies the ReLU's mask).
 
@@ -438,10 +575,14 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight, cnp.n
     """
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
+    check_gradient_data("backward", kind, x, dy, output, dx)
+    check_channels("backward", weight, compute_type(kind), call.g.c, False)
+    check_channels("backward", grad_weight, compute_type(kind), call.g.c, True)
+    check_channels("backward", grad_bias, compute_type(kind), call.g.c, True)
+    check_channels("backward", mean, cnp.NPY_FLOAT64, call.g.c, False)
+    check_channels("backward", invstd, cnp.NPY_FLOAT64, call.g.c, False)
     if call.g.total == 0:
         return
-    if kind >= FLOAT16:
-        check_half_contract("backward", (x, dy, output), (dx,), (weight, grad_weight, grad_bias))
     call.dy = ptr(dy)
     call.out = ptr(output)
     call.dx = ptr(dx)
@@ -452,18 +593,24 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight, cnp.n
     run_job(BACKWARD_TRAIN if training else BACKWARD_EVAL, &call, kind, output is not None)
 
 
-def backward_from_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
-                       cnp.ndarray mean, cnp.ndarray invstd, cnp.ndarray sum_dy,
-                       cnp.ndarray sum_dy_xc, double count, int n_threads, object output=None):
+def backward_from_sums(cnp.ndarray dy not None, cnp.ndarray x not None,
+                       cnp.ndarray dx not None, object weight, cnp.ndarray mean not None,
+                       cnp.ndarray invstd not None, cnp.ndarray sum_dy not None,
+                       cnp.ndarray sum_dy_xc not None, double count, int n_threads,
+                       object output=None):
     """Training-mode dx given per-channel sums of g and g * (x - mean) over `count` values per
     channel, which may span several processes (distributed batch norm); g is dy, or dy gated
     by the ReLU of the forward's output when that is given."""
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
+    check_gradient_data("backward_from_sums", kind, x, dy, output, dx)
+    check_channels("backward_from_sums", weight, compute_type(kind), call.g.c, False)
+    check_channels("backward_from_sums", mean, cnp.NPY_FLOAT64, call.g.c, False)
+    check_channels("backward_from_sums", invstd, cnp.NPY_FLOAT64, call.g.c, False)
+    check_channels("backward_from_sums", sum_dy, cnp.NPY_FLOAT64, call.g.c, False)
+    check_channels("backward_from_sums", sum_dy_xc, cnp.NPY_FLOAT64, call.g.c, False)
     if call.g.total == 0:
         return
-    if kind >= FLOAT16:
-        check_half_contract("backward_from_sums", (x, dy, output), (dx,), (weight,))
     call.dy = ptr(dy)
     call.out = ptr(output)
     call.dx = ptr(dx)
@@ -476,7 +623,7 @@ def backward_from_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object wei
     run_job(BACKWARD_FROM_SUMS, &call, kind, output is not None)
 
 
-def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int n_threads):
+def parallel_copy(cnp.ndarray src not None, cnp.ndarray dst not None, int n_threads):
     """dst[...] = src for C-contiguous arrays of the same size, on up to n_threads threads.
 
     The bandwidth yardstick of the benchmarks: the fastest way to move these bytes with this
@@ -487,6 +634,9 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int n_threads):
     cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(src), chunk, k, parts
     if cnp.PyArray_NBYTES(dst) != nbytes:
         raise ValueError("parallel_copy: src and dst sizes differ")
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(src) and cnp.PyArray_IS_C_CONTIGUOUS(dst)
+            and cnp.PyArray_ISWRITEABLE(dst)):
+        raise ValueError("parallel_copy: expected C-contiguous arrays, dst writable")
     parts = max(1, min(<Py_ssize_t>n_threads, nbytes // (GRAIN * 4)))
     chunk = ((nbytes + parts - 1) // parts + 63) // 64 * 64
     with nogil:

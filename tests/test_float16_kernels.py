@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from fastbn import _pipeline as P
 from fastbn import functional as F
 
 from conftest import forced_fusion, forced_layout, kernel_levels, kernels_of, make_input
@@ -132,7 +133,8 @@ def test_float16_kernels_refuse_what_they_cannot_process(level, entry):
     read_only = np.zeros_like(x)
     read_only.flags.writeable = False
     cases = [
-        ((x.astype(np.float32), np.zeros_like(x)), "aligned, C-contiguous float16"),
+        # (x decides the storage type: float16 y for float32 x is the mismatch named)
+        ((x.astype(np.float32), np.zeros_like(x)), "aligned, C-contiguous float32"),
         ((x, np.zeros((4, 3, 16), np.float16)[..., ::2]), "aligned, C-contiguous float16"),
         ((x.astype(x.dtype.newbyteorder()), np.zeros_like(x)), "byte order"),
         ((x, np.zeros((4, 3, 9), np.float16)), "same shape"),
@@ -154,8 +156,8 @@ def test_float16_data_reaches_the_kernels_as_float16(monkeypatch, rng):
     # (every variant converts: with F16C or with exact integer arithmetic).
     calls = []
     for name in ("apply_table", "forward_train"):  # (a module's eval applies its kept table)
-        original = getattr(F._kernels, name)
-        monkeypatch.setattr(F._kernels, name, lambda x, y, *a, _o=original, _n=name, **k: (
+        original = getattr(P._kernels, name)
+        monkeypatch.setattr(P._kernels, name, lambda x, y, *a, _o=original, _n=name, **k: (
             calls.append((_n, x.dtype.name, y.dtype.name)), _o(x, y, *a, **k)))
     bn = fastbn.BatchNorm2d(3)
     x = make_input((2, 3, 4, 4), np.float16, rng)
