@@ -102,7 +102,8 @@ def main(argv=None):
           f"{os.cpu_count()} CPUs")
     print(f"{size} rank{'s' if size != 1 else ''}, each with input {shape} {args.dtype}: global batch "
           f"{(shape[0] * size,) + shape[1:]}; {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"per step: 2 Allgathers, {8 * (2 + 3 * c)} + {8 * (1 + 2 * c)} bytes sent per rank, "
+    print(f"per step: 4 Allgathers, headers of 80 bytes and {8 * (1 + 3 * c)} + {8 * 2 * c} bytes "
+          f"sent per rank, "
           f"{size} times that received")
     print(f"{'rank':>4}  {'step ms':>9}  {'in collectives ms':>17}  {'comm share':>10}  "
           f"{'BatchNorm (local) ms':>20}  {'sync / local':>12}")

@@ -35,10 +35,6 @@ _MASKED = ("{name} is a masked array, which fastbn does not support (the kernels
            "masked values too): pass {name}.filled(value) or {name}.data explicitly")
 
 
-def _dtype_name(dt):
-    return np.dtype(dt).name
-
-
 def as_float_array(value, name):
     """``value`` as an ndarray of a supported float dtype, in native byte order (no copy when
     it already is one)."""
@@ -79,6 +75,51 @@ def check_channels(x, num_features, name="input"):
                          f"dimension 1, got {name} of shape {tuple(x.shape)}")
 
 
+def check_input_dtype(x, compute_dtype, module_dtype, owner):
+    """A module's input computes in the module's dtype (float32 for half input); callers on
+    the small-call path compare first and call this to raise."""
+    if compute_dtype != module_dtype:
+        raise TypeError(f"input has dtype {x.dtype} but {owner} holds {module_dtype} parameters: "
+                        f"all inputs must share the same dtype (convert the input with .astype, "
+                        f"or build the module with dtype=)")
+
+
+def check_grad_output(dy, shape, dtype):
+    """A backward's grad_output has the shape and dtype of the forward's input."""
+    if dy.shape != shape:
+        raise ValueError(f"grad_output has shape {tuple(dy.shape)} but the last forward's input "
+                         f"has shape {shape}; they must match")
+    if dy.dtype != dtype:
+        raise TypeError(f"grad_output has dtype {dy.dtype} but the last forward's input had "
+                        f"dtype {dtype}; they must match")
+
+
+INT64 = np.dtype(np.int64)
+
+
+def check_counter(counter):
+    """num_batches_tracked as a training step increments it: None, an integer, or a writable
+    integer array of one value (torch's is a 0-d int64 tensor)."""
+    if counter is None:
+        return
+    if type(counter) is np.ndarray and counter.dtype is INT64 and counter.ndim == 0:
+        if not counter.flags.writeable:  # (the everyday counter is checked in these two lines)
+            raise ValueError("num_batches_tracked is read-only, but a training step increments "
+                             "it in place")
+        return
+    if isinstance(counter, np.ndarray):
+        if counter.dtype.kind not in "iu" or counter.size != 1:
+            raise TypeError(f"num_batches_tracked must be an integer array of one value, got "
+                            f"{counter.dtype} of shape {tuple(counter.shape)}")
+        if not counter.flags.writeable:
+            raise ValueError("num_batches_tracked is read-only, but a training step increments "
+                             "it in place")
+        return
+    if isinstance(counter, bool) or not isinstance(counter, numbers.Integral):
+        raise TypeError(f"num_batches_tracked must be None, an int or an integer array, got "
+                        f"{type(counter).__name__}")
+
+
 def check_per_channel(value, name, channels, dtype, writable=False):
     """A per-channel parameter or buffer: None, or a 1-D array of `channels` values of `dtype`."""
     if value is None:
@@ -95,6 +136,8 @@ def check_per_channel(value, name, channels, dtype, writable=False):
                          f"got shape {tuple(value.shape)}")
     if writable and not value.flags.writeable:
         raise ValueError(f"{name} is read-only, but it is updated in place in training mode")
+    if type(value) is not np.ndarray:
+        value = value.view(np.ndarray)  # (the kernels take plain arrays: a view of the same memory)
     if not value.flags.c_contiguous:
         value = np.ascontiguousarray(value)
     return value

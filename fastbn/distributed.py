@@ -9,35 +9,42 @@ only when a module without an explicit ``comm`` first needs ``MPI.COMM_WORLD``, 
 
 Collectives
 -----------
-One ``Allgather`` per training forward and one per training backward; eval mode does no
-communication.  Every rank contributes a float64 row starting with a status slot, which is 0
-when the rank's local work succeeded and otherwise the length of its error message.  A rank
+Two ``Allgather`` calls per training forward and two per training backward; eval mode does no
+communication.  First every rank sends a header of a fixed size (``_HEADER``): a status slot,
+0 when the rank's local work succeeded and otherwise the length of its error message, then
+what the ranks must agree on -- the phase (forward or backward), num_features, the affine
+parameters present, track_running_stats, the activation, the dtype, eps and momentum.  A rank
 that rejects its input therefore still joins the collective, every rank sees the failure, a
 second ``Allgather`` (only on that path) spreads the messages, and all ranks raise the same
-error instead of the healthy ones waiting for a rank that never comes.
+error instead of the healthy ones waiting for a rank that never comes.  Ranks whose modules
+disagree (a model built differently on one rank) all raise the same ValueError, naming what
+differs by rank, before any payload of a size they would disagree on is sent.  Only then
+does the payload -- statistics or gradient sums -- go round.
 
 Gathering rows, rather than reducing them with ``Allreduce``, lets each rank combine them
 itself, in rank order and with the same code: the results are bitwise identical on every
 rank whatever the MPI library's reduction algorithm, and the statistics can be merged with
 Chan's stable update (:func:`fastbn.functional.merge_stats`) rather than summed as raw
 moments.  The cost is that a rank receives ``size`` rows instead of one: 8 * (2 + 3C) bytes
-per rank in the forward and 8 * (1 + 2C) in the backward (torch's SyncBatchNorm also gathers
-its forward statistics).
+per rank in the forward and 8 * (1 + 2C) in the backward, each with its header of 8 * 10
+(torch's SyncBatchNorm also gathers its forward statistics).
 
 Pipeline
 --------
-Only the statistics and the sums cross ranks; everything else is the modules' own code.  The
-merged statistics go to the base class's training step (``_BatchNorm._train_step``), which
-updates the running estimates and the counter and normalises by the same kernel code as
-:class:`fastbn.BatchNorm2d` (``functional.forward`` with ``stats=``), in the input's memory
-format and storage type: channels-last stays channels-last, float16 and bfloat16 are read and
-written as they are.  The backward takes the local sums and grad_input from the same forward
-context (``functional.local_grad_sums``, ``functional.grad_input_from_sums``).  On a single
-rank every result is bitwise :class:`fastbn.BatchNorm2d`'s.
+Only the statistics and the sums cross ranks; everything else is the modules' own code,
+through their interface for subclasses: the base class validates the call (``_prepare``),
+the ranks merge their statistics, and the base class runs it (``_run``, with ``stats=``),
+which checks the parameters and buffers, updates the running estimates and the counter and
+normalises by the same pipeline as :class:`fastbn.BatchNorm2d` (``fastbn._pipeline``), in the
+input's memory format and storage type: channels-last stays channels-last, float16 and
+bfloat16 are read and written as they are.  The backward takes the local sums and grad_input
+from the same forward context (``_pipeline.local_grad_sums``, ``grad_input_from_sums``).  On a
+single rank every result is bitwise :class:`fastbn.BatchNorm2d`'s.
 """
 
 import numpy as np
 
+from . import _pipeline as P
 from . import _validation as V
 from . import functional as F
 from ._openmp import effective_n_threads
@@ -54,6 +61,12 @@ _ERRORS = {cls.__name__: cls for cls in (ValueError, TypeError, MemoryError, Run
 
 #: Longest error message (UTF-8 bytes) a rank sends to the others.
 _MAX_MESSAGE = 4096
+
+#: The fields of the header every rank sends before a payload (float64 each): the status slot,
+#: then what the ranks must agree on.
+_HEADER = ("status", "phase", "num_features", "weight", "bias", "track_running_stats",
+           "activation", "dtype", "eps", "momentum")
+_FORWARD, _BACKWARD = 1.0, 2.0
 
 
 def _world():
@@ -113,8 +126,10 @@ class SyncBatchNorm(_BatchNorm):
 
     Notes
     -----
-    Each training forward makes one ``Allgather`` of a float64 row ``[status, count, mean[C],
-    mean_lo[C], M2[C]]`` per rank, M2 being the sum of squared deviations from the rank's mean
+    Each training forward makes one ``Allgather`` of a fixed-size header per rank (a status
+    slot and what the ranks must agree on: the phase, num_features, the affine parameters,
+    track_running_stats, the activation, the dtype, eps and momentum), then one of a float64
+    row ``[count, mean[C], mean_lo[C], M2[C]]`` per rank, M2 being the sum of squared deviations from the rank's mean
     (:func:`fastbn.functional.batch_stats`) and mean + mean_lo its mean unrounded.  Every rank
     merges the rows in rank order with Chan's update (:func:`fastbn.functional.merge_stats`):
     the stable equivalent of an allreduce of the moments, bitwise identical on every rank.  The
@@ -122,8 +137,8 @@ class SyncBatchNorm(_BatchNorm):
     ``M2 / (count - 1)``.  The output and grad_input keep the input's memory format
     (channels-last too) and dtype.
 
-    Each training backward makes one ``Allgather`` of ``[status, sum(dy), sum(dy * (x - mean))]``
-    per rank, summed in rank order on every rank.  ``grad_input`` follows from the global sums
+    Each training backward makes one ``Allgather`` of the header, then one of
+    ``[sum(dy), sum(dy * (x - mean))]`` per rank, summed in rank order on every rank.  ``grad_input`` follows from the global sums
     and count (:func:`fastbn.functional.batch_norm_backward_elemt`); ``grad_bias`` is the
     global ``sum(dy)`` and ``grad_weight`` the global ``sum(dy * xhat)``.
 
@@ -132,9 +147,11 @@ class SyncBatchNorm(_BatchNorm):
     to average: to follow that convention, divide ``grad_weight`` and ``grad_bias`` by
     ``comm.Get_size()`` rather than averaging them again.
 
-    A rank whose input is invalid (wrong channels, dtype, dimensions) still joins the
-    collective; every rank then raises the same error, naming the failing rank, and no rank
-    changes any state.
+    A rank whose input or state is invalid (wrong channels, dtype, dimensions, a bad parameter
+    or buffer) still joins the collective; every rank then raises the same error, naming the
+    failing rank, and no rank changes any state.  Ranks whose modules or calls disagree (a
+    model built differently on one rank, one rank in backward while another is in forward)
+    all raise the same ValueError, naming what differs by rank, before any payload is sent.
 
     Examples
     --------
@@ -143,8 +160,8 @@ class SyncBatchNorm(_BatchNorm):
     >>> import numpy as np, fastbn                                      # doctest: +SKIP
     >>> bn = fastbn.SyncBatchNorm(64)
     >>> x = np.random.rand(16, 64, 28, 28).astype(np.float32)          # this rank's samples
-    >>> y = bn(x)                                   # global statistics, one Allgather
-    >>> dx = bn.backward(np.ones_like(y))           # global sums, one Allgather
+    >>> y = bn(x)                                   # global statistics: header, Allgather
+    >>> dx = bn.backward(np.ones_like(y))           # global sums: header, Allgather
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -182,9 +199,9 @@ class SyncBatchNorm(_BatchNorm):
         """
         if isinstance(module, SyncBatchNorm) or not isinstance(module, _BatchNorm):
             return module
-        sync = cls(module.num_features, module.eps, module.momentum, module.affine,
-                   module.track_running_stats, module.dtype, bias=module.bias is not None,
-                   comm=comm)
+        # Every constructor argument of the module's own (activation included), so that one
+        # added to the modules later is carried over too.
+        sync = cls(**module._constructor_arguments(), comm=comm)
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             setattr(sync, name, getattr(module, name))
         sync.training = module.training
@@ -200,10 +217,9 @@ class SyncBatchNorm(_BatchNorm):
         if x.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         V.check_channels(x, self.num_features)
-        if F.compute_dtype(x.dtype) != self.dtype:
-            raise TypeError(f"input has dtype {x.dtype} but {type(self).__name__} holds "
-                            f"{self.dtype} parameters: all inputs must share the same dtype "
-                            f"(convert the input with .astype, or build the module with dtype=)")
+        compute = P.compute_dtype(x.dtype)
+        if compute != self.dtype:
+            V.check_input_dtype(x, compute, self.dtype, type(self).__name__)
         return x
 
     def forward(self, input, *, out=None):
@@ -222,31 +238,27 @@ class SyncBatchNorm(_BatchNorm):
             return y
         comm = self.comm
         c = self.num_features
-        row = np.zeros(2 + 3 * c)
+        row = np.zeros(1 + 3 * c)
         failure = None
         try:
-            x = self._check_input(input)
-            eps = V.check_eps(self.eps, training=True)
-            V.check_momentum(self.momentum, allow_none=True)
-            if out is not None:
-                V.check_out(out, x.shape, x.dtype)
-            if not (x.flags.c_contiguous or F.is_channels_last(x)):
+            x, out, update, batch_stats, eps, momentum = self._prepare(input, out)
+            self._check_state(x, update)
+            if not (x.flags.c_contiguous or P.is_channels_last(x)):
                 x = np.ascontiguousarray(x)  # once, for the statistics and the normalisation
-            count, mean, mean_lo, m2 = F.local_moments(x, effective_n_threads())
-            row[1] = count
-            row[2:] = np.concatenate([mean, mean_lo, m2])
+            count, mean, mean_lo, m2 = P.local_moments(x, n_threads=effective_n_threads())
+            row[0] = count
+            row[1:] = np.concatenate([mean, mean_lo, m2])
         except Exception as exc:  # noqa: BLE001 - this rank must still join the collective
             failure = exc
-        rows = _allgather_checked(comm, row, failure)
+        rows = _allgather_checked(comm, self._header(_FORWARD), row, failure)
         stats = _merged_statistics(rows, c)
         if stats[0] == 1:
-            counts = [int(n) for n in rows[:, 1]]
+            counts = [int(n) for n in rows[:, 0]]
             raise ValueError(f"Expected more than 1 value per channel when training, got 1 value "
                              f"per channel over all {len(counts)} ranks (values per channel by "
                              f"rank: {counts})")
-        y = self._train_step(x, out, eps, stats)
         # (after out=input there is no input to differentiate: the base class's backward says so)
-        self._synced = self._saved if isinstance(self._saved, F.ForwardContext) else None
+        y, self._synced = self._run(x, out, update, batch_stats, eps, momentum, stats)
         return y
 
     __call__ = forward
@@ -259,36 +271,32 @@ class SyncBatchNorm(_BatchNorm):
         (None without the parameter), overwritten at each call.  After an eval forward there
         is no communication, as in the base class.  grad_input has the input's memory format.
         """
-        context = self._saved
-        if context is None or context is not self._synced:
+        if self._synced is None:
             return super().backward(grad_output)
+        context = self._synced
         comm = self.comm
         c = self.num_features
         n_threads = effective_n_threads()
-        row = np.zeros(1 + 2 * c)
+        row = np.zeros(2 * c)
         failure = None
         try:
-            dy = V.as_float_array(grad_output, "grad_output")
-            if dy.shape != context.shape:
-                raise ValueError(f"grad_output has shape {tuple(dy.shape)} but the last forward's "
-                                 f"input has shape {context.shape}; they must match")
-            if dy.dtype != context.dtype:
-                raise TypeError(f"grad_output has dtype {dy.dtype} but the last forward's input "
-                                f"had dtype {context.dtype}; they must match")
-            sum_dy, sum_dy_xmu = F.local_grad_sums(dy, context, n_threads)
-            row[1:1 + c] = sum_dy
-            row[1 + c:] = sum_dy_xmu
+            dy, context = self._backward_inputs(grad_output)
+            P.checked_weight(self.weight, context)
+            sum_dy, sum_dy_xmu = P.local_grad_sums(dy, context, n_threads=n_threads)
+            row[:c] = sum_dy
+            row[c:] = sum_dy_xmu
         except Exception as exc:  # noqa: BLE001 - this rank must still join the collective
             failure = exc
-        rows = _allgather_checked(comm, row, failure)
+        rows = _allgather_checked(comm, self._header(_BACKWARD), row, failure)
 
         # Summed in rank order, so every rank gets the same bits (an MPI reduction may combine
         # in an order that differs between ranks).
-        total = rows[0, 1:].copy()
+        total = rows[0].copy()
         for other in rows[1:]:
-            total += other[1:]
+            total += other
         sum_dy, sum_dy_xmu = total[:c], total[c:]
-        dx = F.grad_input_from_sums(dy, context, self.weight, sum_dy, sum_dy_xmu, n_threads)
+        dx = P.grad_input_from_sums(dy, context, weight=self.weight, sum_dy=sum_dy,
+                                    sum_dy_xc=sum_dy_xmu, n_threads=n_threads)
         # The same arithmetic as the kernels' epilogue: float64, rounded to the module's dtype.
         self.grad_weight = ((sum_dy_xmu * context.invstd).astype(self.dtype)
                             if self.weight is not None else None)
@@ -296,13 +304,28 @@ class SyncBatchNorm(_BatchNorm):
         return dx
 
 
+    def _header(self, phase):
+        """This rank's header (_HEADER), the status slot 0: built from whatever the attributes
+        hold, never raising (a bad value is the rank's failure to report, not to trip on)."""
+        def number(value, default=np.nan):
+            try:
+                return float(value)
+            except (TypeError, ValueError, OverflowError):
+                return default
+        dtype = self.dtype if isinstance(self.dtype, np.dtype) else None
+        return np.array([0.0, phase, number(self.num_features), self.weight is not None,
+                         self.bias is not None, bool(self.track_running_stats),
+                         self.activation == "relu", -1.0 if dtype is None else dtype.itemsize,
+                         number(self.eps), number(self.momentum, default=-1.0)])
+
+
 def _merged_statistics(rows, c):
     """``(count, mean, mean_lo, m2)`` of the global batch from the gathered rows, merged in
     rank order with Chan's update (the same bits on every rank).  mean + mean_lo is the mean
     unrounded: a single rank's own pair when only one rank has data (so one rank gives
     BatchNorm's bits), else Chan's merged mean and the ranks' low parts, count-weighted."""
-    counts = [int(n) for n in rows[:, 1]]
-    means, lows, m2s = rows[:, 2:2 + c], rows[:, 2 + c:2 + 2 * c], rows[:, 2 + 2 * c:]
+    counts = [int(n) for n in rows[:, 0]]
+    means, lows, m2s = rows[:, 1:1 + c], rows[:, 1 + c:1 + 2 * c], rows[:, 1 + 2 * c:]
     count, mean, m2 = F.merge_stats(*zip(counts, means, m2s))
     filled = [r for r, n in enumerate(counts) if n]
     if len(filled) == 1:
@@ -316,20 +339,51 @@ def _merged_statistics(rows, c):
     return count, mean, mean_lo, m2
 
 
-def _allgather_checked(comm, row, failure):
-    """Allgather ``row`` (float64) from every rank into a (size, len(row)) array, with the
-    status slot row[0] set from ``failure``; if any rank failed, raise its error on all."""
+def _allgather_checked(comm, header, row, failure):
+    """Allgather every rank's header (its status slot set from ``failure``): if any rank
+    failed, raise its error on all; if the ranks disagree on anything else in the header,
+    raise that on all.  Then Allgather ``row`` (float64) into a (size, len(row)) array."""
     message = b""
     if failure is not None:
         text = f"{type(failure).__name__}:rank {comm.Get_rank()}: {failure}"
         message = text.encode("utf-8", "replace")[:_MAX_MESSAGE]
-        row[0] = len(message)
-    rows = np.empty((comm.Get_size(), row.shape[0]))
-    comm.Allgather(row, rows)
-    lengths = rows[:, 0].astype(np.int64)
+        header[0] = len(message)
+    size = comm.Get_size()
+    headers = np.empty((size, len(_HEADER)))
+    comm.Allgather(header, headers)
+    lengths = headers[:, 0].astype(np.int64)
     if lengths.any():
         _raise_everywhere(comm, message, lengths, failure)
+    _check_agreement(headers)
+    rows = np.empty((size, row.shape[0]))
+    comm.Allgather(row, rows)
     return rows
+
+
+def _check_agreement(headers):
+    """Raise, on every rank alike (the headers are the same everywhere), if the ranks'
+    headers differ in anything but the status slot."""
+    differ = [i for i in range(1, len(_HEADER))
+              if not np.array_equal(headers[:, i], headers[0, i].repeat(len(headers)),
+                                    equal_nan=True)]
+    if not differ:
+        return
+    def shown(i, value):
+        if _HEADER[i] == "phase":
+            return {_FORWARD: "forward", _BACKWARD: "backward"}.get(value, "?")
+        if _HEADER[i] in ("weight", "bias", "track_running_stats"):
+            return str(bool(value))
+        if _HEADER[i] == "activation":
+            return "'relu'" if value else "None"
+        if _HEADER[i] == "dtype":
+            return {4.0: "float32", 8.0: "float64"}.get(value, "?")
+        if _HEADER[i] == "momentum" and value == -1.0:
+            return "None"
+        return f"{value:g}"
+    details = "; ".join(f"{_HEADER[i]} by rank: [{', '.join(shown(i, v) for v in headers[:, i])}]"
+                        for i in differ)
+    raise ValueError(f"SyncBatchNorm: the ranks' modules or calls disagree ({details}): every "
+                     f"rank must build the same module and call forward and backward together")
 
 
 def _raise_everywhere(comm, message, lengths, failure):

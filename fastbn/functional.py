@@ -1,8 +1,11 @@
 """Stateless batch normalisation on numpy arrays, with torch's signatures and semantics.
 
 * :func:`batch_norm` is ``torch.nn.functional.batch_norm``.
-* :func:`batch_norm_forward` / :func:`batch_norm_backward` are the lower-level pair the modules
-  are built on, modelled on torch's ``native_batch_norm`` / ``native_batch_norm_backward``.
+* :func:`batch_norm_forward` / :func:`batch_norm_backward` are the lower-level pair, modelled on
+  torch's ``native_batch_norm`` / ``native_batch_norm_backward``.
+
+Every function checks its arguments and runs fastbn._pipeline, the same pipeline the modules
+and SyncBatchNorm run.
 * :func:`batch_stats`, :func:`merge_stats`, :func:`batch_norm_elemt`,
   :func:`batch_norm_backward_reduce` and :func:`batch_norm_backward_elemt` are the building
   blocks of distributed batch norm (torch's SyncBatchNorm uses ops of the same names): local
@@ -22,12 +25,10 @@ honours OMP_NUM_THREADS, ``fastbn.set_num_threads`` and threadpoolctl); -1 means
 Results are bitwise identical for any thread count.
 """
 
-import math
-
 import numpy as np
 
+from . import _pipeline as P
 from . import _validation as V
-from ._dispatch import kernels as _kernels
 from ._openmp import effective_n_threads
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_stats", "merge_stats",
@@ -35,15 +36,8 @@ __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_sta
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers shared with the modules (which validate their own state once, at construction)
+# Checks of the public API's arguments (the computation is fastbn._pipeline's)
 # ---------------------------------------------------------------------------------------------
-
-def compute_dtype(dtype):
-    """The dtype the kernels compute in for data of this dtype: float32 for half data."""
-    if dtype is V.FLOAT32 or dtype is V.FLOAT64:
-        return dtype
-    return V.FLOAT32 if V.is_half(dtype) else dtype
-
 
 def as_input(value, name="input"):
     """A validated float array with at least two dimensions (N, C, *)."""
@@ -53,267 +47,17 @@ def as_input(value, name="input"):
     return x
 
 
-def is_channels_last(x):
-    """Whether x, logically (N, C, *spatial), lies in memory as a contiguous (N, *spatial, C)
-    array (torch's channels_last / channels_last_3d), and not also as (N, C, *spatial)."""
-    return x.ndim >= 3 and not x.flags.c_contiguous and np.moveaxis(x, 1, -1).flags.c_contiguous
-
-
-def to_kernels(x, channels_last):
-    """x as the aligned, C-contiguous array the kernels read, in its own dtype (half data too).
-
-    Channels-last memory is read as the (N * spatial, C) matrix it is -- BatchNorm1d's layout,
-    one row per position -- without a copy; anything else as (N, C, *spatial), copied once if
-    it is not C-contiguous.
-    """
-    if not channels_last and x.flags.c_contiguous and (x.dtype is V.FLOAT32 or x.dtype is V.FLOAT64):
-        return x  # the common case, checked fast
-    channels = x.shape[1]
-    if channels_last:
-        x = np.moveaxis(x, 1, -1)  # (N, *spatial, C): C-contiguous when x is channels-last
-    x = np.require(x, None, ["C_CONTIGUOUS", "ALIGNED"])
-    return x.reshape(-1, channels) if channels_last else x
-
-
-def from_kernels(yk, shape, channels_last):
-    """A result the kernels wrote in to_kernels' layout, seen with the logical shape (N, C, *)."""
-    if channels_last:
-        return np.moveaxis(yk.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],)), -1, 1)
-    return yk
-
-
-def _same_memory(a, b):
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-            and a.strides == b.strides and a.shape == b.shape)
-
-
-def _kernel_output(x, xk, out, channels_last):
-    """(xk, yk): where the kernels read and write.  yk is a view of `out` when out can be written
-    directly; an out that overlaps the input without being it gets a copy of the input."""
-    if out is None or not out.flags.aligned:
-        return xk, np.empty(xk.shape, xk.dtype)
-    yk = to_kernels(out, channels_last)  # a view: out is C-contiguous or channels-last, aligned
-    if not _same_memory(yk, xk) and np.may_share_memory(yk, xk):
-        xk = xk.copy()
-    return xk, yk
-
-
-def _result(yk, x, out, channels_last):
-    """The kernels' output as the caller sees it: `out` when given, x's shape, dtype and memory
-    format otherwise."""
-    if out is None:
-        return from_kernels(yk, x.shape, channels_last)
-    if not np.may_share_memory(yk, out):  # out was not aligned: the kernels wrote elsewhere
-        out[...] = from_kernels(yk, x.shape, channels_last)
-    return out
-
-
-class ForwardContext:
-    """What a forward keeps for its backward: its input (and, with an activation, its output)
-    as the kernels read them (half data as it is), the statistics it used, and the number of
-    values per channel they span (all ranks' for a distributed batch)."""
-
-    __slots__ = ("input", "output", "mean", "invstd", "training", "channels_last", "shape", "dtype",
-                 "count")
-
-    def __init__(self, input, output, mean, invstd, training, channels_last, shape, dtype, count):
-        self.input = input
-        self.output = output
-        self.mean = mean
-        self.invstd = invstd
-        self.training = training
-        self.channels_last = channels_last
-        self.shape = tuple(shape)
-        self.dtype = dtype
-        self.count = count
-
-
-class EvalTable:
-    """An eval forward's per-channel coefficients (the kernels' eval_table), kept with a copy of
-    the parameters, buffers and eps they were computed from.  A module keeps one and uses it
-    only while its arrays hold exactly those values, compared at every call (:func:`eval_table`:
-    bits, presence, dtype and size): a change in place, through a view, by load_state_dict or
-    by a new array or None is never served stale.  The coefficients are computed from the
-    copy, so that another thread changing the arrays meanwhile cannot make them disagree with
-    it.  Never written after it is made, so a forward's context may share its statistics."""
-
-    __slots__ = ("snapshot", "eps", "table", "mean", "invstd")
-
-    def __init__(self, weight, bias, running_mean, running_var, eps):
-        if running_mean is None or running_var is None:
-            raise ValueError("an eval table needs running_mean and running_var")
-        dtype = running_mean.dtype
-        if dtype not in V.KERNEL_DTYPES:
-            raise TypeError(f"running_mean has dtype {dtype}; expected float32 or float64")
-        channels = running_mean.shape[0] if running_mean.ndim == 1 else -1
-        arrays = (weight, bias, running_mean, running_var)
-        for name, a in zip(("weight", "bias", "running_mean", "running_var"), arrays):
-            V.check_per_channel(a, name, channels, dtype)
-        # rows 0-3: the arrays' values (ones and zeros for absent ones, which the kernels read
-        # as such); row 4: which of them were present, as a bit mask in its first value
-        self.snapshot = np.zeros((5, channels), dtype)
-        self.snapshot[0] = 1
-        present = 0
-        for i, a in enumerate(arrays):
-            if a is not None:
-                self.snapshot[i] = a
-                present |= 1 << i
-        if channels:
-            self.snapshot[4, 0] = present
-        self.eps = eps
-        self.table = np.empty((4, channels), dtype)
-        self.mean = np.empty(channels)
-        self.invstd = np.empty(channels)
-        _kernels.eval_table(self.snapshot[0], self.snapshot[1], self.snapshot[2],
-                            self.snapshot[3], eps, self.table, self.mean, self.invstd)
-
-    def fresh(self, weight, bias, running_mean, running_var, eps):
-        """Whether the table was made from exactly these values (bit for bit; eps's sign too)."""
-        return (eps == self.eps and math.copysign(1.0, eps) == math.copysign(1.0, self.eps)
-                and _kernels.same_values(self.snapshot, (weight, bias, running_mean, running_var)))
-
-
-def eval_table(cached, weight, bias, running_mean, running_var, eps):
-    """`cached` (an EvalTable or None) if it was made from these parameters, buffers and eps,
-    else a new EvalTable of them."""
-    if cached is not None and cached.fresh(weight, bias, running_mean, running_var, eps):
-        return cached
-    return EvalTable(weight, bias, running_mean, running_var, eps)
-
-
-def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, relu, out,
-            n_threads, stats=None, table=None):
-    """The forward on validated arguments: (output, save_mean, save_invstd, context).
-
-    training=True normalises with batch statistics and, when the running buffers are given,
-    updates them in place; training=False normalises with the running buffers.  relu applies
-    ReLU in the same pass.  The computation happens in out's memory format when out is given,
-    else in the input's (channels-last stays channels-last).
-
-    stats, in training: the batch statistics to use instead of x's own, ``(count, mean,
-    mean_lo, m2)`` as :func:`local_moments` gives them (merged over the ranks of a distributed
-    batch, which x is this rank's part of); the running buffers are updated from them, also
-    when x itself is empty, by the same kernel code as with x's own statistics.
-
-    table, in eval: the EvalTable of these parameters, buffers and eps (:func:`eval_table`),
-    whose coefficients then normalise x, with the same bits; the statistics returned are the
-    table's own arrays, not to be written.
-    """
-    channels = x.shape[1]
-    if out is None and x.flags.c_contiguous and x.flags.aligned:
-        # The everyday call, without the memory-format and out= logic (tiny calls are
-        # dominated by it): the kernels read x as it is and write a new array.
-        channels_last = False
-        xk = x
-        yk = np.empty(x.shape, x.dtype)
-    else:
-        channels_last = is_channels_last(x if out is None else out)
-        xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
-    if stats is not None:
-        count = stats[0]
-    else:  # (x.size // channels, not values_per_channel: 0.1 us of a 2.5 us call)
-        count = x.size // channels if channels else V.values_per_channel(x.shape)
-    if not training and table is not None:
-        save_mean, save_invstd = table.mean, table.invstd
-    elif training and count == 0:
-        # As torch: nothing to normalise, running buffers untouched; no statistics exist.
-        # (np.zeros, not a fill: calloc'd pages cost nothing until read, whatever C is.)
-        save_mean = np.zeros(channels)
-        save_invstd = np.zeros(channels)
-    else:
-        save_mean = np.empty(channels)
-        save_invstd = np.empty(channels)
-    if not training:
-        if table is not None:
-            _kernels.apply_table(xk, yk, table.table, n_threads, relu)
-        else:
-            _kernels.forward_eval(xk, yk, weight, bias, running_mean, running_var, eps,
-                                  save_mean, save_invstd, n_threads, relu)
-    elif stats is not None:
-        if count:
-            _, mean, mean_lo, m2 = stats
-            save_mean[...] = mean
-            _kernels.forward_train_with_stats(xk, yk, weight, bias, running_mean, running_var,
-                                              momentum, eps, float(count), save_mean, mean_lo, m2,
-                                              save_invstd, n_threads, relu)
-    elif count:
-        _kernels.forward_train(xk, yk, weight, bias, running_mean, running_var, momentum, eps,
-                               save_mean, save_invstd, n_threads, relu)
-    context = ForwardContext(xk, yk if relu else None, save_mean, save_invstd, training,
-                             channels_last, x.shape, x.dtype, count)
-    if out is None and not channels_last:  # (the everyday call's result, without _result's calls)
-        return yk, save_mean, save_invstd, context
-    return _result(yk, x, out, channels_last), save_mean, save_invstd, context
-
-
-def backward(dy, context, weight, param_grads, n_threads):
-    """The backward of a forward's context: (grad_input, grad_weight, grad_bias); the parameter
-    gradients are None when param_grads is False."""
-    xk = context.input
-    dyk = to_kernels(dy, context.channels_last)
-    dxk = np.empty(xk.shape, xk.dtype)
-    grad_weight = grad_bias = None
-    if param_grads:
-        grad_weight = np.zeros(context.shape[1], compute_dtype(xk.dtype))
-        grad_bias = np.zeros(context.shape[1], compute_dtype(xk.dtype))
-    _kernels.backward(dyk, xk, dxk, weight, context.mean, context.invstd, grad_weight, grad_bias,
-                      context.training, n_threads, context.output)
-    return from_kernels(dxk, context.shape, context.channels_last), grad_weight, grad_bias
-
-
-# The pieces of a distributed batch's forward and backward (fastbn.distributed): each rank's
-# contribution, and the rest from the merged totals, by the same kernels as the above.
-
-def local_moments(x, n_threads):
-    """``(count, mean, mean_lo, m2)`` of x's channels (validated input, any memory format):
-    the mean unrounded as mean + mean_lo (float64 each), M2 the sum of squared deviations."""
-    channels = x.shape[1]
-    count = V.values_per_channel(x.shape)
-    mean, mean_lo, m2 = np.zeros(channels), np.zeros(channels), np.zeros(channels)
-    if count:
-        _kernels.moments(to_kernels(x, is_channels_last(x)), mean, m2, n_threads, mean_lo)
-    return count, mean, mean_lo, m2
-
-
-def local_grad_sums(dy, context, n_threads):
-    """``(sum(g), sum(g * (x - mean)))`` per channel over this forward's input (float64), g
-    being dy gated by the activation of the context's output when it has one."""
-    sum_dy, sum_dy_xc = np.zeros(context.shape[1]), np.zeros(context.shape[1])
-    if context.input.size:
-        _kernels.grad_sums(to_kernels(dy, context.channels_last), context.input, context.mean,
-                           sum_dy, sum_dy_xc, n_threads, context.output)
-    return sum_dy, sum_dy_xc
-
-
-def grad_input_from_sums(dy, context, weight, sum_dy, sum_dy_xc, n_threads):
-    """The training backward's grad_input for this forward's input, in its memory format, from
-    per-channel sums (float64) over all context.count values of each channel."""
-    xk = context.input
-    dxk = np.empty(xk.shape, xk.dtype)
-    if xk.size:
-        _kernels.backward_from_sums(to_kernels(dy, context.channels_last), xk, dxk, weight,
-                                    context.mean, context.invstd, sum_dy, sum_dy_xc,
-                                    float(context.count), n_threads, context.output)
-    return from_kernels(dxk, context.shape, context.channels_last)
-
-
-def _check_forward_args(x, running_mean, running_var, weight, bias, training, momentum, eps, out):
-    """Validate everything the forward reads or writes; return the per-channel arrays as the
-    kernels take them."""
-    dtype = compute_dtype(x.dtype)
-    channels = x.shape[1]
+def _check_forward_args(x, running_mean, running_var, training, momentum, eps, out):
+    """Validate the scalars, the running pair and out of a forward: (momentum, eps).  The
+    per-channel arrays are checked by the pipeline's forward, which modules share."""
     V.check_running_pair(running_mean, running_var, training)
     eps = V.check_eps(eps, training)
     momentum = V.check_momentum(momentum)
     if training:
         V.check_batch_size(x.shape)
-    weight = V.check_per_channel(weight, "weight", channels, dtype)
-    bias = V.check_per_channel(bias, "bias", channels, dtype)
-    rm = V.check_per_channel(running_mean, "running_mean", channels, dtype, writable=training)
-    rv = V.check_per_channel(running_var, "running_var", channels, dtype, writable=training)
     if out is not None:
         V.check_out(out, x.shape, x.dtype)
-    return weight, bias, rm, rv, momentum, eps
+    return momentum, eps
 
 
 def _gating_output(activation, output, x):
@@ -383,17 +127,11 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     """
     x = as_input(input)
     training = V.check_flag(training, "training")
-    weight, bias, rm, rv, momentum, eps = _check_forward_args(
-        x, running_mean, running_var, weight, bias, training, momentum, eps, out)
+    momentum, eps = _check_forward_args(x, running_mean, running_var, training, momentum, eps, out)
     relu = V.check_activation(activation) == "relu"
-    result = forward(x, weight, bias, rm, rv, training, momentum, eps, relu, out,
-                     effective_n_threads(n_threads))[:3]
-    # A non-contiguous buffer was updated through a contiguous copy: write it back.
-    if training:
-        for given, used in ((running_mean, rm), (running_var, rv)):
-            if used is not None and used is not given:
-                given[...] = used
-    return result
+    return P.forward(x, weight=weight, bias=bias, running_mean=running_mean,
+                     running_var=running_var, training=training, momentum=momentum, eps=eps,
+                     relu=relu, out=out, n_threads=effective_n_threads(n_threads))[:3]
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -464,14 +202,11 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
     dy, x = _grad_and_input(grad_output, input)
     output = _gating_output(activation, output, x)
     mean, invstd = _statistics(x.shape[1], save_mean=save_mean, save_invstd=save_invstd)
-    weight = V.check_per_channel(weight, "weight", x.shape[1], compute_dtype(x.dtype))
     training = V.check_flag(training, "training")
-    channels_last = is_channels_last(x)
-    context = ForwardContext(to_kernels(x, channels_last),
-                             None if output is None else to_kernels(output, channels_last),
-                             mean, invstd, training, channels_last, x.shape, x.dtype,
-                             V.values_per_channel(x.shape))
-    return backward(dy, context, weight, True, effective_n_threads(n_threads))
+    context = P.given_context(x, output=output, mean=mean, invstd=invstd, training=training,
+                              count=V.values_per_channel(x.shape))
+    return P.backward(dy, context, weight=weight, param_grads=True,
+                      n_threads=effective_n_threads(n_threads))
 
 
 def _grad_and_input(grad_output, input):
@@ -517,7 +252,7 @@ def batch_stats(input, *, n_threads=None):
         Per-channel mean and sum of squared deviations from it.  An empty batch gives
         ``(0, zeros, zeros)``, the identity of the merge.
     """
-    count, mean, _, m2 = local_moments(as_input(input), effective_n_threads(n_threads))
+    count, mean, _, m2 = P.local_moments(as_input(input), n_threads=effective_n_threads(n_threads))
     return count, mean, m2
 
 
@@ -628,16 +363,14 @@ def batch_norm_elemt(input, mean, invstd, weight=None, bias=None, *, activation=
     """
     x = as_input(input)
     mean, invstd = _statistics(x.shape[1], mean=mean, invstd=invstd)
-    dtype = compute_dtype(x.dtype)
+    dtype = P.compute_dtype(x.dtype)
     weight = V.check_per_channel(weight, "weight", x.shape[1], dtype)
     bias = V.check_per_channel(bias, "bias", x.shape[1], dtype)
     relu = V.check_activation(activation) == "relu"
     if out is not None:
         V.check_out(out, x.shape, x.dtype)
-    channels_last = is_channels_last(x if out is None else out)
-    xk, yk = _kernel_output(x, to_kernels(x, channels_last), out, channels_last)
-    _kernels.normalize_given(xk, yk, weight, bias, mean, invstd, effective_n_threads(n_threads), relu)
-    return _result(yk, x, out, channels_last)
+    return P.normalize_given(x, weight=weight, bias=bias, mean=mean, invstd=invstd, relu=relu,
+                             out=out, n_threads=effective_n_threads(n_threads))
 
 
 def batch_norm_backward_reduce(grad_output, input, mean, *, output=None, activation=None,
@@ -672,7 +405,9 @@ def batch_norm_backward_reduce(grad_output, input, mean, *, output=None, activat
     dy, x = _grad_and_input(grad_output, input)
     output = _gating_output(activation, output, x)
     (mean,) = _statistics(x.shape[1], mean=mean)
-    return local_grad_sums(dy, _given_context(x, output, mean, None), effective_n_threads(n_threads))
+    context = P.given_context(x, output=output, mean=mean, invstd=None, training=True,
+                              count=V.values_per_channel(x.shape))
+    return P.local_grad_sums(dy, context, n_threads=effective_n_threads(n_threads))
 
 
 def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
@@ -711,20 +446,12 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
     channels = x.shape[1]
     mean, invstd, sum_dy, sum_dy_xmu = _statistics(channels, mean=mean, invstd=invstd, sum_dy=sum_dy,
                                                    sum_dy_xmu=sum_dy_xmu)
-    weight = V.check_per_channel(weight, "weight", channels, compute_dtype(x.dtype))
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
         raise TypeError(f"count must be an int (values per channel over all workers), got "
                         f"{type(count).__name__}")
     if count < 1:
         raise ValueError(f"count must be a positive int (values per channel over all workers), got {count!r}")
-    context = _given_context(x, output, mean, invstd, count)
-    return grad_input_from_sums(dy, context, weight, sum_dy, sum_dy_xmu, effective_n_threads(n_threads))
-
-
-def _given_context(x, output, mean, invstd, count=None):
-    """A training forward's context for validated x (and output), with given statistics."""
-    channels_last = is_channels_last(x)
-    return ForwardContext(to_kernels(x, channels_last),
-                          None if output is None else to_kernels(output, channels_last),
-                          mean, invstd, True, channels_last, x.shape, x.dtype,
-                          V.values_per_channel(x.shape) if count is None else count)
+    context = P.given_context(x, output=output, mean=mean, invstd=invstd, training=True,
+                              count=count)
+    return P.grad_input_from_sums(dy, context, weight=weight, sum_dy=sum_dy, sum_dy_xc=sum_dy_xmu,
+                                  n_threads=effective_n_threads(n_threads))

@@ -2,7 +2,9 @@
 
 A module owns its state -- parameters ``weight`` and ``bias``, buffers ``running_mean``,
 ``running_var`` and ``num_batches_tracked`` (``None`` when switched off, so that names and
-state_dict keys stay as torch's) -- validates its input, and calls :mod:`fastbn.functional`.
+state_dict keys stay as torch's) -- validates its input and its own state at every call (they
+are attributes anyone may assign), and runs the internal pipeline (:mod:`fastbn._pipeline`)
+that the functional API also runs.
 The subclasses differ only in the input dimensions they accept.
 
 Unlike torch, a call that is rejected changes nothing: torch increments
@@ -14,8 +16,8 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 
+from . import _pipeline as P
 from . import _validation as V
-from . import functional as F
 from .fusion import bn_scale_shift
 from ._openmp import effective_n_threads
 
@@ -60,7 +62,8 @@ class _BatchNorm:
         Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``.
     dtype : float32 or float64, default float32
         dtype of the parameters and buffers, and of the input the module accepts (plus float16
-        input for a float32 module, computed in float32).
+        and bfloat16 input for a float32 module, read and written as it is and computed in
+        float32).
     bias : bool, default True (keyword only)
         With ``affine=True``, whether to learn the bias; ``bias=False`` keeps a weight only.
     activation : None or 'relu', default None (keyword only)
@@ -94,8 +97,8 @@ class _BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.grad_weight = None
         self.grad_bias = None
-        self._saved = None  # the last forward's functional.ForwardContext, for backward()
-        self._eval_table = None  # the eval coefficients (functional.EvalTable), made on demand
+        self._saved = None  # the last forward's _pipeline.ForwardContext, for backward()
+        self._eval_table = None  # the eval coefficients (_pipeline.EvalTable), made on demand
         # Held while the running statistics and the counter change (see forward).
         self._lock = threading.Lock()
         self.reset_parameters()
@@ -130,16 +133,54 @@ class _BatchNorm:
         return self.train(False)
 
     # -- computation --------------------------------------------------------------------------
+    #
+    # A forward is two steps: _prepare(input, out) validates everything the call reads or
+    # writes except the per-channel arrays and returns the call -- (x, out, update, batch_stats,
+    # eps, momentum): the input and out, whether it updates the running buffers (training with
+    # track_running_stats), whether it uses batch statistics, its eps and its momentum (None:
+    # the cumulative average; 0.0 when nothing is updated) -- and _run(*call) computes it
+    # through fastbn._pipeline
+    # (whose forward checks the parameters and buffers at every call: they are attributes
+    # anyone may assign), updates the running buffers and the counter, and keeps the context
+    # for backward().  A backward is _backward_inputs(grad_output), then the pipeline.  These,
+    # _check_input, _check_state and _constructor_arguments are the interface subclasses use:
+    # SyncBatchNorm checks everything before its ranks exchange statistics (so that a rank's
+    # bad state fails every rank alike), then merges them between _prepare and _run.
 
     def _check_input(self, input):
         x = V.as_float_array(input, "input")
         V.check_input_ndim(x, self._input_dims)
         V.check_channels(x, self.num_features)
-        if F.compute_dtype(x.dtype) != self.dtype:
-            raise TypeError(f"input has dtype {x.dtype} but {type(self).__name__} holds "
-                            f"{self.dtype} parameters: all inputs must share the same dtype "
-                            f"(convert the input with .astype, or build the module with dtype=)")
+        compute = P.compute_dtype(x.dtype)
+        if compute != self.dtype:
+            V.check_input_dtype(x, compute, self.dtype, type(self).__name__)
         return x
+
+    def _prepare(self, input, out):
+        """A forward's validated call: input, out, what it does and its eps and momentum."""
+        x = self._check_input(input)
+        if out is not None:
+            V.check_out(out, x.shape, x.dtype)
+        update = self.training and self.track_running_stats
+        # torch: batch statistics in training mode, and in eval mode without running estimates.
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Attributes a user may set, as the arrays: checked where they are used.
+        eps = V.check_eps(self.eps, batch_stats)
+        momentum = V.check_momentum(self.momentum, allow_none=True) if update else 0.0
+        # (a plain tuple: a namedtuple's constructor and attribute reads cost 0.5 us of a 4 us
+        # call)
+        return x, out, update, batch_stats, eps, momentum
+
+    def _check_state(self, x, update):
+        """Raise what _run would raise for this module's parameters, buffers and counter, for
+        input x (a subclass that must fail before any collective calls it; _run checks them
+        anyway)."""
+        P.per_channel_arrays(x.shape[1], P.compute_dtype(x.dtype), weight=self.weight,
+                             bias=self.bias, running_mean=self.running_mean,
+                             running_var=self.running_var,
+                             update=update and self.running_mean is not None)
+        if update and not P.counter_ok(self.num_batches_tracked):
+            P.check_counter(self.num_batches_tracked)
 
     def forward(self, input, *, out=None):
         """Normalise ``input`` (N, C, ...); returns an array of input's shape, dtype and memory
@@ -154,71 +195,61 @@ class _BatchNorm:
         channels-last, to write the output into and return; ``out=input`` normalises in place,
         after which :meth:`backward` is unavailable (its input is gone).
         """
-        x = self._check_input(input)
-        if out is not None:
-            V.check_out(out, x.shape, x.dtype)
-        update = self.training and self.track_running_stats
-        # torch: batch statistics in training mode, and in eval mode without running estimates.
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        eps = V.check_eps(self.eps, batch_stats)
+        x, out, update, batch_stats, eps, momentum = self._prepare(input, out)
         if batch_stats:
             V.check_batch_size(x.shape)
+        return self._run(x, out, update, batch_stats, eps, momentum)[0]
+
+    def _run(self, x, out, update, batch_stats, eps, momentum, stats=None):
+        """Compute a call _prepare made: (output, the context kept for backward, or None when
+        the output overwrote the input).  `stats`: a distributed batch's merged statistics
+        (pipeline.forward's stats), used instead of the input's own in training."""
+        relu = self.activation == "relu"
+        n_threads = effective_n_threads()
         if update:
-            return self._train_step(x, out, eps)
-        if batch_stats:
-            y, _, _, context = F.forward(x, self.weight, self.bias, None, None, True, 0.0, eps,
-                                         self.activation == "relu", out, effective_n_threads())
+            # One training step at a time: the kernel updates the running statistics in place
+            # with the GIL released, and momentum=None reads the counter, so that concurrent
+            # calls from several threads would lose updates.  (Uncontended: ~0.1 us a call.)
+            with self._lock:
+                counter = self.num_batches_tracked
+                if not P.counter_ok(counter):
+                    P.check_counter(counter)
+                if momentum is None:  # cumulative moving average
+                    momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
+                y, _, _, context = P.forward(
+                    x, weight=self.weight, bias=self.bias, running_mean=self.running_mean,
+                    running_var=self.running_var, training=True, momentum=momentum, eps=eps,
+                    relu=relu, out=out, n_threads=n_threads, stats=stats)
+                if isinstance(counter, np.ndarray):
+                    # only once the call has succeeded (item() and a scalar store: a ufunc on a
+                    # 0-d array costs a microsecond, a fifth of a small call)
+                    counter[()] = counter.item() + 1
+                elif counter is not None:  # a number a user assigned: counted all the same
+                    self.num_batches_tracked = counter + 1
+        elif batch_stats:
+            y, _, _, context = P.forward(
+                x, weight=self.weight, bias=self.bias, running_mean=None, running_var=None,
+                training=True, momentum=0.0, eps=eps, relu=relu, out=out, n_threads=n_threads,
+                stats=stats)
         else:
             # Eval with the running statistics: their coefficients are computed once and kept
             # for as long as the parameters, buffers and eps keep the same bytes (checked at
             # every call, so nothing changed in place is ever served stale).
-            table = self._eval_table = F.eval_table(self._eval_table, self.weight, self.bias,
-                                                    self.running_mean, self.running_var, eps)
-            y, _, _, context = F.forward(x, self.weight, self.bias, self.running_mean,
-                                         self.running_var, False, 0.0, eps,
-                                         self.activation == "relu", out, effective_n_threads(),
-                                         table=table)
-        self._keep(context, x, out)
-        return y
-
-    def _train_step(self, x, out, eps, stats=None):
-        """The training forward that updates the running estimates and the counter, on
-        validated input: with x's own batch statistics, or with `stats` (a distributed batch's,
-        see functional.forward) -- the same code either way."""
-        # An attribute a user may set, as eps: checked where it is used.
-        momentum = V.check_momentum(self.momentum, allow_none=True)
-        # One training step at a time: the kernel updates the running statistics in place
-        # with the GIL released, and momentum=None reads the counter, so that concurrent
-        # calls from several threads would lose updates.  (Uncontended: ~0.1 us a call.)
-        with self._lock:
-            counter = self.num_batches_tracked
-            if momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
-            y, _, _, context = F.forward(x, self.weight, self.bias, self.running_mean,
-                                         self.running_var, True, momentum, eps,
-                                         self.activation == "relu", out, effective_n_threads(),
-                                         stats)
-            if isinstance(counter, np.ndarray):
-                # only once the call has succeeded (item() and a scalar store: a ufunc on a
-                # 0-d array costs a microsecond, a fifth of a small call)
-                counter[()] = counter.item() + 1
-            elif counter is not None:  # a number a user assigned: counted all the same
-                self.num_batches_tracked = counter + 1
-        self._keep(context, x, out)
-        return y
-
-    def _keep(self, context, x, out):
-        """Keep a forward's context for backward(), unless it wrote over its own input."""
+            table = self._eval_table = P.eval_table(
+                self._eval_table, self.weight, self.bias, self.running_mean, self.running_var,
+                eps, self.dtype, self.num_features)
+            y, _, _, context = P.forward(
+                x, weight=self.weight, bias=self.bias, running_mean=self.running_mean,
+                running_var=self.running_var, training=False, momentum=0.0, eps=eps, relu=relu,
+                out=out, n_threads=n_threads, table=table)
         overwritten = out is not None and np.may_share_memory(out, x)
         self._saved = _OVERWRITTEN if overwritten else context
+        return y, (None if overwritten else context)
 
     __call__ = forward
 
-    def backward(self, grad_output):
-        """Gradient with respect to the input of the last :meth:`forward`, for the given gradient
-        with respect to its output.  Sets ``grad_weight`` and ``grad_bias`` (None without
-        affine parameters); both are overwritten at each call, not accumulated.
-        """
+    def _backward_inputs(self, grad_output):
+        """(grad_output as an array, the last forward's context), validated against each other."""
         context = self._saved
         if context is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward(): there "
@@ -228,15 +259,21 @@ class _BatchNorm:
                                f"output over its input (out=), so there is no input left to "
                                f"differentiate")
         dy = V.as_float_array(grad_output, "grad_output")
-        if dy.shape != context.shape:
-            raise ValueError(f"grad_output has shape {tuple(dy.shape)} but the last forward's "
-                             f"input has shape {context.shape}; they must match")
-        if dy.dtype != context.dtype:
-            raise TypeError(f"grad_output has dtype {dy.dtype} but the last forward's input had "
-                            f"dtype {context.dtype}; they must match")
-        dx, grad_weight, grad_bias = F.backward(dy, context, self.weight, self.weight is not None,
-                                                effective_n_threads())
-        self.grad_weight = grad_weight if self.weight is not None else None
+        if dy.shape != context.shape or dy.dtype != context.dtype:
+            V.check_grad_output(dy, context.shape, context.dtype)
+        return dy, context
+
+    def backward(self, grad_output):
+        """Gradient with respect to the input of the last :meth:`forward`, for the given gradient
+        with respect to its output.  Sets ``grad_weight`` and ``grad_bias`` (None without
+        affine parameters); both are overwritten at each call, not accumulated.
+        """
+        dy, context = self._backward_inputs(grad_output)
+        weight = self.weight
+        dx, grad_weight, grad_bias = P.backward(dy, context, weight=weight,
+                                                param_grads=weight is not None,
+                                                n_threads=effective_n_threads())
+        self.grad_weight = grad_weight if weight is not None else None
         self.grad_bias = grad_bias if self.bias is not None else None
         return dx
 
@@ -401,6 +438,14 @@ class _BatchNorm:
         except ValueError as exc:
             raise ValueError(f'{exc}\n(entries under prefix "{prefix}")') from None
         return module
+
+    def _constructor_arguments(self):
+        """The arguments that build a module of this one's configuration (its class's
+        constructor's, but for those a subclass adds): what convert_sync_batchnorm passes on."""
+        return dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum,
+                    affine=self.affine, track_running_stats=self.track_running_stats,
+                    dtype=self.dtype, bias=self.bias is not None or not self.affine,
+                    activation=self.activation)
 
     # -- representation -----------------------------------------------------------------------
 

@@ -30,7 +30,10 @@ def main():
     for kind in sorted(cases.BAD_INPUTS):
         for bad in ([size - 1], list(range(size))):
             checks.append((f"bad {kind} input on ranks {bad}", cases.check_bad_input, (kind, bad)))
-    checks += [("one value per channel", cases.check_one_value_per_channel, ()),
+    checks += [(f"{what} differs between ranks", cases.check_disagreement, (what,))
+               for what in sorted(cases.DISAGREEMENTS)]
+    checks += [("a rank in backward, the others in forward", cases.check_phase_disagreement, ()),
+               ("one value per channel", cases.check_one_value_per_channel, ()),
                ("all ranks empty", cases.check_all_empty, ()),
                ("eval mode is local", cases.check_eval_is_local, ())]
     for name, check, args in checks:

@@ -13,6 +13,7 @@ import zlib
 import numpy as np
 
 import fastbn
+from fastbn import distributed
 from fastbn import functional as F
 
 from conftest import assert_close, data_error, make_input
@@ -121,11 +122,14 @@ def run_case(comm, case):
 
         del counting.allgathers[:]
         y = sync(x[mine])
-        assert counting.allgathers == [8 * (2 + 3 * c)], \
-            f"{where}: forward made Allgathers of {counting.allgathers} bytes, expected one of {8 * (2 + 3 * c)}"
+        header = 8 * len(distributed._HEADER)
+        assert counting.allgathers == [header, 8 * (1 + 3 * c)], \
+            f"{where}: forward made Allgathers of {counting.allgathers} bytes, expected a header " \
+            f"and {8 * (1 + 3 * c)}"
         dx = sync.backward(dy[mine])
-        assert counting.allgathers[1:] == [8 * (1 + 2 * c)], \
-            f"{where}: backward made Allgathers of {counting.allgathers[1:]} bytes, expected one of {8 * (1 + 2 * c)}"
+        assert counting.allgathers[2:] == [header, 8 * 2 * c], \
+            f"{where}: backward made Allgathers of {counting.allgathers[2:]} bytes, expected a " \
+            f"header and {8 * 2 * c}"
         y_ref = ref(x)
         dx_ref = ref.backward(dy)
 
@@ -231,6 +235,59 @@ def check_bad_input(comm, kind, bad_ranks):
     bn.backward(np.ones_like(good))
     bn.backward(np.ones_like(bn(good)))
     assert int(bn.num_batches_tracked) == 2
+
+
+#: Ways one rank's module can differ from the others': (keyword arguments of that rank's
+#: SyncBatchNorm, input channels, the field the error names).
+DISAGREEMENTS = {
+    "num_features": (dict(num_features=5), 5, "num_features by rank"),
+    "affine": (dict(affine=False), 4, "weight by rank"),
+    "bias": (dict(bias=False), 4, "bias by rank"),
+    "track_running_stats": (dict(track_running_stats=False), 4, "track_running_stats by rank"),
+    "activation": (dict(activation="relu"), 4, "activation by rank: [None, 'relu'"),
+    "dtype": (dict(dtype=np.float64), 4, "dtype by rank: [float32, float64"),
+    "eps": (dict(eps=1e-3), 4, "eps by rank"),
+    "momentum": (dict(momentum=None), 4, "momentum by rank: [0.1, None"),
+}
+
+
+def check_disagreement(comm, what):
+    """Ranks whose modules differ (rank 1 and above built otherwise) all raise the same
+    ValueError naming what differs, change nothing, and carry on once they agree."""
+    rank = comm.Get_rank()
+    changes, channels, detail = DISAGREEMENTS[what]
+    options = dict(num_features=4)
+    if rank > 0:
+        options.update(changes)
+        c = channels
+    else:
+        c = 4
+    bn = fastbn.SyncBatchNorm(comm=comm, **options)
+    x = make_input((2, c, 5), bn.dtype, np.random.default_rng(rank))
+    before = _snapshot(bn)
+    where = f"{what} differs on ranks > 0, rank {rank}"
+    _expect_everywhere(lambda: bn(x), ValueError,
+                       [f"SyncBatchNorm: the ranks' modules or calls disagree ({detail}"], where)
+    _assert_unchanged(bn, before, where)
+    # Built alike, the same ranks carry on: nobody was left in a collective.
+    bn = fastbn.SyncBatchNorm(4, comm=comm)
+    good = make_input((2, 4, 5), np.float32, np.random.default_rng(rank))
+    bn.backward(np.ones_like(bn(good)))
+
+
+def check_phase_disagreement(comm):
+    """One rank calls backward while the others call forward: every rank raises, nothing
+    changes, and they carry on in step."""
+    rank = comm.Get_rank()
+    bn = fastbn.SyncBatchNorm(4, comm=comm)
+    good = make_input((2, 4, 5), np.float32, np.random.default_rng(rank))
+    y = bn(good)
+    before = _snapshot(bn)
+    call = (lambda: bn.backward(np.ones_like(y))) if rank == 0 else (lambda: bn(good))
+    _expect_everywhere(call, ValueError, ["SyncBatchNorm: the ranks' modules or calls disagree "
+                                          "(phase by rank: [backward, forward"], f"rank {rank}")
+    _assert_unchanged(bn, before, f"rank {rank}")
+    bn.backward(np.ones_like(bn(good)))
 
 
 def check_one_value_per_channel(comm):

@@ -26,6 +26,7 @@ import pytest
 import fastbn
 from fastbn import functional as F
 
+import state_cases
 from conftest import assert_state_unchanged, snapshot_state
 
 Case = namedtuple("Case", "id make error match")
@@ -598,18 +599,9 @@ def checkpoint_cases():
 # SyncBatchNorm, over an in-process communicator of one rank
 # ---------------------------------------------------------------------------------------------
 
-class SoloComm:
-    """mpi4py's communicator interface for a group of one (tests/test_syncbn.py has groups of
-    threads; one rank is all a table of bad inputs needs)."""
-
-    def Get_rank(self):
-        return 0
-
-    def Get_size(self):
-        return 1
-
-    def Allgather(self, sendbuf, recvbuf):
-        recvbuf[...] = np.asarray(sendbuf).reshape(recvbuf.shape)
+# (a communicator of one rank: tests/test_syncbn.py has groups of threads; one rank is all a
+# table of bad inputs needs)
+SoloComm = state_cases.SoloComm
 
 
 def sync_module(dtype, training):

@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 
 import fastbn
+from fastbn import _pipeline as P
 from fastbn import functional as F
-from fastbn._openmp import get_max_threads
+from fastbn._openmp import get_num_threads
 
 THREADS = 8
 SHAPE = (8, 16, 32, 32)  # 2**17 float32 values: 4 OpenMP work shares of fastbn._kernels.GRAIN
@@ -73,7 +74,7 @@ def inputs(k, shape=SHAPE, dtype=np.float32, offset=0.0):
 
 def test_shapes_are_large_enough_to_use_openmp_in_each_thread():
     assert np.prod(SHAPE) // 2 ** 15 >= 2, "the kernels would run each call on one thread"
-    if get_max_threads() < 2:
+    if get_num_threads() < 2:
         pytest.skip("OpenMP runs one thread here (OMP_NUM_THREADS=1 or no OpenMP): the "
                     "concurrency tests still run, without threads inside the calls")
 
@@ -212,7 +213,7 @@ def test_load_state_dict_and_reset_do_not_interleave_with_a_training_step():
 # Proved by an event, not a clock: a worker thread calls fastbn in a loop while this thread
 # waits for the GIL.  The switch interval is raised far beyond the test's length, so the worker
 # never hands the GIL over on the interpreter's schedule: this thread can run Python only when
-# the worker releases the GIL itself.  The kernel module seen by fastbn.functional is wrapped so
+# the worker releases the GIL itself.  The kernel module seen by fastbn._pipeline is wrapped so
 # that the worker marks, under the GIL, which kernel it is inside; finding the mark set when this
 # thread runs means the GIL was released inside that kernel.  However busy the machine, the
 # worker keeps calling until this thread gets a turn (or gives up after a minute), so the load
@@ -305,8 +306,8 @@ CALLS = _calls()
 
 @pytest.mark.parametrize("name", list(CALLS))
 def test_a_python_thread_runs_while_a_kernel_computes(name, monkeypatch):
-    watch = WatchedKernels(F._kernels)
-    monkeypatch.setattr(F, "_kernels", watch)
+    watch = WatchedKernels(P._kernels)
+    monkeypatch.setattr(P, "_kernels", watch)
     kernel = kernel_that_ran_python_beside_it(CALLS[name], watch)
     assert watch.entered, f"{name} called no kernel"
     assert kernel is not None, (f"{name}: no other Python thread ran while it was inside "

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from fastbn import _pipeline as P
 from fastbn import functional as F
 
 from conftest import make_input, non_contiguous
@@ -67,8 +68,8 @@ def test_any_memory_order_gives_the_contiguous_result(dtype, view, rng):
         other = np.flip(np.flip(x, 0).copy(), 0)
     assert not other.flags.c_contiguous
     for training in (True, False):
-        expected = F.batch_norm(x, np.zeros(3, F.compute_dtype(x.dtype)), np.ones(3, F.compute_dtype(x.dtype)), training=training)
-        got = F.batch_norm(other, np.zeros(3, F.compute_dtype(x.dtype)), np.ones(3, F.compute_dtype(x.dtype)), training=training)
+        expected = F.batch_norm(x, np.zeros(3, P.compute_dtype(x.dtype)), np.ones(3, P.compute_dtype(x.dtype)), training=training)
+        got = F.batch_norm(other, np.zeros(3, P.compute_dtype(x.dtype)), np.ones(3, P.compute_dtype(x.dtype)), training=training)
         np.testing.assert_array_equal(got, expected, err_msg=f"{view} {np.dtype(dtype).name} input, training={training}")
     bn, twin = fastbn.BatchNorm1d(3), fastbn.BatchNorm1d(3)
     if dtype == np.float64:

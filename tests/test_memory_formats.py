@@ -5,6 +5,7 @@ import pytest
 
 import fastbn
 from fastbn import _reference as ref
+from fastbn import _pipeline as P
 from fastbn import functional as F
 
 from conftest import DTYPES, assert_close, data_error, make_input
@@ -25,7 +26,7 @@ SHAPES = [(4, 5, 6, 7), (2, 16, 8, 8), (32, 3, 5, 5), (2, 4, 3, 4, 5), (3, 6, 20
 @pytest.mark.parametrize("relu", [False, True])
 def test_channels_last_matches_reference_and_stays_channels_last(shape, dtype, training, relu, rng):
     x = channels_last(make_input(shape, dtype, rng, offset=100.0))
-    assert F.is_channels_last(x)
+    assert P.is_channels_last(x)
     c = shape[1]
     w, b = rng.uniform(0.5, 1.5, c).astype(dtype), rng.uniform(-1, 1, c).astype(dtype)
     rm, rv = (rng.standard_normal(c) + 100).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
@@ -33,14 +34,14 @@ def test_channels_last_matches_reference_and_stays_channels_last(shape, dtype, t
     y, mean, invstd = F.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training, activation=activation)
     y_ref, mean_ref, invstd_ref = ref.batch_norm_forward(x, rm.astype(np.float64), rv.astype(np.float64),
                                                         w, b, training, activation=activation)
-    assert F.is_channels_last(y), "the output keeps the input's memory format"
+    assert P.is_channels_last(y), "the output keeps the input's memory format"
     assert_close(y, y_ref, dtype, "channels-last output", atol=data_error(x, invstd_ref, w))
     dy = channels_last(make_input(shape, dtype, rng))
     dx, gw, gb = F.batch_norm_backward(dy, x, mean, invstd, w, training,
                                        output=y if relu else None, activation=activation)
     dx_ref, gw_ref, gb_ref = ref.batch_norm_backward(dy, x, mean_ref, invstd_ref, w, training,
                                                      output=y if relu else None, activation=activation)
-    assert F.is_channels_last(dx)
+    assert P.is_channels_last(dx)
     term = np.max(np.abs(w) * invstd_ref) * np.max(np.abs(dy))
     assert_close(dx, dx_ref, dtype, "channels-last grad_input", scale=term,
                  atol=data_error(x, invstd_ref ** 2, w) * np.max(np.abs(dy)))
@@ -50,12 +51,12 @@ def test_channels_last_matches_reference_and_stays_channels_last(shape, dtype, t
 def test_channels_last_is_read_in_place(rng, monkeypatch):
     x = channels_last(make_input((4, 8, 6, 6), np.float32, rng))
     seen = []
-    real = F._kernels.forward_train
+    real = P._kernels.forward_train
 
     def spy(xk, *args):
         seen.append(xk)
         return real(xk, *args)
-    monkeypatch.setattr(F._kernels, "forward_train", spy)
+    monkeypatch.setattr(P._kernels, "forward_train", spy)
     F.batch_norm(x, None, None, training=True)
     assert np.shares_memory(seen[0], x), "channels-last input was copied"
     assert seen[0].shape == (4 * 6 * 6, 8)

@@ -95,6 +95,17 @@ def test_ranks_match_single_process_batchnorm(case):
     run_ranks(len(case["sizes"]), lambda comm: cases.run_case(comm, case))
 
 
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("what", sorted(cases.DISAGREEMENTS))
+def test_ranks_that_disagree_all_raise_the_same_error(size, what):
+    run_ranks(size, lambda comm: cases.check_disagreement(comm, what))
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_a_rank_in_backward_while_others_are_in_forward_fails_everywhere(size):
+    run_ranks(size, cases.check_phase_disagreement)
+
+
 @pytest.mark.parametrize("size, bad_ranks", [(1, [0]), (2, [1]), (3, [0]), (3, [0, 2])], ids=str)
 @pytest.mark.parametrize("kind", sorted(cases.BAD_INPUTS))
 def test_bad_input_on_some_ranks_raises_on_all_and_changes_nothing(kind, size, bad_ranks):
@@ -119,14 +130,14 @@ def test_eval_mode_does_not_communicate(size):
 def test_error_of_an_unexpected_kind_reaches_every_rank(monkeypatch):
     # Not a validation error: a failure inside the local statistics (here, simulated) must still
     # reach the collective, and surfaces everywhere as RuntimeError with the rank's message.
-    real = distributed.F.local_moments
+    real = distributed.P.local_moments
 
     def flaky(x, *args, **kwargs):
         if x.shape[0] == 3:
             raise OSError("disk on fire")
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(distributed.F, "local_moments", flaky)
+    monkeypatch.setattr(distributed.P, "local_moments", flaky)
 
     def work(comm):
         bn = fastbn.SyncBatchNorm(2, comm=comm)
