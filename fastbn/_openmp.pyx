@@ -140,15 +140,6 @@ def set_num_threads(n):
     omp_set_num_threads(<int>n)
 
 
-# The names the rest of the package (fastbn/bench.py) has used.
-get_max_threads = get_num_threads
-
-
-def set_max_threads(int n):
-    """Set the OpenMP runtime's default thread count for this Python thread (n >= 1)."""
-    set_num_threads(n)
-
-
 def effective_n_threads(n_threads=None):
     """The thread count a kernel call should use, as scikit-learn defines ``n_threads``.
 

@@ -43,7 +43,7 @@ import numpy as np
 from . import __version__
 from . import _validation as V
 from ._dispatch import kernels, simd_level
-from ._openmp import get_max_threads, openmp_version, set_max_threads
+from ._openmp import get_num_threads, openmp_version, set_num_threads
 from ._cpu import supported_simd_levels
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -104,7 +104,7 @@ PEERS = ("torch", "onnxruntime", "numpy")
 # ---------------------------------------------------------------------------------------------
 
 def fastbn_case(op, x, dy, threads):
-    set_max_threads(threads)
+    set_num_threads(threads)
     op, variant = split_op(op)
     dtype = np.float32 if V.is_half(x.dtype) else x.dtype
     module = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}[x.ndim]
@@ -279,7 +279,7 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
     peers = [p for p in against if peer_version(p) is not None]
     rng = np.random.default_rng(0)
     records = []
-    saved_threads = get_max_threads()
+    saved_threads = get_num_threads()
     try:
         for shape in shapes:
             x = rng.standard_normal(shape).astype(np.float32).astype(dtype)
@@ -302,7 +302,7 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
                     if progress:
                         progress(record)
     finally:
-        set_max_threads(saved_threads)
+        set_num_threads(saved_threads)
     return records
 
 

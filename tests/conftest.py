@@ -168,8 +168,8 @@ def assert_state_unchanged(records, where=""):
 
 
 def every_kernel_module():
-    """The kernel modules of every SIMD level this machine runs, and the baseline one: a
-    tuning switch must be set in each (each variant has its own copy of it)."""
+    """The kernel modules of every SIMD level this machine runs, and the baseline one (the
+    tuning switches themselves live once, in fastbn._tuning, shared by every variant)."""
     from fastbn import _kernels
     return [kernels_of(level) for level in kernel_levels()] + [_kernels]
 
