@@ -27,6 +27,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import re
 import zipfile
 import zlib
@@ -304,22 +305,43 @@ def _latin1_encode(text, encoding):
     return text.encode("latin1")
 
 
+class _Allowed(_Inert):
+    """One of fastbn's functions as a pickle may call it (REDUCE), and nothing else: pickle's
+    BUILD opcode, which would set the attributes of what it is applied to -- a function's
+    ``__defaults__`` or ``__code__`` among them, changing every later load in the process --
+    meets _Inert's refusal instead, and there is no ``__dict__`` to write into."""
+
+    __slots__ = ("_function",)
+    _what = "function"
+
+    def __init__(self, function):
+        self._function = function
+
+    def __call__(self, *args):
+        return self._function(*args)
+
+    def __repr__(self):
+        return f"<allowed {self._function.__name__}>"
+
+
 def _allowed_globals():
+    # Python functions only behind _Allowed; the classes named (OrderedDict, set, frozenset,
+    # complex) are built-in types, whose attributes no pickle can set.
     allowed = {
         ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-        ("torch", "Size"): _torch_size,
-        ("torch", "device"): _torch_device,
-        ("_codecs", "encode"): _latin1_encode,
+        ("torch._utils", "_rebuild_tensor"): _Allowed(_rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor_v2"): _Allowed(_rebuild_tensor_v2),
+        ("torch._utils", "_rebuild_tensor_v3"): _Allowed(_rebuild_tensor_v3),
+        ("torch._utils", "_rebuild_parameter"): _Allowed(_rebuild_parameter),
+        ("torch._utils", "_rebuild_parameter_with_state"): _Allowed(_rebuild_parameter_with_state),
+        ("torch", "Size"): _Allowed(_torch_size),
+        ("torch", "device"): _Allowed(_torch_device),
+        ("_codecs", "encode"): _Allowed(_latin1_encode),
     }
     # Containers pickle protocol 2 writes by reference; Python 2's module name too.
     for module in ("builtins", "__builtin__"):
         for name, value in (("set", set), ("frozenset", frozenset), ("complex", complex),
-                            ("bytearray", _bytearray)):
+                            ("bytearray", _Allowed(_bytearray))):
             allowed[module, name] = value
     # torch.FloatStorage...; torch.cuda.FloatStorage in old legacy files saved from a GPU;
     # torch.storage.UntypedStorage as torch 2 writes it.
@@ -358,6 +380,7 @@ class _Unpickler(pickle.Unpickler):
 
     def __init__(self, file, path, legacy=False):
         super().__init__(file)
+        self.file = file
         self._path = path
         self._legacy = legacy
         self.storages = {}  # key -> _Storage
@@ -408,8 +431,74 @@ class _Unpickler(pickle.Unpickler):
         return storage
 
 
+#: How deeply a pickle may nest containers (a torch state_dict nests a few levels).  Deeper
+#: nesting is refused before anything is built: hashing or comparing a tuple nested some
+#: hundred thousand deep recurses in C past the stack.
+MAX_NESTING = 256
+
+#: Opcodes that add items to the container below them and leave it there.
+_IN_PLACE = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+
+
+def _check_structure(file, path, what):
+    """Walk the pickle at the file's position once, without building anything, and refuse
+    nesting deeper than MAX_NESTING and memo indices far beyond what the pickle has stored
+    (the unpickler would allocate a memo table of that size); then rewind.  A malformed
+    pickle ends the walk quietly: the unpickler then fails where it is malformed, having built
+    only what the walk has seen."""
+    start = file.tell()
+    stack, memo, ops = [], {}, 0
+    mark = object()
+    problem = None
+    opcodes = pickletools.genops(file)
+    while problem is None:
+        try:
+            op, arg, _ = next(opcodes)
+        except (StopIteration, ValueError):  # the end, or a malformed pickle
+            break
+        ops += 1
+        name = op.name
+        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            index = len(memo) if name == "MEMOIZE" else arg
+            if not isinstance(index, int) or index > 4 * ops + 64:
+                problem = (f"memo index {index!r:.30} out of proportion to the pickle's {ops} "
+                           f"opcodes so far")
+            memo[index] = stack[-1] if stack and stack[-1] is not mark else 0
+            continue
+        if name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg, 0))
+            continue
+        if name == "MARK":
+            stack.append(mark)
+            continue
+        popped = []
+        for kind in reversed(op.stack_before):
+            if kind is pickletools.stackslice:
+                while stack and stack[-1] is not mark:
+                    popped.append(stack.pop())
+            elif kind is pickletools.markobject:
+                if stack and stack[-1] is mark:
+                    stack.pop()
+            elif stack and stack[-1] is not mark:
+                popped.append(stack.pop())
+        if not op.stack_after:
+            continue
+        if name in _IN_PLACE and popped:
+            container = popped[-1]  # (the deepest popped: the container itself)
+            depth = max([container] + [1 + d for d in popped[:-1]])
+        else:
+            depth = 1 + max(popped, default=-1)
+        if depth > MAX_NESTING:
+            problem = f"objects nested too deeply (more than {MAX_NESTING} levels)"
+        stack.extend([depth] * len(op.stack_after))
+    if problem is not None:
+        raise ValueError(f"{path}: could not read {what}: {problem}")
+    file.seek(start)
+
+
 def _unpickle(unpickler, path, what):
     """Run the unpickler; every failure but a refused global is a ValueError naming the file."""
+    _check_structure(unpickler.file, path, what)
     try:
         return unpickler.load()
     except UnsafeCheckpointError:
@@ -439,9 +528,19 @@ def _finish(view, element, bf16=None):
 
 
 def _array(tensor, raw, byteorder, bf16=None):
-    """Build a tensor's array from its storage bytes (bounds were checked by ``_tensor``)."""
+    """Build a tensor's array from its storage bytes.  ``_tensor`` checked the tensor against
+    its storage record; it is checked here again against the bytes actually at hand, so that
+    no view reaches past them whatever a reader of a format returned."""
     stored = np.dtype(_STORED[tensor.element]).newbyteorder(byteorder)
     flat = np.frombuffer(raw, dtype=stored, count=len(raw) // stored.itemsize)
+    if 0 in tensor.size:
+        last = tensor.offset - 1
+    else:
+        last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
+    if last >= flat.size:
+        raise ValueError(f"tensor of size {tensor.size} and stride {tensor.stride} at offset "
+                         f"{tensor.offset} reaches element {last} of storage "
+                         f"'{tensor.storage.key}', which holds {flat.size}")
     view = np.lib.stride_tricks.as_strided(
         flat[tensor.offset:], shape=tensor.size,
         strides=tuple(s * stored.itemsize for s in tensor.stride), writeable=False)
@@ -547,7 +646,14 @@ def _read_torch_zip(archive, prefix, path, bf16=None):
             raise ValueError(f"{path}: member {name!r} holds {info.file_size} bytes, but its "
                              f"storage record says {storage.numel} {storage.element} elements "
                              f"({storage.nbytes} bytes)")
-        return archive.read(info)
+        data = archive.read(info)
+        # The bytes read, not the header's claim: a member may hold fewer than its header says
+        # (with a CRC of what it holds), and zipfile then returns them short.
+        if len(data) != storage.nbytes:
+            raise ValueError(f"{path}: member {name!r} holds {len(data)} bytes although its "
+                             f"header says {info.file_size}; its storage record says "
+                             f"{storage.nbytes} bytes")
+        return data
 
     return _materialise(tree, read_storage, byteorder, bf16)
 

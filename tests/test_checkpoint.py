@@ -619,6 +619,85 @@ def test_deeply_nested_pickle_is_an_error_not_a_crash(tmp_path):
         read_checkpoint(write_torch_zip(tmp_path / "c.pt", body))
 
 
+# -- hostile files: findings of a fuzz campaign, each a regression test ----------------------
+
+def _float_checkpoint(values):
+    """A torch.save-style archive's (data.pkl, storages) holding {'w': float32 values}."""
+    data = np.asarray(values, np.float32)
+    pkl = dumps({"w": tensor(Storage("FloatStorage", "0", data.size), 0, (data.size,), (1,))})
+    return pkl, {"0": data.tobytes()}
+
+
+class _ShortArchive:
+    """A zip archive whose storage member comes back shorter than its header says, as zipfile
+    returns a member whose header claims more bytes than it stores (with a matching CRC)."""
+
+    def __init__(self, pkl, storage, claimed):
+        self.files = {"archive/data.pkl": pkl, "archive/data/0": storage}
+        self.claimed = claimed
+
+    def namelist(self):
+        return list(self.files)
+
+    def getinfo(self, name):
+        info = zipfile.ZipInfo(name)
+        info.file_size = self.claimed if name.endswith("/0") else len(self.files[name])
+        return info
+
+    def read(self, name):
+        return self.files[getattr(name, "filename", name)]
+
+
+def test_a_member_shorter_than_its_header_is_an_error_not_an_out_of_bounds_read(tmp_path):
+    from fastbn import checkpoint
+    pkl, storages = _float_checkpoint(np.arange(60))
+    archive = _ShortArchive(pkl, storages["0"][:8], claimed=240)  # 2 of 60 values stored
+    with pytest.raises(ValueError, match="holds 8 bytes although its header says 240"):
+        checkpoint._read_torch_zip(archive, "archive/", "short.pt")
+    # and, whatever a reader returns, no view reaches past the bytes at hand
+    storage = checkpoint._Storage("0", "float32", 60)
+    view = checkpoint._Tensor(storage, 0, (60,), (1,), "float32")
+    with pytest.raises(ValueError, match="reaches element 59 of storage '0', which holds 2"):
+        checkpoint._array(view, storages["0"][:8], "<")
+
+
+def test_a_pickle_cannot_change_the_functions_it_is_allowed_to_call(tmp_path):
+    # BUILD onto the allowed _rebuild_tensor_v2 once set its __defaults__ (metadata
+    # {'neg': True}): every later load in the process came back negated.
+    from fastbn import checkpoint
+    out = bytearray(b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n")
+    for state in [(None, {"__defaults__": (False, None, {"neg": True})}),
+                  {"__defaults__": (False, None, {"neg": True})}]:
+        body = bytes(out) + dumps(state)[2:-1] + b"b0" + dumps({"x": 1})[2:]
+        with pytest.raises(ValueError, match="tries to set the state of a function"):
+            read_checkpoint(write_torch_zip(tmp_path / "evil.pt", body))
+    pkl, storages = _float_checkpoint([1.0, 2.0])
+    good = read_checkpoint(write_torch_zip(tmp_path / "good.pt", pkl, storages))
+    np.testing.assert_array_equal(good["w"], [1.0, 2.0])
+    assert checkpoint._rebuild_tensor_v2.__defaults__ == (False, None, None)
+
+
+def test_a_deeply_nested_tuple_as_a_dict_key_is_an_error_not_a_crash(tmp_path):
+    # Hashing a tuple nested 300,000 deep recursed in C past the stack: a segfault.  Run in a
+    # subprocess, so that a regression fails this test instead of the session.
+    body = b"\x80\x02}" + b")" + b"\x85" * 300_000 + b"Ns."  # {((((...),),),): None}
+    path = write_torch_zip(tmp_path / "deep.pt", body)
+    code = ("import sys, fastbn\n"
+            "try:\n    fastbn.read_checkpoint(sys.argv[1])\n"
+            "except ValueError as e:\n    print('ValueError:', e)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert "nested too deeply" in result.stdout, result.stdout
+
+
+def test_a_huge_memo_index_is_refused_before_it_is_allocated(tmp_path):
+    # LONG_BINPUT 0xFFFFFFF0 made the unpickler allocate a memo table of 4 Gi entries.
+    body = b"\x80\x02N" + b"r" + struct.pack("<I", 0xFFFFFFF0) + b"."
+    with pytest.raises(ValueError, match="memo index 4294967280 out of proportion"):
+        read_checkpoint(write_torch_zip(tmp_path / "memo.pt", body))
+
+
 # -- files that are not (good) checkpoints --------------------------------------------------
 
 def test_missing_file():
