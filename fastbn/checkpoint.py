@@ -98,7 +98,7 @@ def _bfloat16_dtype(bfloat16):
     """
     if not (isinstance(bfloat16, str) and bfloat16 in _BFLOAT16_CHOICES):
         raise ValueError(f"bfloat16 must be one of {', '.join(map(repr, _BFLOAT16_CHOICES))}, "
-                         f"got {bfloat16!r:.60}")
+                         f"got {_shown(bfloat16, 60)}")
     if bfloat16 == "float32":
         return None
     try:
@@ -108,6 +108,24 @@ def _bfloat16_dtype(bfloat16):
                           "bfloat16 dtype): pip install 'fastbn[bf16]' (or pip install "
                           "ml_dtypes)") from None
     return np.dtype(ml_dtypes.bfloat16)
+
+
+def _shown(value, limit=60):
+    """A short, bounded description of a value taken from a file, for messages: strings and
+    bytes are cut before repr, numbers too long to print and containers are described, never
+    expanded (repr of a shared, nested structure can take exponential time and memory)."""
+    if isinstance(value, (str, bytes, bytearray)):
+        text = repr(value[:limit])
+        return text if len(value) <= limit else f"{text}... ({len(value)} long)"
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else f"<int of {value.bit_length()} bits>"
+    if isinstance(value, (tuple, list, dict, set, frozenset)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    if isinstance(value, _Inert):
+        return repr(value)  # (fastbn's placeholders print a fixed, short text)
+    return f"<{type(value).__name__}>"
 
 
 # -- placeholders the pickle builds ---------------------------------------------------------
@@ -193,7 +211,7 @@ class _Tensor(_Inert):
 def _count(value, what):
     """A non-negative Python int (pickle gives ints; bool is refused as a count)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what} must be an int, got {type(value).__name__} {value!r:.60}")
+        raise ValueError(f"{what} must be an int, got {type(value).__name__} {_shown(value, 60)}")
     if value < 0:
         raise ValueError(f"{what} must be non-negative, got {value}")
     return value
@@ -201,7 +219,7 @@ def _count(value, what):
 
 def _shape(value, what):
     if not isinstance(value, (tuple, list)):
-        raise ValueError(f"{what} must be a tuple of ints, got {type(value).__name__} {value!r:.60}")
+        raise ValueError(f"{what} must be a tuple of ints, got {type(value).__name__} {_shown(value, 60)}")
     return tuple(_count(v, what) for v in value)
 
 
@@ -227,7 +245,7 @@ def _tensor(storage, offset, size, stride, element, metadata=None):
     conj = neg = False
     if metadata:
         if not isinstance(metadata, dict) or set(metadata) - {"conj", "neg"}:
-            raise ValueError(f"unsupported tensor metadata {metadata!r:.80} (fastbn knows 'conj' and 'neg')")
+            raise ValueError(f"unsupported tensor metadata {_shown(metadata, 80)} (fastbn knows 'conj' and 'neg')")
         conj = metadata.get("conj", False) is True
         neg = metadata.get("neg", False) is True
     capacity = storage.nbytes // itemsize  # whole elements of this dtype
@@ -286,22 +304,29 @@ def _torch_size(sizes=()):
 
 def _torch_device(kind, index=None):
     if not isinstance(kind, str) or not (index is None or isinstance(index, int)):
-        raise ValueError(f"torch.device({kind!r:.40}, {index!r:.40}) is not a device")
+        raise ValueError(f"torch.device({_shown(kind, 40)}, {_shown(index, 40)}) is not a device")
     return kind if index is None or ":" in kind else f"{kind}:{index}"
 
 
 def _bytearray(source=b"", *encoding):
     # bytearray(str, "latin-1") (protocol 2) or bytearray(bytes); never bytearray(n), which
-    # would allocate n bytes on the file's say.
+    # would allocate n bytes on the file's say, and no other codec (some take time out of
+    # proportion to their input: punycode).
     if not isinstance(source, (str, bytes, bytearray)):
         raise ValueError(f"bytearray() is only allowed from text or bytes, got {type(source).__name__}")
+    if isinstance(source, str):
+        if len(encoding) != 1 or encoding[0] not in ("latin1", "latin-1"):
+            raise ValueError(f"bytearray() of text is only allowed with 'latin-1', got "
+                             f"{', '.join(_shown(e, 20) for e in encoding) or 'no encoding'}")
+    elif encoding:
+        raise ValueError("bytearray() of bytes takes no encoding")
     return bytearray(source, *encoding)
 
 
 def _latin1_encode(text, encoding):
     # Pickle protocol 2 writes bytes as _codecs.encode(text, "latin1"); no other codec.
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise ValueError(f"_codecs.encode is only allowed for latin1 text, got {encoding!r:.40}")
+        raise ValueError(f"_codecs.encode is only allowed for latin1 text, got {_shown(encoding, 40)}")
     return text.encode("latin1")
 
 
@@ -406,18 +431,18 @@ class _Unpickler(pickle.Unpickler):
             if isinstance(pid, tuple) and pid and pid[0] == "module":
                 raise ValueError("the checkpoint holds a pickled nn.Module class (a whole model "
                                  "saved with torch.save(model)); save model.state_dict() instead")
-            raise ValueError(f"unknown persistent record {pid!r:.80} (expected a storage record)")
+            raise ValueError(f"unknown persistent record {_shown(pid, 80)} (expected a storage record)")
         if len(pid) != length:
-            raise ValueError(f"a storage record has {len(pid)} fields, expected {length}: {pid!r:.120}")
+            raise ValueError(f"a storage record has {len(pid)} fields, expected {length}: {_shown(pid, 120)}")
         storage_type, key, _location, numel = pid[1:5]  # the device is irrelevant to numpy
         if not isinstance(storage_type, _StorageType):
-            raise ValueError(f"unknown storage type {storage_type!r:.60} in storage record {key!r:.40}")
+            raise ValueError(f"unknown storage type {_shown(storage_type, 60)} in storage record {_shown(key, 40)}")
         if storage_type.element is None:
             raise ValueError(f"storage type torch.{storage_type.name} is not supported (quantized "
                              f"storage); supported: " + ", ".join(
                                  f"torch.{n}" for n, e in _STORAGE_TYPES.items() if e))
         if not isinstance(key, str) or not key:
-            raise ValueError(f"a storage key must be a non-empty string, got {key!r:.40}")
+            raise ValueError(f"a storage key must be a non-empty string, got {_shown(key, 40)}")
         numel = _count(numel, f"the element count of storage '{key}'")
         if self._legacy and pid[5] is not None:
             raise ValueError("the checkpoint uses storage views (written by torch < 0.4), which "
@@ -436,16 +461,27 @@ class _Unpickler(pickle.Unpickler):
 #: hundred thousand deep recurses in C past the stack.
 MAX_NESTING = 256
 
+#: How many objects a pickle's structure may hold once its shared references are counted
+#: as often as they are referred to (at least; see _check_structure): what hashing, comparing
+#: or printing the structure may walk.  A state_dict shares little; a crafted pickle of 400
+#: bytes can share its way to 2**100.
+MAX_EXPANSION = 2**22
+
 #: Opcodes that add items to the container below them and leave it there.
 _IN_PLACE = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
 
 
 def _check_structure(file, path, what):
     """Walk the pickle at the file's position once, without building anything, and refuse
-    nesting deeper than MAX_NESTING and memo indices far beyond what the pickle has stored
-    (the unpickler would allocate a memo table of that size); then rewind.  A malformed
-    pickle ends the walk quietly: the unpickler then fails where it is malformed, having built
-    only what the walk has seen."""
+    nesting deeper than MAX_NESTING, structures that expand beyond MAX_EXPANSION objects when
+    shared references are followed (hashing a tuple of shared tuples, or printing a list of
+    shared lists, takes time exponential in the pickle's length), and memo indices far beyond
+    what the pickle has stored (the unpickler would allocate a memo table of that size); then
+    rewind.  Each object is tracked by a record [depth, expanded size], one per object and
+    shared by the stack and the memo, so that a container filled after it was memoized (as
+    picklers write them) is counted in full wherever it is referred to.  A malformed pickle
+    ends the walk quietly: the unpickler then fails where it is malformed, having built only
+    what the walk has seen."""
     start = file.tell()
     stack, memo, ops = [], {}, 0
     mark = object()
@@ -461,12 +497,12 @@ def _check_structure(file, path, what):
         if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
             index = len(memo) if name == "MEMOIZE" else arg
             if not isinstance(index, int) or index > 4 * ops + 64:
-                problem = (f"memo index {index!r:.30} out of proportion to the pickle's {ops} "
+                problem = (f"memo index {_shown(index, 30)} out of proportion to the pickle's {ops} "
                            f"opcodes so far")
-            memo[index] = stack[-1] if stack and stack[-1] is not mark else 0
+            memo[index] = stack[-1] if stack and stack[-1] is not mark else [0, 1]
             continue
         if name in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo.get(arg, 0))
+            stack.append(memo.get(arg, [0, 1]))
             continue
         if name == "MARK":
             stack.append(mark)
@@ -484,13 +520,20 @@ def _check_structure(file, path, what):
         if not op.stack_after:
             continue
         if name in _IN_PLACE and popped:
-            container = popped[-1]  # (the deepest popped: the container itself)
-            depth = max([container] + [1 + d for d in popped[:-1]])
+            record = popped[-1]  # the container (the deepest popped), grown in place
+            items = popped[:-1]
+            record[0] = max([record[0]] + [1 + d for d, _ in items])
+            record[1] += sum(n for _, n in items)
+        elif name == "DUP" and popped:
+            record = popped[0]  # (the same object twice)
         else:
-            depth = 1 + max(popped, default=-1)
-        if depth > MAX_NESTING:
+            record = [1 + max((d for d, _ in popped), default=-1), 1 + sum(n for _, n in popped)]
+        if record[0] > MAX_NESTING:
             problem = f"objects nested too deeply (more than {MAX_NESTING} levels)"
-        stack.extend([depth] * len(op.stack_after))
+        elif record[1] > MAX_EXPANSION:
+            problem = (f"shared references expand to more than {MAX_EXPANSION} objects, a "
+                       f"structure no state_dict has")
+        stack.extend([record] * len(op.stack_after))
     if problem is not None:
         raise ValueError(f"{path}: could not read {what}: {problem}")
     file.seek(start)
@@ -671,7 +714,7 @@ def _read_legacy(path, data, bf16=None):
                          f"with torch's magic number); fastbn does not load arbitrary pickles")
     protocol = header("the protocol version")
     if protocol != _LEGACY_PROTOCOL:
-        raise ValueError(f"{path}: legacy torch.save protocol version {protocol!r:.40}, expected "
+        raise ValueError(f"{path}: legacy torch.save protocol version {_shown(protocol, 40)}, expected "
                          f"{_LEGACY_PROTOCOL}")
     sys_info = header("the system information")
     little = sys_info.get("little_endian") if isinstance(sys_info, dict) else None
@@ -891,7 +934,7 @@ def _describe(mapping, limit=10):
             kind += f", {len(v)} {'entry' if len(v) == 1 else 'entries'}"
         elif isinstance(v, np.ndarray):
             kind = f"array {v.dtype}{list(v.shape)}"
-        parts.append(f"{k!r} ({kind})")
+        parts.append(f"{_shown(k, 80)} ({kind})")
     more = f", ... ({len(mapping) - limit} more)" if len(mapping) > limit else ""
     return ", ".join(parts) + more if parts else "no keys"
 
@@ -907,7 +950,7 @@ def _state_dict(mapping, path, where):
     for k, v in mapping.items():
         if isinstance(v, np.ndarray):
             if not isinstance(k, str):
-                raise ValueError(f"{path}: {where} has a non-string key {k!r:.40} "
+                raise ValueError(f"{path}: {where} has a non-string key {_shown(k, 40)} "
                                  f"({type(k).__name__}); a state_dict's keys are names")
             result[k] = v
     metadata = getattr(mapping, "_metadata", None)
@@ -977,11 +1020,11 @@ def load_checkpoint(path, *, key=None, bfloat16="float32"):
         node, trail = tree, "the checkpoint"
         for k in (key,) if isinstance(key, str) else key:
             if not isinstance(node, Mapping):
-                raise ValueError(f"{path}: cannot look up {k!r} in {trail}, which is a "
+                raise ValueError(f"{path}: cannot look up {_shown(k, 80)} in {trail}, which is a "
                                  f"{type(node).__name__}, not a mapping")
             if k not in node:
-                raise ValueError(f"{path}: {trail} has no key {k!r}; its keys: {_describe(node)}")
-            node, trail = node[k], f"{trail}[{k!r}]"
+                raise ValueError(f"{path}: {trail} has no key {_shown(k, 80)}; its keys: {_describe(node)}")
+            node, trail = node[k], f"{trail}[{_shown(k, 80)}]"
         if not _holds_arrays(node):
             kind = f"holds no arrays: {_describe(node)}" if isinstance(node, Mapping) else \
                 f"is a {type(node).__name__}, not a mapping of arrays"
@@ -992,7 +1035,7 @@ def load_checkpoint(path, *, key=None, bfloat16="float32"):
         # the top too (torch's ImageNet example saves best_acc1 as one).
         for k in STATE_DICT_KEYS:
             if _holds_arrays(tree.get(k)):
-                return _state_dict(tree[k], path, f"the checkpoint[{k!r}]")
+                return _state_dict(tree[k], path, f"the checkpoint[{_shown(k, 80)}]")
         if _holds_arrays(tree):
             return _state_dict(tree, path, "the checkpoint")
         if not tree:

@@ -698,6 +698,63 @@ def test_a_huge_memo_index_is_refused_before_it_is_allocated(tmp_path):
         read_checkpoint(write_torch_zip(tmp_path / "memo.pt", body))
 
 
+def _shared_lists(levels):
+    """L0 = [], L(k+1) = [Lk, Lk], each memoized before it is filled, as picklers write lists:
+    a few bytes a level, 2**levels objects when the sharing is followed (repr, comparison)."""
+    index = [struct.pack("<I", k) for k in range(levels + 1)]
+    body = bytearray(b"\x80\x02]r" + index[0])  # EMPTY_LIST, LONG_BINPUT
+    for k in range(levels):  # EMPTY_LIST, LONG_BINPUT, MARK, LONG_BINGET twice, APPENDS
+        body += b"]r" + index[k + 1] + b"(j" + index[k] + b"j" + index[k] + b"e"
+    return bytes(body + b".")
+
+
+def _shared_tuple_key(levels):
+    """{T: None}, T0 = (), T(k+1) = (Tk, Tk): hashing T walks 2**levels tuples."""
+    index = [struct.pack("<I", k) for k in range(levels + 1)]
+    body = bytearray(b"\x80\x02})r" + index[0] + b"0")  # EMPTY_DICT; EMPTY_TUPLE, PUT, POP
+    for k in range(levels):  # LONG_BINGET twice, TUPLE2, LONG_BINPUT, POP
+        body += b"j" + index[k] + b"j" + index[k] + b"\x86r" + index[k + 1] + b"0"
+    return bytes(body + b"j" + index[levels] + b"Ns.")  # the key, None, SETITEM
+
+
+@pytest.mark.parametrize("make", [_shared_lists, _shared_tuple_key])
+def test_shared_structures_are_refused_before_they_are_expanded(tmp_path, make):
+    # 60 levels: 2**60 objects once the sharing is followed.  Before, printing such a list in
+    # a message or hashing such a tuple as a dict key ran for ever (in a subprocess, so that a
+    # regression fails this test by its timeout rather than hanging the session).
+    small = read_checkpoint(write_torch_zip(tmp_path / "small.pt", make(8)))
+    assert small is not None  # a little sharing is data
+    path = write_torch_zip(tmp_path / "shared.pt", make(60))
+    code = ("import sys, fastbn\n"
+            "try:\n    fastbn.read_checkpoint(sys.argv[1])\n"
+            "except ValueError as e:\n    print('ValueError:', e)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                            text=True, timeout=60)
+    assert "shared references expand to more than" in result.stdout, (result.stdout,
+                                                                       result.stderr[-2000:])
+
+
+def test_messages_never_expand_what_they_describe():
+    from fastbn.checkpoint import _shown
+    nested = []
+    for _ in range(200):
+        nested = [nested, nested]  # 2**200 lists if printed
+    assert _shown(nested) == "<list of 2 items>"
+    assert _shown(10 ** 5000).startswith("<int of ")  # (str() of it would raise)
+    assert _shown("x" * 10 ** 6).endswith("... (1000000 long)")
+
+
+def test_bytearray_takes_latin1_text_or_bytes_only(tmp_path):
+    # Any codec was accepted: punycode decoding 16 KB took 17 s.
+    def build(*args):
+        return dumps({"b": Call(Global("__builtin__", "bytearray"), *args)})
+    assert read_checkpoint(write_torch_zip(tmp_path / "ok.pt", build("\xff\x00", "latin-1")))["b"] \
+        == bytearray(b"\xff\x00")
+    for args in [("abc", "punycode"), ("abc", "utf-8"), ("abc",), ("abc", "latin-1", "strict")]:
+        with pytest.raises(ValueError, match="only allowed with 'latin-1'"):
+            read_checkpoint(write_torch_zip(tmp_path / "codec.pt", build(*args)))
+
+
 # -- files that are not (good) checkpoints --------------------------------------------------
 
 def test_missing_file():
