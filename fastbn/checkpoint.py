@@ -470,6 +470,27 @@ MAX_EXPANSION = 2**22
 #: Opcodes that add items to the container below them and leave it there.
 _IN_PLACE = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
 
+_MARK = object()
+
+
+def _stack_effects():
+    """Each opcode's effect on the stack, worked out once from pickletools' descriptions:
+    (items popped below any mark, whether it pops down to a mark, items pushed, and 'put',
+    'get' or 'mark' for the opcodes the walk follows by role)."""
+    roles = {"PUT": "put", "BINPUT": "put", "LONG_BINPUT": "put", "MEMOIZE": "put",
+             "GET": "get", "BINGET": "get", "LONG_BINGET": "get", "MARK": "mark"}
+    effects = {}
+    for op in pickletools.opcodes:
+        before = list(op.stack_before)
+        to_mark = pickletools.markobject in before
+        below = before[:before.index(pickletools.markobject)] if to_mark else before
+        fixed = sum(1 for kind in below if kind is not pickletools.stackslice)
+        effects[op] = (fixed, to_mark, len(op.stack_after), roles.get(op.name))
+    return effects
+
+
+_EFFECTS = _stack_effects()
+
 
 def _check_structure(file, path, what):
     """Walk the pickle at the file's position once, without building anything, and refuse
@@ -484,7 +505,6 @@ def _check_structure(file, path, what):
     what the walk has seen."""
     start = file.tell()
     stack, memo, ops = [], {}, 0
-    mark = object()
     problem = None
     opcodes = pickletools.genops(file)
     while problem is None:
@@ -493,38 +513,42 @@ def _check_structure(file, path, what):
         except (StopIteration, ValueError):  # the end, or a malformed pickle
             break
         ops += 1
-        name = op.name
-        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            index = len(memo) if name == "MEMOIZE" else arg
-            if not isinstance(index, int) or index > 4 * ops + 64:
-                problem = (f"memo index {_shown(index, 30)} out of proportion to the pickle's {ops} "
-                           f"opcodes so far")
-            memo[index] = stack[-1] if stack and stack[-1] is not mark else [0, 1]
+        fixed, to_mark, pushes, role = _EFFECTS[op]
+        if role is not None:
+            if role == "put":
+                index = len(memo) if arg is None else arg
+                if not isinstance(index, int) or index > 4 * ops + 64:
+                    problem = (f"memo index {_shown(index, 30)} out of proportion to the "
+                               f"pickle's {ops} opcodes so far")
+                memo[index] = stack[-1] if stack and stack[-1] is not _MARK else [0, 1]
+            elif role == "get":
+                stack.append(memo.get(arg, [0, 1]))
+            else:  # MARK
+                stack.append(_MARK)
             continue
-        if name in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo.get(arg, [0, 1]))
-            continue
-        if name == "MARK":
-            stack.append(mark)
+        if not fixed and not to_mark:  # a value pushed from the opcode's argument
+            if pushes:
+                stack.append([0, 1])
             continue
         popped = []
-        for kind in reversed(op.stack_before):
-            if kind is pickletools.stackslice:
-                while stack and stack[-1] is not mark:
-                    popped.append(stack.pop())
-            elif kind is pickletools.markobject:
-                if stack and stack[-1] is mark:
-                    stack.pop()
-            elif stack and stack[-1] is not mark:
+        if to_mark:
+            while stack:
+                top = stack.pop()
+                if top is _MARK:
+                    break
+                popped.append(top)
+        for _ in range(fixed):
+            if stack and stack[-1] is not _MARK:
                 popped.append(stack.pop())
-        if not op.stack_after:
+        if not pushes:
             continue
-        if name in _IN_PLACE and popped:
+        if role is None and op.name in _IN_PLACE and popped:
             record = popped[-1]  # the container (the deepest popped), grown in place
             items = popped[:-1]
-            record[0] = max([record[0]] + [1 + d for d, _ in items])
-            record[1] += sum(n for _, n in items)
-        elif name == "DUP" and popped:
+            if items:
+                record[0] = max(record[0], 1 + max(d for d, _ in items))
+                record[1] += sum(n for _, n in items)
+        elif op.name == "DUP" and popped:
             record = popped[0]  # (the same object twice)
         else:
             record = [1 + max((d for d, _ in popped), default=-1), 1 + sum(n for _, n in popped)]
@@ -533,7 +557,7 @@ def _check_structure(file, path, what):
         elif record[1] > MAX_EXPANSION:
             problem = (f"shared references expand to more than {MAX_EXPANSION} objects, a "
                        f"structure no state_dict has")
-        stack.extend([record] * len(op.stack_after))
+        stack.extend([record] * pushes)
     if problem is not None:
         raise ValueError(f"{path}: could not read {what}: {problem}")
     file.seek(start)
