@@ -267,11 +267,17 @@ cdef inline int check_gradient_data(str name, Storage kind, cnp.ndarray x, cnp.n
 
 def counter_ok(object counter):
     """Whether num_batches_tracked is the everyday counter a training step increments in
-    place: a writable, aligned 0-d int64 ndarray (the Python layer checks anything else)."""
-    return (type(counter) is cnp.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>counter) == 0
+    place: a writable, aligned, native 0-d int64 ndarray holding a value in [0, 2**63 - 1), so
+    that the increment cannot overflow (the Python layer checks anything else)."""
+    cdef cnp.npy_int64 value
+    if not (type(counter) is cnp.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>counter) == 0
             and cnp.PyArray_TYPE(<cnp.ndarray>counter) == cnp.NPY_INT64
             and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>counter)
-            and cnp.PyArray_ISALIGNED(<cnp.ndarray>counter))
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>counter)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>counter)):
+        return False
+    value = (<cnp.npy_int64*>cnp.PyArray_DATA(<cnp.ndarray>counter))[0]
+    return 0 <= value < 0x7FFFFFFFFFFFFFFF
 
 
 cdef bint _overlap(cnp.ndarray a, cnp.ndarray b):
@@ -306,6 +312,8 @@ def describe_layout(shape):
     if not 2 <= ndim <= 32:
         raise ValueError(f"describe_layout: expected a shape (N, C, ...) of 2 to 32 sizes, got {shape!r}")
     for i in range(ndim):
+        if shape[i] < 0:
+            raise ValueError(f"describe_layout: expected sizes of at least 0, got {shape!r}")
         dims[i] = shape[i]
     set_geometry(&g, dims, ndim)
     return dict(layout="planar" if g.planar else "columns", n=g.n, c=g.c, s=g.s,
@@ -463,7 +471,8 @@ def eval_table(object weight, object bias, cnp.ndarray running_mean not None,
     check_channels("eval_table", save_mean, cnp.NPY_FLOAT64, dims[1], True)
     check_channels("eval_table", save_invstd, cnp.NPY_FLOAT64, dims[1], True)
     if not (cnp.PyArray_IS_C_CONTIGUOUS(table) and cnp.PyArray_SIZE(table) == 4 * dims[1]
-            and cnp.PyArray_TYPE(table) == t and cnp.PyArray_ISWRITEABLE(table)):
+            and cnp.PyArray_TYPE(table) == t and cnp.PyArray_ISWRITEABLE(table)
+            and cnp.PyArray_ISALIGNED(table) and cnp.PyArray_ISNOTSWAPPED(table)):
         raise ValueError("eval_table: expected a writable, C-contiguous table of 4 * C values "
                          "of the buffers' dtype")
     memset(&call, 0, sizeof(Call))
@@ -484,7 +493,7 @@ def apply_table(cnp.ndarray x not None, cnp.ndarray y not None, cnp.ndarray tabl
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
     if cnp.PyArray_SIZE(table) != 4 * call.g.c or not cnp.PyArray_IS_C_CONTIGUOUS(table) or (
-            not cnp.PyArray_ISALIGNED(table)) or (
+            not cnp.PyArray_ISALIGNED(table)) or not cnp.PyArray_ISNOTSWAPPED(table) or (
             cnp.PyArray_TYPE(table) != (cnp.NPY_FLOAT64 if kind == FLOAT64 else cnp.NPY_FLOAT32)):
         raise ValueError("apply_table: expected a C-contiguous table of 4 * C values of the "
                          "compute dtype")
@@ -524,11 +533,12 @@ def same_values(cnp.ndarray snapshot not None, tuple arrays):
         raise ValueError("same_values: expected four arrays or None")
     for item in arrays:
         if item is not None:
-            if not cnp.PyArray_Check(item):
+            if type(item) is not cnp.ndarray:
                 return False  # (the table is then made anew, and its checks name the problem)
             a = item
-            if (cnp.PyArray_TYPE(a) != type_num or cnp.PyArray_SIZE(a) != c
-                    or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            if (cnp.PyArray_TYPE(a) != type_num or cnp.PyArray_NDIM(a) != 1
+                    or cnp.PyArray_DIMS(a)[0] != c or not cnp.PyArray_ISNOTSWAPPED(a)
+                    or not cnp.PyArray_ISALIGNED(a) or not cnp.PyArray_IS_C_CONTIGUOUS(a)
                     or memcmp(rows + i * row_bytes, cnp.PyArray_DATA(a), row_bytes) != 0):
                 return False
             present |= 1 << i

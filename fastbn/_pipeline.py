@@ -221,6 +221,10 @@ def forward(x, *, weight, bias, running_mean, running_var, training, momentum, e
     else:
         save_mean = np.empty(channels)
         save_invstd = np.empty(channels)
+    if training and not count:
+        # No kernel runs on an empty batch (and so none checks the arrays): check them here.
+        per_channel_arrays(channels, compute_dtype(x.dtype), weight=weight, bias=bias,
+                           running_mean=running_mean, running_var=running_var, update=True)
     try:
         if not training:
             if table is not None:

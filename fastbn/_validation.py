@@ -98,14 +98,11 @@ INT64 = np.dtype(np.int64)
 
 
 def check_counter(counter):
-    """num_batches_tracked as a training step increments it: None, an integer, or a writable
-    integer array of one value (torch's is a 0-d int64 tensor)."""
+    """num_batches_tracked as a training step increments it: None, a non-negative integer, or
+    a writable integer array of one non-negative value that one more batch does not overflow
+    (torch's is a 0-d int64 tensor).  Checked before the step, so that the increment after
+    it cannot fail."""
     if counter is None:
-        return
-    if type(counter) is np.ndarray and counter.dtype is INT64 and counter.ndim == 0:
-        if not counter.flags.writeable:  # (the everyday counter is checked in these two lines)
-            raise ValueError("num_batches_tracked is read-only, but a training step increments "
-                             "it in place")
         return
     if isinstance(counter, np.ndarray):
         if counter.dtype.kind not in "iu" or counter.size != 1:
@@ -114,10 +111,17 @@ def check_counter(counter):
         if not counter.flags.writeable:
             raise ValueError("num_batches_tracked is read-only, but a training step increments "
                              "it in place")
-        return
-    if isinstance(counter, bool) or not isinstance(counter, numbers.Integral):
+        value, limit = int(counter.reshape(-1)[0]), int(np.iinfo(counter.dtype).max)
+    elif isinstance(counter, bool) or not isinstance(counter, numbers.Integral):
         raise TypeError(f"num_batches_tracked must be None, an int or an integer array, got "
                         f"{type(counter).__name__}")
+    else:
+        value, limit = int(counter), None
+    if value < 0:
+        raise ValueError(f"num_batches_tracked must be non-negative, got {value}")
+    if limit is not None and value >= limit:
+        raise ValueError(f"num_batches_tracked is {value}: one more batch overflows its dtype "
+                         f"{counter.dtype}")
 
 
 def check_per_channel(value, name, channels, dtype, writable=False):

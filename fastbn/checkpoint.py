@@ -461,10 +461,11 @@ class _Unpickler(pickle.Unpickler):
 #: hundred thousand deep recurses in C past the stack.
 MAX_NESTING = 256
 
-#: How many objects a pickle's structure may hold once its shared references are counted
-#: as often as they are referred to (at least; see _check_structure): what hashing, comparing
-#: or printing the structure may walk.  A state_dict shares little; a crafted pickle of 400
-#: bytes can share its way to 2**100.
+#: How many objects a pickle's structure may hold, beyond 16 per opcode, once its shared
+#: references are counted as often as they are referred to (see _check_structure): what
+#: hashing, comparing or printing the structure may walk.  Without sharing every object takes
+#: an opcode, so no state_dict comes near; a crafted pickle of 400 bytes can share its way to
+#: 2**100.
 MAX_EXPANSION = 2**22
 
 #: Opcodes that add items to the container below them and leave it there.
@@ -500,9 +501,9 @@ def _check_structure(file, path, what):
     what the pickle has stored (the unpickler would allocate a memo table of that size); then
     rewind.  Each object is tracked by a record [depth, expanded size], one per object and
     shared by the stack and the memo, so that a container filled after it was memoized (as
-    picklers write them) is counted in full wherever it is referred to.  A malformed pickle
-    ends the walk quietly: the unpickler then fails where it is malformed, having built only
-    what the walk has seen."""
+    picklers write them) is counted in full wherever it is referred to.  A pickle the walk
+    cannot read to its STOP is refused too: the unpickler accepts some spellings the walk's
+    parser does not (INT's '0x10'), and what follows them would go unchecked."""
     start = file.tell()
     stack, memo, ops = [], {}, 0
     problem = None
@@ -510,7 +511,10 @@ def _check_structure(file, path, what):
     while problem is None:
         try:
             op, arg, _ = next(opcodes)
-        except (StopIteration, ValueError):  # the end, or a malformed pickle
+        except StopIteration:  # (genops stops after STOP)
+            break
+        except ValueError as exc:  # truncated, or not in the form pickle writes
+            problem = f"malformed pickle: {exc}"
             break
         ops += 1
         fixed, to_mark, pushes, role = _EFFECTS[op]
@@ -554,9 +558,9 @@ def _check_structure(file, path, what):
             record = [1 + max((d for d, _ in popped), default=-1), 1 + sum(n for _, n in popped)]
         if record[0] > MAX_NESTING:
             problem = f"objects nested too deeply (more than {MAX_NESTING} levels)"
-        elif record[1] > MAX_EXPANSION:
-            problem = (f"shared references expand to more than {MAX_EXPANSION} objects, a "
-                       f"structure no state_dict has")
+        elif record[1] > MAX_EXPANSION + 16 * ops:
+            problem = (f"shared references expand to more than {MAX_EXPANSION + 16 * ops} "
+                       f"objects from {ops} opcodes, a structure no state_dict has")
         stack.extend([record] * pushes)
     if problem is not None:
         raise ValueError(f"{path}: could not read {what}: {problem}")

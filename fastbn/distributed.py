@@ -237,10 +237,11 @@ class SyncBatchNorm(_BatchNorm):
             self._synced = None  # (only once the call has succeeded: a rejected one changes nothing)
             return y
         comm = self.comm
-        c = self.num_features
-        row = np.zeros(1 + 3 * c)
+        row = None
         failure = None
         try:
+            c = self.num_features
+            row = np.zeros(1 + 3 * c)
             x, out, update, batch_stats, eps, momentum = self._prepare(input, out)
             self._check_state(x, update)
             if not (x.flags.c_contiguous or P.is_channels_last(x)):
@@ -275,11 +276,12 @@ class SyncBatchNorm(_BatchNorm):
             return super().backward(grad_output)
         context = self._synced
         comm = self.comm
-        c = self.num_features
         n_threads = effective_n_threads()
-        row = np.zeros(2 * c)
+        row = None
         failure = None
         try:
+            c = self.num_features
+            row = np.zeros(2 * c)
             dy, context = self._backward_inputs(grad_output)
             P.checked_weight(self.weight, context)
             sum_dy, sum_dy_xmu = P.local_grad_sums(dy, context, n_threads=n_threads)
@@ -307,16 +309,21 @@ class SyncBatchNorm(_BatchNorm):
     def _header(self, phase):
         """This rank's header (_HEADER), the status slot 0: built from whatever the attributes
         hold, never raising (a bad value is the rank's failure to report, not to trip on)."""
-        def number(value, default=np.nan):
+        def number(value, none=-1.0):
+            if value is None:
+                return none
+            if isinstance(value, (bool, np.bool_)):
+                return float(bool(value))
             try:
                 return float(value)
             except (TypeError, ValueError, OverflowError):
-                return default
+                return np.nan  # (not a number every rank can agree on: the ranks differ)
         dtype = self.dtype if isinstance(self.dtype, np.dtype) else None
+        activation = self.activation if isinstance(self.activation, str) else None
         return np.array([0.0, phase, number(self.num_features), self.weight is not None,
-                         self.bias is not None, bool(self.track_running_stats),
-                         self.activation == "relu", -1.0 if dtype is None else dtype.itemsize,
-                         number(self.eps), number(self.momentum, default=-1.0)])
+                         self.bias is not None, number(self.track_running_stats),
+                         activation == "relu", -1.0 if dtype is None else dtype.itemsize,
+                         number(self.eps), number(self.momentum)])
 
 
 def _merged_statistics(rows, c):

@@ -212,20 +212,24 @@ class _BatchNorm:
             # calls from several threads would lose updates.  (Uncontended: ~0.1 us a call.)
             with self._lock:
                 counter = self.num_batches_tracked
-                if not P.counter_ok(counter):
+                # count: a Python int, whose increment the checks make fit the counter's dtype
+                if P.counter_ok(counter):
+                    count = counter.item()
+                else:
                     P.check_counter(counter)
+                    count = None if counter is None else int(np.asarray(counter).reshape(-1)[0])
                 if momentum is None:  # cumulative moving average
-                    momentum = 1.0 / float(counter + 1) if counter is not None else 0.0
+                    momentum = 1.0 / float(count + 1) if counter is not None else 0.0
                 y, _, _, context = P.forward(
                     x, weight=self.weight, bias=self.bias, running_mean=self.running_mean,
                     running_var=self.running_var, training=True, momentum=momentum, eps=eps,
                     relu=relu, out=out, n_threads=n_threads, stats=stats)
                 if isinstance(counter, np.ndarray):
-                    # only once the call has succeeded (item() and a scalar store: a ufunc on a
-                    # 0-d array costs a microsecond, a fifth of a small call)
-                    counter[()] = counter.item() + 1
+                    # only once the call has succeeded (a scalar store: a ufunc on a 0-d array
+                    # costs a microsecond, a fifth of a small call)
+                    counter[...] = count + 1
                 elif counter is not None:  # a number a user assigned: counted all the same
-                    self.num_batches_tracked = counter + 1
+                    self.num_batches_tracked = count + 1
         elif batch_stats:
             y, _, _, context = P.forward(
                 x, weight=self.weight, bias=self.bias, running_mean=None, running_var=None,
@@ -474,7 +478,14 @@ class _BatchNorm:
 
 
 def _checkpoint_value(name, value, target):
-    """A checkpoint entry as an array ready to copy into ``target``, or a torch-worded error."""
+    """A checkpoint entry as an array ready to copy into ``target``, or a torch-worded error.
+    The target (the module's own attribute, which a user may have replaced) is checked too, so
+    that load_state_dict writes nothing unless it can write everything."""
+    if not isinstance(target, np.ndarray):
+        raise TypeError(f"the module's {name} is a {type(target).__name__}, not an array: "
+                        f"there is nothing to load it into")
+    if not target.flags.writeable:
+        raise ValueError(f"the module's {name} is read-only: cannot load into it")
     try:
         array = np.asarray(value)
     except Exception as exc:

@@ -290,6 +290,23 @@ def check_phase_disagreement(comm):
     bn.backward(np.ones_like(bn(good)))
 
 
+def check_bad_attribute_on_one_rank(comm):
+    """An attribute of a type nothing expects (num_features as a str, on the last rank) is that
+    rank's failure, reported through the collective: every rank raises, none is left waiting."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    bn = fastbn.SyncBatchNorm(4, comm=comm)
+    x = make_input((2, 4, 5), np.float32, np.random.default_rng(rank))
+    if rank == size - 1:
+        bn.num_features = "4"
+        bn.track_running_stats = np.array([True, False])
+    try:
+        bn(x)
+    except (TypeError, ValueError) as exc:
+        assert f"rank {size - 1}" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {rank}: no error")
+
+
 def check_one_value_per_channel(comm):
     """One value per channel over all ranks: every rank raises torch's error, nothing changes."""
     rank = comm.Get_rank()

@@ -555,7 +555,8 @@ def test_extension_registry_goes_through_the_allow_list(tmp_path):
     marker = tmp_path / "pwned"
     copyreg.add_extension("os", "system", 0xBEEF)
     try:
-        data_pkl = b"\x80\x02\x83" + struct.pack("<H", 0xBEEF)  # EXT2 + dumps((f"touch {marker}",))[2:-1] + b"R."
+        data_pkl = (b"\x80\x02\x83" + struct.pack("<H", 0xBEEF)  # EXT2, the arguments, REDUCE
+                    + dumps((f"touch {marker}",))[2:-1] + b"R.")
         with pytest.raises(UnsafeCheckpointError, match="'os.system'"):
             read_checkpoint(write_torch_zip(tmp_path / "evil.pt", data_pkl))
     finally:
@@ -677,16 +678,22 @@ def test_a_pickle_cannot_change_the_functions_it_is_allowed_to_call(tmp_path):
     assert checkpoint._rebuild_tensor_v2.__defaults__ == (False, None, None)
 
 
+def _read_in_a_subprocess(path, timeout):
+    """read_checkpoint(path) in a fresh Python, printing a ValueError: a file that crashed or
+    hung the reader fails the test that reads it, not the session."""
+    code = ("import sys, fastbn\n"
+            "try:\n    fastbn.read_checkpoint(sys.argv[1])\n"
+            "except ValueError as e:\n    print('ValueError:', e)\n")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def test_a_deeply_nested_tuple_as_a_dict_key_is_an_error_not_a_crash(tmp_path):
     # Hashing a tuple nested 300,000 deep recursed in C past the stack: a segfault.  Run in a
     # subprocess, so that a regression fails this test instead of the session.
     body = b"\x80\x02}" + b")" + b"\x85" * 300_000 + b"Ns."  # {((((...),),),): None}
     path = write_torch_zip(tmp_path / "deep.pt", body)
-    code = ("import sys, fastbn\n"
-            "try:\n    fastbn.read_checkpoint(sys.argv[1])\n"
-            "except ValueError as e:\n    print('ValueError:', e)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                            text=True, timeout=120)
+    result = _read_in_a_subprocess(path, timeout=120)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
     assert "nested too deeply" in result.stdout, result.stdout
 
@@ -725,13 +732,31 @@ def test_shared_structures_are_refused_before_they_are_expanded(tmp_path, make):
     small = read_checkpoint(write_torch_zip(tmp_path / "small.pt", make(8)))
     assert small is not None  # a little sharing is data
     path = write_torch_zip(tmp_path / "shared.pt", make(60))
-    code = ("import sys, fastbn\n"
-            "try:\n    fastbn.read_checkpoint(sys.argv[1])\n"
-            "except ValueError as e:\n    print('ValueError:', e)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                            text=True, timeout=60)
+    result = _read_in_a_subprocess(path, timeout=60)
     assert "shared references expand to more than" in result.stdout, (result.stdout,
                                                                        result.stderr[-2000:])
+
+
+def test_a_pickle_the_walk_cannot_parse_is_refused_not_passed_on(tmp_path):
+    # The unpickler reads INT '0x10' (strtol, base 0), pickletools does not: a walk that
+    # stopped there quietly left what follows unchecked -- here a key nested a million deep,
+    # which segfaulted.  (In a subprocess: a regression must fail the test, not the session.)
+    body = b"\x80\x02}" + b"I0x10\n0" + b"N" + b"\x85" * 10**6 + b"Ns."
+    path = write_torch_zip(tmp_path / "hex.pt", body)
+    result = _read_in_a_subprocess(path, timeout=120)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert "malformed pickle" in result.stdout, result.stdout
+
+
+def test_many_objects_without_sharing_are_data(tmp_path, monkeypatch):
+    # The expansion bound is on sharing, in proportion to the pickle: a list far longer than
+    # MAX_EXPANSION (lowered here, so that the test stays small) is data.
+    from fastbn import checkpoint
+    monkeypatch.setattr(checkpoint, "MAX_EXPANSION", 1000)
+    body = dumps({"losses": list(range(50_000))})
+    assert len(read_checkpoint(write_torch_zip(tmp_path / "long.pt", body))["losses"]) == 50_000
+    with pytest.raises(ValueError, match="shared references expand"):
+        read_checkpoint(write_torch_zip(tmp_path / "shared.pt", _shared_lists(30)))
 
 
 def test_messages_never_expand_what_they_describe():

@@ -113,3 +113,78 @@ def test_convert_sync_batchnorm_keeps_every_argument(cls, config):
     x = np.random.default_rng(0).standard_normal(shape).astype(bn.dtype)
     twin = cls(5, **config)
     np.testing.assert_array_equal(sync(x), twin(x))
+
+
+# -- found by review: the counter, empty batches, the eval table's freshness, load_state_dict --
+
+@pytest.mark.parametrize("counter", [np.array(255, np.uint8), np.array([127], np.int8),
+                                     np.array(2**63 - 1), np.array(-1), np.array(-3), -1])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_counter_that_cannot_count_one_more_batch_is_refused_before_the_step(counter, momentum):
+    bn = fastbn.BatchNorm2d(3, momentum=momentum)
+    bn.num_batches_tracked = counter
+    before = bn.running_mean.copy(), bn.running_var.copy()
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        bn(x)
+    np.testing.assert_array_equal(bn.running_mean, before[0])
+    np.testing.assert_array_equal(bn.running_var, before[1])
+
+
+def test_counters_of_other_kinds_count_without_wrapping():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    for counter, after in [(np.int8(127), 128), (np.array([4], np.int16), 5), (7, 8)]:
+        bn, reference = fastbn.BatchNorm2d(3, momentum=None), fastbn.BatchNorm2d(3, momentum=None)
+        bn.num_batches_tracked = counter
+        reference.num_batches_tracked[...] = int(np.asarray(counter).reshape(-1)[0])
+        np.testing.assert_array_equal(bn(x), reference(x))
+        np.testing.assert_array_equal(bn.running_var, reference.running_var)  # same momentum
+        assert int(np.asarray(bn.num_batches_tracked).reshape(-1)[0]) == after
+
+
+def test_an_empty_training_batch_checks_the_state_it_would_use():
+    # No kernel runs on an empty batch, so none checked the arrays: the pipeline does.
+    bn = fastbn.BatchNorm2d(4)
+    bn.weight = np.ones(7, np.float64)
+    with pytest.raises(TypeError, match="weight"):
+        bn(np.empty((0, 4, 2, 2), np.float32))
+    assert int(bn.num_batches_tracked) == 0
+    with pytest.raises(TypeError, match="weight"):
+        fastbn.functional.batch_norm_forward(np.empty((0, 9, 2), np.float32), np.zeros(9, np.float32),
+                                             np.ones(9, np.float32), weight="abc", training=True)
+
+
+@pytest.mark.parametrize("name, make", [
+    ("weight", lambda a: a.astype(a.dtype.newbyteorder())),
+    ("running_var", lambda a: a.reshape(1, -1)),
+    ("weight", lambda a: np.ma.masked_array(a)),
+])
+def test_a_kept_eval_table_is_not_served_for_a_bad_array_of_the_same_bytes(name, make):
+    bn = fastbn.BatchNorm2d(4).eval()
+    x = np.random.default_rng(0).standard_normal((2, 4, 3, 3)).astype(np.float32)
+    bn(x)  # the table is made and kept
+    setattr(bn, name, make(getattr(bn, name)))
+    with pytest.raises((TypeError, ValueError), match=name):
+        bn(x)
+
+
+def test_load_state_dict_into_an_attribute_it_cannot_write_changes_nothing():
+    bn = fastbn.BatchNorm2d(3)
+    frozen = np.ones(3, np.float32)
+    frozen.flags.writeable = False
+    bn.running_var = frozen
+    with pytest.raises(ValueError, match="running_var is read-only"):
+        bn.load_state_dict({"weight": np.full(3, 2.0), "bias": np.full(3, 3.0),
+                            "running_mean": np.full(3, 4.0), "running_var": np.full(3, 5.0)},
+                           strict=False)
+    np.testing.assert_array_equal(bn.weight, 1)
+    np.testing.assert_array_equal(bn.running_mean, 0)
+    bn.running_mean = [0.0] * 3
+    with pytest.raises(ValueError, match="running_mean is a list"):  # (all problems, as torch)
+        bn.load_state_dict({"running_mean": np.zeros(3)}, strict=False)
+
+
+def test_describe_layout_refuses_negative_sizes():
+    from fastbn._dispatch import kernels
+    with pytest.raises(ValueError, match="at least 0"):
+        kernels.describe_layout((-3, 5, 7))

@@ -101,6 +101,11 @@ def test_ranks_that_disagree_all_raise_the_same_error(size, what):
     run_ranks(size, lambda comm: cases.check_disagreement(comm, what))
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_a_bad_attribute_on_one_rank_fails_every_rank(size):
+    run_ranks(size, cases.check_bad_attribute_on_one_rank)
+
+
 @pytest.mark.parametrize("size", [2, 3])
 def test_a_rank_in_backward_while_others_are_in_forward_fails_everywhere(size):
     run_ranks(size, cases.check_phase_disagreement)
