@@ -116,12 +116,13 @@ def check_counter(counter):
         raise TypeError(f"num_batches_tracked must be None, an int or an integer array, got "
                         f"{type(counter).__name__}")
     else:
-        value, limit = int(counter), None
+        value, limit = int(counter), 2**63 - 1  # (torch's int64; a float must hold it too)
     if value < 0:
         raise ValueError(f"num_batches_tracked must be non-negative, got {value}")
-    if limit is not None and value >= limit:
-        raise ValueError(f"num_batches_tracked is {value}: one more batch overflows its dtype "
-                         f"{counter.dtype}")
+    if value >= limit:
+        kind = f"its dtype {counter.dtype}" if isinstance(counter, np.ndarray) else "int64"
+        shown = value if value.bit_length() <= 64 else f"an int of {value.bit_length()} bits"
+        raise ValueError(f"num_batches_tracked is {shown}: one more batch overflows {kind}")
 
 
 def check_per_channel(value, name, channels, dtype, writable=False):

@@ -499,9 +499,12 @@ def _check_structure(file, path, what):
     shared references are followed (hashing a tuple of shared tuples, or printing a list of
     shared lists, takes time exponential in the pickle's length), and memo indices far beyond
     what the pickle has stored (the unpickler would allocate a memo table of that size); then
-    rewind.  Each object is tracked by a record [depth, expanded size], one per object and
-    shared by the stack and the memo, so that a container filled after it was memoized (as
-    picklers write them) is counted in full wherever it is referred to.  A pickle the walk
+    rewind.  Each object is tracked by a record [depth, expanded size, placed], one per object
+    and shared by the stack and the memo, so that a container filled after it was memoized (as
+    picklers write them) is counted in full wherever it is referred to.  A container may not
+    grow once it has been placed in another (its parent's count would go stale): picklers
+    fill a container before they place it, except in recursive structures, which no
+    state_dict holds.  A pickle the walk
     cannot read to its STOP is refused too: the unpickler accepts some spellings the walk's
     parser does not (INT's '0x10'), and what follows them would go unchecked."""
     start = file.tell()
@@ -524,15 +527,18 @@ def _check_structure(file, path, what):
                 if not isinstance(index, int) or index > 4 * ops + 64:
                     problem = (f"memo index {_shown(index, 30)} out of proportion to the "
                                f"pickle's {ops} opcodes so far")
-                memo[index] = stack[-1] if stack and stack[-1] is not _MARK else [0, 1]
+                memo[index] = stack[-1] if stack and stack[-1] is not _MARK else [0, 1, False]
             elif role == "get":
-                stack.append(memo.get(arg, [0, 1]))
+                stack.append(memo.get(arg, [0, 1, False]))
             else:  # MARK
                 stack.append(_MARK)
             continue
         if not fixed and not to_mark:  # a value pushed from the opcode's argument
             if pushes:
-                stack.append([0, 1])
+                stack.append([0, 1, False])
+            continue
+        if op.name == "POP" and stack and stack[-1] is _MARK:
+            stack.pop()  # (POP on a mark removes the mark, as the unpickler does)
             continue
         popped = []
         if to_mark:
@@ -549,13 +555,21 @@ def _check_structure(file, path, what):
         if role is None and op.name in _IN_PLACE and popped:
             record = popped[-1]  # the container (the deepest popped), grown in place
             items = popped[:-1]
+            if items and record[2]:
+                problem = ("a container grows after it was placed in another (a recursive "
+                           "structure, which no state_dict has)")
+            for item in items:
+                item[2] = True
             if items:
-                record[0] = max(record[0], 1 + max(d for d, _ in items))
-                record[1] += sum(n for _, n in items)
+                record[0] = max(record[0], 1 + max(item[0] for item in items))
+                record[1] += sum(item[1] for item in items)
         elif op.name == "DUP" and popped:
             record = popped[0]  # (the same object twice)
         else:
-            record = [1 + max((d for d, _ in popped), default=-1), 1 + sum(n for _, n in popped)]
+            for item in popped:
+                item[2] = True
+            record = [1 + max((item[0] for item in popped), default=-1),
+                      1 + sum(item[1] for item in popped), False]
         if record[0] > MAX_NESTING:
             problem = f"objects nested too deeply (more than {MAX_NESTING} levels)"
         elif record[1] > MAX_EXPANSION + 16 * ops:

@@ -316,7 +316,7 @@ class SyncBatchNorm(_BatchNorm):
                 return float(bool(value))
             try:
                 return float(value)
-            except (TypeError, ValueError, OverflowError):
+            except Exception:  # noqa: BLE001 - never raise before the collective
                 return np.nan  # (not a number every rank can agree on: the ranks differ)
         dtype = self.dtype if isinstance(self.dtype, np.dtype) else None
         activation = self.activation if isinstance(self.activation, str) else None
@@ -352,7 +352,10 @@ def _allgather_checked(comm, header, row, failure):
     raise that on all.  Then Allgather ``row`` (float64) into a (size, len(row)) array."""
     message = b""
     if failure is not None:
-        text = f"{type(failure).__name__}:rank {comm.Get_rank()}: {failure}"
+        try:
+            text = f"{type(failure).__name__}:rank {comm.Get_rank()}: {failure}"
+        except Exception:  # noqa: BLE001 - a message that cannot be formatted still goes round
+            text = f"{type(failure).__name__}:rank {comm.Get_rank()}: (unprintable error)"
         message = text.encode("utf-8", "replace")[:_MAX_MESSAGE]
         header[0] = len(message)
     size = comm.Get_size()

@@ -748,6 +748,31 @@ def test_a_pickle_the_walk_cannot_parse_is_refused_not_passed_on(tmp_path):
     assert "malformed pickle" in result.stdout, result.stdout
 
 
+def test_pop_on_a_mark_is_walked_as_the_unpickler_runs_it(tmp_path):
+    # MARK, x, MARK, POP, TUPLE builds (x,): POP removes the mark.  A walk that kept the mark
+    # saw () at every level and let a key nested a million deep through (a segfault).
+    level = b"q\x000(h\x00(0t"  # PUT 0, POP; MARK, GET 0, MARK, POP, TUPLE: T(k+1) = (Tk,)
+    body = b"\x80\x02})" + level * 1_000_000 + b"Ns."  # {T: None}
+    result = _read_in_a_subprocess(write_torch_zip(tmp_path / "pop.pt", body), timeout=120)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert "nested too deeply" in result.stdout, result.stdout
+
+
+def test_a_container_that_grows_after_it_was_placed_is_refused(tmp_path):
+    # Lists placed in their parents empty and filled afterwards, deepest last, hid 2**60
+    # objects from a count that was taken when they were placed.
+    body = bytearray(b"\x80\x02")
+    levels = 60
+    for k in range(levels + 1):  # L0 ... L60, each EMPTY_LIST, LONG_BINPUT k
+        body += b"]r" + struct.pack("<I", k)
+    for k in range(levels, 0, -1):  # fill L60 first: two copies of L(k-1), still empty
+        body += (b"j" + struct.pack("<I", k) + b"(j" + struct.pack("<I", k - 1)
+                 + b"j" + struct.pack("<I", k - 1) + b"e0")  # GET Lk, MARK, 2 GETs, APPENDS, POP
+    body += b"j" + struct.pack("<I", levels) + b"."
+    with pytest.raises(ValueError, match="grows after it was placed in another"):
+        read_checkpoint(write_torch_zip(tmp_path / "stale.pt", bytes(body)))
+
+
 def test_many_objects_without_sharing_are_data(tmp_path, monkeypatch):
     # The expansion bound is on sharing, in proportion to the pickle: a list far longer than
     # MAX_EXPANSION (lowered here, so that the test stays small) is data.

@@ -118,7 +118,8 @@ def test_convert_sync_batchnorm_keeps_every_argument(cls, config):
 # -- found by review: the counter, empty batches, the eval table's freshness, load_state_dict --
 
 @pytest.mark.parametrize("counter", [np.array(255, np.uint8), np.array([127], np.int8),
-                                     np.array(2**63 - 1), np.array(-1), np.array(-3), -1])
+                                     np.array(2**63 - 1), np.array(-1), np.array(-3), -1,
+                                     2**63, 10**400], ids=lambda c: repr(c)[:30])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_a_counter_that_cannot_count_one_more_batch_is_refused_before_the_step(counter, momentum):
     bn = fastbn.BatchNorm2d(3, momentum=momentum)
