@@ -178,8 +178,8 @@ cdef int check_datum_fully(str name, Storage kind, cnp.ndarray first, object ite
     return 0
 
 
-cdef inline int check_datum(str name, Storage kind, cnp.ndarray first, object item,
-                            bint written) except -1:
+cdef int check_datum(str name, Storage kind, cnp.ndarray first, object item,
+                     bint written) except -1:
     """A data array's contract (None where optional): an ndarray of x's storage type and shape
     (N, C, ...), C-contiguous, aligned and in the machine's byte order; writable if written.
     `first` is x, whose storage type is `kind`.  A float32/float64/float16 array is passed by
@@ -223,8 +223,8 @@ cdef int refuse_channels(str name, object item, int type_num, Py_ssize_t c,
                      f"{(<object>item).shape}")
 
 
-cdef inline int check_channels(str name, object item, int type_num, Py_ssize_t c,
-                               bint written) except -1:
+cdef int check_channels(str name, object item, int type_num, Py_ssize_t c,
+                        bint written) except -1:
     """A per-channel array's contract (None where optional): an ndarray (not a subclass, which
     may give its values other meanings: masks) of one type (float32 or float64) and shape (C,),
     C-contiguous, aligned, in the machine's byte order; writable if written."""
@@ -243,7 +243,7 @@ cdef inline int check_channels(str name, object item, int type_num, Py_ssize_t c
     return refuse_channels(name, item, type_num, c, written)
 
 
-cdef inline int check_io(str name, Storage kind, cnp.ndarray x, cnp.ndarray y) except -1:
+cdef int check_io(str name, Storage kind, cnp.ndarray x, cnp.ndarray y) except -1:
     """x and the y written from it: the data contract, and y either x or apart from it."""
     check_datum(name, kind, x, x, False)
     check_datum(name, kind, x, y, True)
@@ -251,8 +251,8 @@ cdef inline int check_io(str name, Storage kind, cnp.ndarray x, cnp.ndarray y) e
     return 0
 
 
-cdef inline int check_gradient_data(str name, Storage kind, cnp.ndarray x, cnp.ndarray dy,
-                                    object output, cnp.ndarray dx) except -1:
+cdef int check_gradient_data(str name, Storage kind, cnp.ndarray x, cnp.ndarray dy,
+                             object output, cnp.ndarray dx) except -1:
     """A backward's data: x, dy and the forward's output (or None) read, dx written apart from
     them (or as one of them)."""
     check_datum(name, kind, x, x, False)
