@@ -243,6 +243,20 @@ cdef int check_channels(str name, object item, int type_num, Py_ssize_t c,
     return refuse_channels(name, item, type_num, c, written)
 
 
+cdef int check_parameters(str name, Storage kind, Py_ssize_t c, object weight, object bias,
+                          object running_mean, object running_var, bint update) except -1:
+    """The affine parameters and running buffers of a forward: each None or of the compute
+    type and shape (C,), the buffers both or neither, and writable when it updates them."""
+    cdef int t = compute_type(kind)
+    check_channels(name, weight, t, c, False)
+    check_channels(name, bias, t, c, False)
+    check_channels(name, running_mean, t, c, update)
+    check_channels(name, running_var, t, c, update)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{name}: expected running_mean and running_var both or neither")
+    return 0
+
+
 cdef int check_io(str name, Storage kind, cnp.ndarray x, cnp.ndarray y) except -1:
     """x and the y written from it: the data contract, and y either x or apart from it."""
     check_datum(name, kind, x, x, False)
@@ -369,12 +383,8 @@ def forward_train(cnp.ndarray x not None, cnp.ndarray y not None, object weight,
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
     check_io("forward_train", kind, x, y)
-    check_channels("forward_train", weight, compute_type(kind), call.g.c, False)
-    check_channels("forward_train", bias, compute_type(kind), call.g.c, False)
-    check_channels("forward_train", running_mean, compute_type(kind), call.g.c, True)
-    check_channels("forward_train", running_var, compute_type(kind), call.g.c, True)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("forward_train: expected running_mean and running_var both or neither")
+    check_parameters("forward_train", kind, call.g.c, weight, bias, running_mean, running_var,
+                     True)
     check_channels("forward_train", save_mean, cnp.NPY_FLOAT64, call.g.c, True)
     check_channels("forward_train", save_invstd, cnp.NPY_FLOAT64, call.g.c, True)
     if call.g.total == 0:
@@ -402,12 +412,8 @@ def forward_train_with_stats(cnp.ndarray x not None, cnp.ndarray y not None, obj
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
     check_io("forward_train_with_stats", kind, x, y)
-    check_channels("forward_train_with_stats", weight, compute_type(kind), call.g.c, False)
-    check_channels("forward_train_with_stats", bias, compute_type(kind), call.g.c, False)
-    check_channels("forward_train_with_stats", running_mean, compute_type(kind), call.g.c, True)
-    check_channels("forward_train_with_stats", running_var, compute_type(kind), call.g.c, True)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("forward_train_with_stats: expected running_mean and running_var both or neither")
+    check_parameters("forward_train_with_stats", kind, call.g.c, weight, bias, running_mean,
+                     running_var, True)
     check_channels("forward_train_with_stats", mean, cnp.NPY_FLOAT64, call.g.c, False)
     check_channels("forward_train_with_stats", mean_lo, cnp.NPY_FLOAT64, call.g.c, False)
     check_channels("forward_train_with_stats", m2, cnp.NPY_FLOAT64, call.g.c, False)
@@ -436,10 +442,8 @@ def forward_eval(cnp.ndarray x not None, cnp.ndarray y not None, object weight, 
     cdef Call call
     cdef Storage kind = prepare(&call, x, n_threads)
     check_io("forward_eval", kind, x, y)
-    check_channels("forward_eval", weight, compute_type(kind), call.g.c, False)
-    check_channels("forward_eval", bias, compute_type(kind), call.g.c, False)
-    check_channels("forward_eval", running_mean, compute_type(kind), call.g.c, False)
-    check_channels("forward_eval", running_var, compute_type(kind), call.g.c, False)
+    check_parameters("forward_eval", kind, call.g.c, weight, bias, running_mean, running_var,
+                     False)
     check_channels("forward_eval", save_mean, cnp.NPY_FLOAT64, call.g.c, True)
     check_channels("forward_eval", save_invstd, cnp.NPY_FLOAT64, call.g.c, True)
     call.y = ptr(y)
