@@ -776,8 +776,8 @@ def test_a_container_that_grows_after_it_was_placed_is_refused(tmp_path):
 def test_many_objects_without_sharing_are_data(tmp_path, monkeypatch):
     # The expansion bound is on sharing, in proportion to the pickle: a list far longer than
     # MAX_EXPANSION (lowered here, so that the test stays small) is data.
-    from fastbn import checkpoint
-    monkeypatch.setattr(checkpoint, "MAX_EXPANSION", 1000)
+    from fastbn import _pickle_walk
+    monkeypatch.setattr(_pickle_walk, "MAX_EXPANSION", 1000)
     body = dumps({"losses": list(range(50_000))})
     assert len(read_checkpoint(write_torch_zip(tmp_path / "long.pt", body))["losses"]) == 50_000
     with pytest.raises(ValueError, match="shared references expand"):
