@@ -15,7 +15,7 @@ EvalTable, eval_table           eval coefficients kept between calls while the s
 forward, backward               one forward (train or eval) and its backward
 local_moments, local_grad_sums, grad_input_from_sums
                                 the pieces of a batch split over processes (SyncBatchNorm)
-per_channel_arrays, checked_weight, check_counter
+per_channel_arrays, checked_weight, counter_ok
                                 state checks in the words of fastbn._validation, for when the
                                 kernels' own contract checks refuse (and before collectives)
 """
@@ -275,13 +275,8 @@ def _forward_checked(x, refused, *, weight, bias, running_mean, running_var, tra
     return result
 
 
-def check_counter(counter):
-    """num_batches_tracked, checked before a training step that increments it, by
-    fastbn._validation: the modules call it when counter_ok (one compiled test, which passes
-    the everyday 0-d int64 counter) does not pass it."""
-    V.check_counter(counter)
-
-
+#: One compiled test that passes the everyday num_batches_tracked (a writable 0-d int64 array
+#: one more batch cannot overflow); the modules ask _validation.check_counter otherwise.
 counter_ok = _kernels.counter_ok
 
 

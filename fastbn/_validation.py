@@ -94,9 +94,6 @@ def check_grad_output(dy, shape, dtype):
                         f"dtype {dtype}; they must match")
 
 
-INT64 = np.dtype(np.int64)
-
-
 def check_counter(counter):
     """num_batches_tracked as a training step increments it: None, a non-negative integer, or
     a writable integer array of one non-negative value that one more batch does not overflow

@@ -180,7 +180,7 @@ class _BatchNorm:
                              running_var=self.running_var,
                              update=update and self.running_mean is not None)
         if update and not P.counter_ok(self.num_batches_tracked):
-            P.check_counter(self.num_batches_tracked)
+            V.check_counter(self.num_batches_tracked)
 
     def forward(self, input, *, out=None):
         """Normalise ``input`` (N, C, ...); returns an array of input's shape, dtype and memory
@@ -216,7 +216,7 @@ class _BatchNorm:
                 if P.counter_ok(counter):
                     count = counter.item()
                 else:
-                    P.check_counter(counter)
+                    V.check_counter(counter)
                     count = None if counter is None else int(np.asarray(counter).reshape(-1)[0])
                 if momentum is None:  # cumulative moving average
                     momentum = 1.0 / float(count + 1) if counter is not None else 0.0
