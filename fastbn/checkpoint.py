@@ -241,7 +241,10 @@ def _tensor(storage, offset, size, stride, element, metadata=None):
     if len(size) > 64:
         raise ValueError(f"a tensor of {len(size)} dimensions; numpy allows 64")
     itemsize = _itemsize(element)
-    if max(stride, default=0) * itemsize >= 2**63 or np.prod(size, dtype=object) * itemsize >= 2**63:
+    # (each size too: an empty tensor's product is 0 whatever its other sizes, and numpy
+    # refuses a dimension of 2**63 bytes)
+    if (max(stride, default=0) * itemsize >= 2**63 or max(size, default=0) * itemsize >= 2**63
+            or np.prod(size, dtype=object) * itemsize >= 2**63):
         raise ValueError(f"tensor of size {size} and stride {stride} is too large to address")
     conj = neg = False
     if metadata:
@@ -249,6 +252,8 @@ def _tensor(storage, offset, size, stride, element, metadata=None):
             raise ValueError(f"unsupported tensor metadata {_shown(metadata, 80)} (fastbn knows 'conj' and 'neg')")
         conj = metadata.get("conj", False) is True
         neg = metadata.get("neg", False) is True
+        if neg and element == "bool":
+            raise ValueError("a bool tensor with torch's negative bit set (torch never writes one)")
     capacity = storage.nbytes // itemsize  # whole elements of this dtype
     if 0 in size:
         last = offset - 1  # addresses nothing; the offset may point just past the end

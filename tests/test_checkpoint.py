@@ -773,6 +773,19 @@ def test_a_container_that_grows_after_it_was_placed_is_refused(tmp_path):
         read_checkpoint(write_torch_zip(tmp_path / "stale.pt", bytes(body)))
 
 
+def test_fuzzed_tensor_geometries_are_value_errors(tmp_path):
+    # Found by a mutation fuzz run: an empty tensor with a size of 2**63 elsewhere passed the
+    # bounds checks and numpy raised OverflowError; the negative bit on a bool tensor made
+    # np.negative raise TypeError.
+    empty = dumps({"t": tensor(Storage("FloatStorage", "0", 1), 0, (0, 2**63), (1, 1))})
+    with pytest.raises(ValueError, match="too large to address"):
+        read_checkpoint(write_torch_zip(tmp_path / "empty.pt", empty, {"0": b"\0" * 4}))
+    negated = dumps({"t": tensor(Storage("BoolStorage", "0", 2), 0, (2,), (1,),
+                                 metadata={"neg": True})})
+    with pytest.raises(ValueError, match="negative bit"):
+        read_checkpoint(write_torch_zip(tmp_path / "neg.pt", negated, {"0": b"\1\0"}))
+
+
 def test_many_objects_without_sharing_are_data(tmp_path, monkeypatch):
     # The expansion bound is on sharing, in proportion to the pickle: a list far longer than
     # MAX_EXPANSION (lowered here, so that the test stays small) is data.
