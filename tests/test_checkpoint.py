@@ -650,22 +650,22 @@ class _ShortArchive:
 
 
 def test_a_member_shorter_than_its_header_is_an_error_not_an_out_of_bounds_read(tmp_path):
-    from fastbn import checkpoint
+    from fastbn._readers import arrays, placeholders, torch_zip
     pkl, storages = _float_checkpoint(np.arange(60))
     archive = _ShortArchive(pkl, storages["0"][:8], claimed=240)  # 2 of 60 values stored
     with pytest.raises(ValueError, match="holds 8 bytes although its header says 240"):
-        checkpoint._read_torch_zip(archive, "archive/", "short.pt")
+        torch_zip.read_torch_zip(archive, "archive/", "short.pt")
     # and, whatever a reader returns, no view reaches past the bytes at hand
-    storage = checkpoint._Storage("0", "float32", 60)
-    view = checkpoint._Tensor(storage, 0, (60,), (1,), "float32")
+    storage = placeholders.Storage("0", "float32", 60)
+    view = placeholders.Tensor(storage, 0, (60,), (1,), "float32")
     with pytest.raises(ValueError, match="reaches element 59 of storage '0', which holds 2"):
-        checkpoint._array(view, storages["0"][:8], "<")
+        arrays.build_array(view, storages["0"][:8], "<")
 
 
 def test_a_pickle_cannot_change_the_functions_it_is_allowed_to_call(tmp_path):
     # BUILD onto the allowed _rebuild_tensor_v2 once set its __defaults__ (metadata
     # {'neg': True}): every later load in the process came back negated.
-    from fastbn import checkpoint
+    from fastbn._readers import unpickler
     out = bytearray(b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n")
     for state in [(None, {"__defaults__": (False, None, {"neg": True})}),
                   {"__defaults__": (False, None, {"neg": True})}]:
@@ -675,7 +675,7 @@ def test_a_pickle_cannot_change_the_functions_it_is_allowed_to_call(tmp_path):
     pkl, storages = _float_checkpoint([1.0, 2.0])
     good = read_checkpoint(write_torch_zip(tmp_path / "good.pt", pkl, storages))
     np.testing.assert_array_equal(good["w"], [1.0, 2.0])
-    assert checkpoint._rebuild_tensor_v2.__defaults__ == (False, None, None)
+    assert unpickler._rebuild_tensor_v2.__defaults__ == (False, None, None)
 
 
 def _read_in_a_subprocess(path, timeout):
@@ -789,8 +789,8 @@ def test_fuzzed_tensor_geometries_are_value_errors(tmp_path):
 def test_many_objects_without_sharing_are_data(tmp_path, monkeypatch):
     # The expansion bound is on sharing, in proportion to the pickle: a list far longer than
     # MAX_EXPANSION (lowered here, so that the test stays small) is data.
-    from fastbn import _pickle_walk
-    monkeypatch.setattr(_pickle_walk, "MAX_EXPANSION", 1000)
+    from fastbn._readers import pickle_walk
+    monkeypatch.setattr(pickle_walk, "MAX_EXPANSION", 1000)
     body = dumps({"losses": list(range(50_000))})
     assert len(read_checkpoint(write_torch_zip(tmp_path / "long.pt", body))["losses"]) == 50_000
     with pytest.raises(ValueError, match="shared references expand"):
@@ -798,13 +798,13 @@ def test_many_objects_without_sharing_are_data(tmp_path, monkeypatch):
 
 
 def test_messages_never_expand_what_they_describe():
-    from fastbn.checkpoint import _shown
+    from fastbn._readers.errors import shown
     nested = []
     for _ in range(200):
         nested = [nested, nested]  # 2**200 lists if printed
-    assert _shown(nested) == "<list of 2 items>"
-    assert _shown(10 ** 5000).startswith("<int of ")  # (str() of it would raise)
-    assert _shown("x" * 10 ** 6).endswith("... (1000000 long)")
+    assert shown(nested) == "<list of 2 items>"
+    assert shown(10 ** 5000).startswith("<int of ")  # (str() of it would raise)
+    assert shown("x" * 10 ** 6).endswith("... (1000000 long)")
 
 
 def test_bytearray_takes_latin1_text_or_bytes_only(tmp_path):

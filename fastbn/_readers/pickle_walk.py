@@ -1,6 +1,6 @@
 """A walk over a pickle's opcodes that bounds what unpickling it can cost, before it runs.
 
-fastbn.checkpoint unpickles untrusted files with an allow-listed unpickler, which decides what
+The checkpoint readers unpickle untrusted files with an allow-listed unpickler, which decides what
 may be *called*; this module decides how much may be *built*.  Python's C unpickler trusts the
 stream's structure: a tuple nested 300,000 deep used as a dict key overflows the C stack when
 hashed, a few hundred bytes of shared references expand to 2**60 objects when hashed or
