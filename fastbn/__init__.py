@@ -16,7 +16,7 @@ from ._config import config, show_config
 from ._dispatch import simd_level
 from ._openmp import get_num_threads, set_num_threads
 from ._version import __version__
-from .checkpoint import UnsafeCheckpointError, load_checkpoint, read_checkpoint
+from .checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint, read_checkpoint
 from .distributed import SyncBatchNorm  # mpi4py is imported only when a module needs it
 from .functional import batch_stats, merge_stats
 from .fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
@@ -26,6 +26,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "CheckpointError",
     "IncompatibleKeys",
     "SyncBatchNorm",
     "UnsafeCheckpointError",

@@ -24,28 +24,30 @@ Only numpy and the standard library are used; torch is never imported (nor ml_dt
 """
 
 import collections
+import numbers
 import os
-import zipfile
-import zlib
 from collections.abc import Mapping
 
 import numpy as np
 
+from ._readers.arrays import DEFAULT_MAX_EXPANSION
 from ._readers.elements import bfloat16_dtype
-from ._readers.errors import UnsafeCheckpointError, shown
+from ._readers.errors import CheckpointError, UnsafeCheckpointError, as_checkpoint_error, shown
 from ._readers.legacy import read_legacy
 from ._readers.npz import read_npz
 from ._readers.safetensors_file import looks_like_safetensors, read_safetensors
 from ._readers.torch_zip import read_torch_zip
+from ._readers.zip_members import ZipMembers
 
-__all__ = ["UnsafeCheckpointError", "load_checkpoint", "read_checkpoint", "STATE_DICT_KEYS"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "load_checkpoint", "read_checkpoint",
+           "STATE_DICT_KEYS"]
 
 #: Entries that ``load_checkpoint`` looks in, in this order, for the state_dict of a nested
 #: checkpoint (``{"state_dict": ..., "epoch": 3}``), before it takes the top level itself.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-def read_checkpoint(path, *, bfloat16="float32"):
+def read_checkpoint(path, *, bfloat16="float32", max_expansion=DEFAULT_MAX_EXPANSION):
     """Read a checkpoint file into Python objects, with every tensor as a numpy array.
 
     The whole saved object is returned: for ``torch.save({"state_dict": sd, "epoch": 3}, f)``
@@ -107,49 +109,74 @@ def read_checkpoint(path, *, bfloat16="float32"):
     of many elements, a zip member that decompresses to a large size).
     """
     bf16 = bfloat16_dtype(bfloat16)
+    max_expansion = _checked_max_expansion(max_expansion)
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # (a missing file is the caller's error: FileNotFoundError)
         head = f.read(16)
         size = os.fstat(f.fileno()).st_size
+    try:
+        return _read(path, head, size, bf16, max_expansion)
+    except ImportError:  # an optional package the format needs, which the message names
+        raise
+    except Exception as exc:  # the one place the error contract is kept: see _readers.errors
+        error = as_checkpoint_error(exc, path)
+        if error is exc:
+            raise
+        raise error from error.__cause__
+
+
+def _checked_max_expansion(max_expansion):
+    if max_expansion is None:
+        return None
+    if (isinstance(max_expansion, bool) or not isinstance(max_expansion, numbers.Real)
+            or not max_expansion >= 1):
+        raise ValueError(f"max_expansion must be a number >= 1 or None, got "
+                         f"{shown(max_expansion, 40)}")
+    return float(max_expansion)
+
+
+def _read(path, head, size, bf16, max_expansion):
+    """The saved object of the file at ``path``, by the format its first bytes say."""
     if not head:
-        raise ValueError(f"{path} is empty, not a checkpoint")
+        raise CheckpointError(f"{path} is empty, not a checkpoint")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return _read_zip(path, bf16)
+        return _read_zip(path, size, bf16, max_expansion)
     if head.startswith(b"\x80"):  # a binary pickle: torch's legacy format
         with open(path, "rb") as f:
             data = f.read()
-        return read_legacy(path, data, bf16)
+        return read_legacy(path, data, bf16, max_expansion)
     if looks_like_safetensors(head, size) or path.endswith(".safetensors"):
         return read_safetensors(path, bf16)
     import tarfile  # only for this message; not worth its import time on every import fastbn
 
     if size >= 512 and tarfile.is_tarfile(path):
-        raise ValueError(f"{path} is a tar archive: the tar format of torch.save from before "
-                         f"torch 0.1.10 is not supported; load it with torch and save it again")
-    raise ValueError(f"{path} is not a checkpoint: it starts with {head!r}, while fastbn reads "
-                     f"torch.save files (a zip archive, or a pickle in the legacy format), "
-                     f"safetensors files and .npz archives")
+        raise CheckpointError(f"{path} is a tar archive: the tar format of torch.save from "
+                              f"before torch 0.1.10 is not supported; load it with torch and "
+                              f"save it again")
+    raise CheckpointError(f"{path} is not a checkpoint: it starts with {head!r}, while fastbn "
+                          f"reads torch.save files (a zip archive, or a pickle in the legacy "
+                          f"format), safetensors files and .npz archives")
 
 
-def _read_zip(path, bf16=None):
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pickles) == 1:
-                return read_torch_zip(archive, pickles[0][:-len("data.pkl")], path, bf16)
-            if len(pickles) > 1:
-                raise ValueError(f"{path}: a zip archive with several data.pkl ({pickles[:4]}); "
-                                 f"a torch.save checkpoint has one")
-            is_npz = bool(names) and all(n.endswith(".npy") for n in names)
-        if is_npz:
-            return read_npz(path)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
-        raise ValueError(f"{path}: corrupt or truncated zip archive: {exc}") from None
-    raise ValueError(f"{path} is a zip archive but not a checkpoint: no '<archive>/data.pkl' "
-                     f"(torch.save) and not only .npy members (.npz); it holds "
-                     f"{names[:6]}{' ...' if len(names) > 6 else ''}")
+def _read_zip(path, size, bf16, max_expansion):
+    with ZipMembers(path, size) as members:
+        names = members.names
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) == 1:
+            return read_torch_zip(members, pickles[0][:-len("data.pkl")], bf16, max_expansion)
+        if len(pickles) > 1:
+            raise CheckpointError(f"{path}: a zip archive with several data.pkl "
+                                  f"({', '.join(shown(n, 40) for n in pickles[:4])}); a "
+                                  f"torch.save checkpoint has one")
+        if names and all(n.endswith(".npy") for n in names):
+            return read_npz(members)
+    raise CheckpointError(f"{path} is a zip archive but not a checkpoint: no '<archive>/data.pkl' "
+                          f"(torch.save) and not only .npy members (.npz); it holds "
+                          f"[{', '.join(shown(n, 40) for n in names[:6])}"
+                          f"{', ...' if len(names) > 6 else ''}]")
 
+
+# -- picking the state_dict -----------------------------------------------------------------
 
 def _describe(mapping, limit=10):
     """"'state_dict' (OrderedDict, 12 entries), 'epoch' (int)" for error messages."""
@@ -176,8 +203,8 @@ def _state_dict(mapping, path, where):
     for k, v in mapping.items():
         if isinstance(v, np.ndarray):
             if not isinstance(k, str):
-                raise ValueError(f"{path}: {where} has a non-string key {shown(k, 40)} "
-                                 f"({type(k).__name__}); a state_dict's keys are names")
+                raise CheckpointError(f"{path}: {where} has a non-string key {shown(k, 40)} "
+                                      f"({type(k).__name__}); a state_dict's keys are names")
             result[k] = v
     metadata = getattr(mapping, "_metadata", None)
     if metadata is not None:
@@ -185,7 +212,7 @@ def _state_dict(mapping, path, where):
     return result
 
 
-def load_checkpoint(path, *, key=None, bfloat16="float32"):
+def load_checkpoint(path, *, key=None, bfloat16="float32", max_expansion=DEFAULT_MAX_EXPANSION):
     """Load the state_dict of a checkpoint as numpy arrays, without torch.
 
     Parameters
@@ -241,20 +268,20 @@ def load_checkpoint(path, *, key=None, bfloat16="float32"):
         except TypeError:
             raise TypeError(f"key must be a string or a sequence of strings, got "
                             f"{type(key).__name__}") from None
-    tree = read_checkpoint(path, bfloat16=bfloat16)
+    tree = read_checkpoint(path, bfloat16=bfloat16, max_expansion=max_expansion)
     if key is not None:
         node, trail = tree, "the checkpoint"
         for k in (key,) if isinstance(key, str) else key:
             if not isinstance(node, Mapping):
-                raise ValueError(f"{path}: cannot look up {shown(k, 80)} in {trail}, which is a "
-                                 f"{type(node).__name__}, not a mapping")
+                raise CheckpointError(f"{path}: cannot look up {shown(k, 80)} in {trail}, which is a "
+                                      f"{type(node).__name__}, not a mapping")
             if k not in node:
-                raise ValueError(f"{path}: {trail} has no key {shown(k, 80)}; its keys: {_describe(node)}")
+                raise CheckpointError(f"{path}: {trail} has no key {shown(k, 80)}; its keys: {_describe(node)}")
             node, trail = node[k], f"{trail}[{shown(k, 80)}]"
         if not _holds_arrays(node):
             kind = f"holds no arrays: {_describe(node)}" if isinstance(node, Mapping) else \
                 f"is a {type(node).__name__}, not a mapping of arrays"
-            raise ValueError(f"{path}: {trail} {kind}")
+            raise CheckpointError(f"{path}: {trail} {kind}")
         return _state_dict(node, path, trail)
     if isinstance(tree, Mapping):
         # The conventional entries first: a training checkpoint often has a stray tensor at
@@ -266,9 +293,9 @@ def load_checkpoint(path, *, key=None, bfloat16="float32"):
             return _state_dict(tree, path, "the checkpoint")
         if not tree:
             return collections.OrderedDict()  # an empty state_dict (a file with no tensors)
-        raise ValueError(f"{path}: found no state_dict: the top level holds no arrays and none of "
-                         f"{', '.join(map(repr, STATE_DICT_KEYS))} holds a mapping of arrays; "
-                         f"its keys: {_describe(tree)}. Pass key= to say where the state_dict "
-                         f"is, or use read_checkpoint() for the whole object")
-    raise ValueError(f"{path}: the checkpoint is a {type(tree).__name__}, not a mapping: use "
-                     f"read_checkpoint() to read it")
+        raise CheckpointError(f"{path}: found no state_dict: the top level holds no arrays and none of "
+                              f"{', '.join(map(repr, STATE_DICT_KEYS))} holds a mapping of arrays; "
+                              f"its keys: {_describe(tree)}. Pass key= to say where the state_dict "
+                              f"is, or use read_checkpoint() for the whole object")
+    raise CheckpointError(f"{path}: the checkpoint is a {type(tree).__name__}, not a mapping: use "
+                          f"read_checkpoint() to read it")

@@ -123,3 +123,27 @@ def write_torch_zip(path, data_pkl, storages=(), *, byteorder=b"little", archive
             z.writestr(f"{archive}/{name}", data)
         z.writestr(f"{archive}/version", b"3\n")
     return path
+
+
+def rewrite_member(path, name, *, file_size=None, compress_size=None, method=None, flags=None):
+    """Change what the zip at ``path`` says of member ``name`` -- its sizes, compression method
+    or flag bits -- in both its local header and the central directory, leaving its bytes as
+    they are: an archive that lies about a member, with the CRC of what the member holds."""
+    data = bytearray(open(path, "rb").read())
+    encoded = name.encode()
+    # (signature, offset of the flags, the method, the compressed and the file size, of the
+    # name's length, and of the name) in a local header and a central directory entry
+    for signature, at_flags, at_method, at_compressed, at_size, at_length, at_name in (
+            (b"PK\x03\x04", 6, 8, 18, 22, 26, 30), (b"PK\x01\x02", 8, 10, 20, 24, 28, 46)):
+        start = 0
+        while (start := data.find(signature, start)) >= 0:
+            length = struct.unpack_from("<H", data, start + at_length)[0]
+            if bytes(data[start + at_name:start + at_name + length]) == encoded:
+                for value, at, fmt in ((flags, at_flags, "<H"), (method, at_method, "<H"),
+                                       (compress_size, at_compressed, "<I"),
+                                       (file_size, at_size, "<I")):
+                    if value is not None:
+                        struct.pack_into(fmt, data, start + at, value)
+            start += 4
+    open(path, "wb").write(bytes(data))
+    return path

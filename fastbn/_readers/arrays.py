@@ -1,12 +1,74 @@
-"""Arrays from storage bytes: the unpickled tree with each placeholder replaced by numpy data."""
+"""Arrays from storage bytes: the unpickled tree with each placeholder replaced by numpy data.
+
+Each array is a copy that owns its data, so the arrays of a file can hold more bytes than its
+storages: an expanded tensor (torch's ``expand``, a stride of 0) of one stored element, or a
+storage viewed by many tensors.  The total is bounded (``ExpansionBudget``): at most
+``max_expansion`` times the bytes of the storages read, plus ``EXPANSION_ALLOWANCE``.
+"""
 
 import collections
+import math
 from collections.abc import Mapping
 
 import numpy as np
 
 from .elements import STORED
+from .errors import CheckpointError, shown
 from .placeholders import Storage, StorageType, Tensor, TorchDtype
+
+#: Bytes the arrays of a file may always take, whatever ``max_expansion`` says: a small file
+#: may expand a few values into an array of some megabytes.
+EXPANSION_ALLOWANCE = 64 * 2**20
+
+#: The default of ``max_expansion``: enough for every array to be a copy of its storage
+#: twice over (tied weights saved as two views of one storage, bfloat16 widened to float32).
+DEFAULT_MAX_EXPANSION = 8
+
+
+def _size_text(nbytes):
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+class ExpansionBudget:
+    """Counts the bytes of the storages read and of the arrays built from them, and refuses
+    an array that would take the arrays past ``max_expansion`` times the storages (None: no
+    bound) plus ``EXPANSION_ALLOWANCE``, before it is allocated."""
+
+    def __init__(self, max_expansion):
+        self.max_expansion = max_expansion
+        self.stored = 0
+        self.built = 0
+
+    def add_storage(self, nbytes):
+        self.stored += nbytes
+
+    def charge(self, tensor, nbytes):
+        self.built += nbytes
+        if self.max_expansion is None:
+            return
+        allowed = self.max_expansion * self.stored + EXPANSION_ALLOWANCE
+        if self.built > allowed:
+            raise CheckpointError(
+                f"the arrays would take more than {_size_text(self.built)} from "
+                f"{_size_text(self.stored)} of stored data, beyond max_expansion="
+                f"{self.max_expansion:g} times it plus {_size_text(EXPANSION_ALLOWANCE)}; the "
+                f"tensor of size {tensor.size} and stride {tensor.stride} on storage "
+                f"{shown(tensor.storage.key, 40)} takes {_size_text(nbytes)} (an expanded "
+                f"tensor, or a storage viewed many times). Pass a larger max_expansion, or "
+                f"None, to read it anyway")
+
+
+def _array_bytes(tensor, bf16):
+    """The bytes ``build_array`` allocates for ``tensor``'s array."""
+    if tensor.element == "bfloat16":
+        itemsize = 4 if bf16 is None else 2
+    else:
+        itemsize = np.dtype(STORED[tensor.element]).itemsize
+    return math.prod(tensor.size) * itemsize
+
 
 def finish(view, element, bf16=None):
     """A C-contiguous, native-endian copy of ``view`` as its dtype (bfloat16: as ``bf16``, or
@@ -37,9 +99,9 @@ def build_array(tensor, raw, byteorder, bf16=None):
     else:
         last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
     if last >= flat.size:
-        raise ValueError(f"tensor of size {tensor.size} and stride {tensor.stride} at offset "
-                         f"{tensor.offset} reaches element {last} of storage "
-                         f"'{tensor.storage.key}', which holds {flat.size}")
+        raise CheckpointError(f"tensor of size {tensor.size} and stride {tensor.stride} at "
+                              f"offset {tensor.offset} reaches element {last} of storage "
+                              f"{shown(tensor.storage.key, 40)}, which holds {flat.size}")
     view = np.lib.stride_tricks.as_strided(
         flat[tensor.offset:], shape=tensor.size,
         strides=tuple(s * stored.itemsize for s in tensor.stride), writeable=False)
@@ -54,7 +116,7 @@ def build_array(tensor, raw, byteorder, bf16=None):
     return array
 
 
-def materialise(tree, read_storage, byteorder, bf16=None):
+def materialise(tree, read_storage, byteorder, bf16=None, max_expansion=DEFAULT_MAX_EXPANSION):
     """The unpickled tree with each placeholder replaced by an array (bfloat16 ones as
     ``bf16``, or float32 if None).
 
@@ -63,11 +125,18 @@ def materialise(tree, read_storage, byteorder, bf16=None):
     """
     memo = {}
     raw_of = {}
+    budget = ExpansionBudget(max_expansion)
 
     def raw(storage):
         if storage.key not in raw_of:
             raw_of[storage.key] = read_storage(storage)
+            budget.add_storage(len(raw_of[storage.key]))
         return raw_of[storage.key]
+
+    def array(tensor):
+        data = raw(tensor.storage)
+        budget.charge(tensor, _array_bytes(tensor, bf16))
+        return build_array(tensor, data, byteorder, bf16)
 
     def convert(obj):
         if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
@@ -76,10 +145,9 @@ def materialise(tree, read_storage, byteorder, bf16=None):
         if done is not None:
             return done[1]
         if isinstance(obj, Tensor):
-            result = build_array(obj, raw(obj.storage), byteorder, bf16)
+            result = array(obj)
         elif isinstance(obj, Storage):  # a storage saved on its own: its elements, flat
-            whole = Tensor(obj, 0, (obj.numel,), (1,), obj.element)
-            result = build_array(whole, raw(obj), byteorder, bf16)
+            result = array(Tensor(obj, 0, (obj.numel,), (1,), obj.element))
         elif isinstance(obj, (TorchDtype, StorageType)):
             result = repr(obj)  # "torch.float32"
         elif type(obj) in (dict, collections.OrderedDict):
@@ -104,12 +172,12 @@ def materialise(tree, read_storage, byteorder, bf16=None):
         elif type(obj) is bytearray:
             result = bytearray(obj)
         else:
-            raise ValueError(f"the checkpoint holds a {type(obj).__name__} object, which is not "
-                             f"data fastbn can return")
+            raise CheckpointError(f"the checkpoint holds a {type(obj).__name__} object, which "
+                                  f"is not data fastbn can return")
         memo[id(obj)] = (obj, result)  # obj kept alive so that its id stays unique
         return result
 
     try:
         return convert(tree)
     except RecursionError:
-        raise ValueError("the checkpoint's objects are nested too deeply to convert") from None
+        raise CheckpointError("the checkpoint's objects are nested too deeply to convert") from None

@@ -6,11 +6,13 @@ stream's structure: a tuple nested 300,000 deep used as a dict key overflows the
 hashed, a few hundred bytes of shared references expand to 2**60 objects when hashed or
 printed, and one memo index can ask for a table of 4 Gi entries.  check_structure reads the
 opcodes once (pickletools.genops), models each one's effect on the stack and the memo, and
-refuses such pickles with a ValueError naming the file; then it rewinds, and the unpickler
+refuses such pickles with a CheckpointError naming the file; then it rewinds, and the unpickler
 reads what the walk has vetted.
 """
 
 import pickletools
+
+from .errors import CheckpointError, excerpt
 
 #: How deeply a pickle may nest containers (a torch state_dict nests a few levels).  Deeper
 #: nesting is refused before anything is built: hashing or comparing a tuple nested some
@@ -73,7 +75,7 @@ def check_structure(file, path, what):
         except StopIteration:  # (genops stops after STOP)
             break
         except ValueError as exc:  # truncated, or not in the form pickle writes
-            problem = f"malformed pickle: {exc}"
+            problem = f"malformed pickle: {excerpt(exc)}"
             break
         ops += 1
         fixed, to_mark, pushes, role = _EFFECTS[op]
@@ -134,5 +136,5 @@ def check_structure(file, path, what):
                        f"objects from {ops} opcodes, a structure no state_dict has")
         stack.extend([record] * pushes)
     if problem is not None:
-        raise ValueError(f"{path}: could not read {what}: {problem}")
+        raise CheckpointError(f"{path}: could not read {what}: {problem}")
     file.seek(start)

@@ -1,9 +1,12 @@
 """safetensors files, through the optional ``safetensors`` package's header parser."""
 
+import math
+
 import numpy as np
 
 from .arrays import finish
 from .elements import STORED
+from .errors import CheckpointError, excerpt, shown
 
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -26,19 +29,23 @@ def read_safetensors(path, bf16=None):
         # matching each tensor's shape and dtype.  The bytes are decoded here, so that
         # bfloat16 (which safetensors.numpy cannot return) is handled as in torch files.
         entries = safetensors.deserialize(data)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a valid safetensors file: {exc}") from None
+    except Exception as exc:  # (SafetensorError, and whatever else the parser raises)
+        raise CheckpointError(f"{path}: not a valid safetensors file: {excerpt(exc)}") from None
     arrays = {}
     for name, info in entries:
         code, shape, raw = info["dtype"], tuple(info["shape"]), info["data"]
         element = _SAFETENSORS_DTYPES.get(code)
         if element is None:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {code}, which fastbn does not "
-                             f"read (supported: {', '.join(_SAFETENSORS_DTYPES)})")
+            raise CheckpointError(f"{path}: tensor {shown(name, 80)} has dtype {shown(code, 20)}, "
+                                  f"which fastbn does not read (supported: "
+                                  f"{', '.join(_SAFETENSORS_DTYPES)})")
+        if len(shape) > 64:
+            raise CheckpointError(f"{path}: tensor {shown(name, 80)} has {len(shape)} "
+                                  f"dimensions; numpy allows 64")
         stored = np.dtype(STORED[element]).newbyteorder("<")
-        if len(raw) != stored.itemsize * int(np.prod(shape, dtype=np.int64)):
-            raise ValueError(f"{path}: tensor {name!r} of shape {shape} and dtype {code} has "
-                             f"{len(raw)} bytes of data")
+        if len(raw) != stored.itemsize * math.prod(shape):
+            raise CheckpointError(f"{path}: tensor {shown(name, 80)} of shape {shape} and dtype "
+                                  f"{code} has {len(raw)} bytes of data")
         arrays[name] = finish(np.frombuffer(raw, dtype=stored).reshape(shape), element, bf16)
     return arrays
 

@@ -4,43 +4,39 @@
 import io
 
 from .arrays import materialise
+from .errors import CheckpointError, shown
 from .unpickler import Unpickler, unpickle
 
-def read_torch_zip(archive, prefix, path, bf16=None):
-    names = set(archive.namelist())
+def read_torch_zip(members, prefix, bf16=None, max_expansion=None):
+    """The saved object of the torch.save archive in ``members`` (a ZipMembers) whose
+    pickle is ``<prefix>data.pkl``, with its tensors as arrays."""
+    path = members.path
+    names = members.names
     if prefix + "constants.pkl" in names or any(n.startswith(prefix + "code/") for n in names):
-        raise ValueError(f"{path} is a TorchScript archive (torch.jit.save), not a torch.save "
-                         f"checkpoint: load it with torch.jit.load and save its state_dict() with "
-                         f"torch.save")
+        raise CheckpointError(f"{path} is a TorchScript archive (torch.jit.save), not a torch.save "
+                              f"checkpoint: load it with torch.jit.load and save its state_dict() "
+                              f"with torch.save")
     byteorder = "<"
-    if prefix + "byteorder" in names:
-        record = archive.read(prefix + "byteorder")
+    if members.size(prefix + "byteorder") is not None:
+        record = members.read(prefix + "byteorder", limit=16)
         if record not in (b"little", b"big"):
-            raise ValueError(f"{path}: unknown byte order record {record[:20]!r} (expected "
-                             f"b'little' or b'big')")
+            raise CheckpointError(f"{path}: unknown byte order record {shown(record, 20)} "
+                                  f"(expected b'little' or b'big')")
         byteorder = "<" if record == b"little" else ">"
     # (torch reads checkpoints without the record, written before it existed, as little-endian.)
-    unpickler = Unpickler(io.BytesIO(archive.read(prefix + "data.pkl")), path)
+    unpickler = Unpickler(io.BytesIO(members.read(prefix + "data.pkl")), path)
     tree = unpickle(unpickler, path, f"{prefix}data.pkl")
 
     def read_storage(storage):
         name = f"{prefix}data/{storage.key}"
-        try:
-            info = archive.getinfo(name)
-        except KeyError:
-            raise ValueError(f"{path}: storage '{storage.key}' has no member {name!r} in the "
-                             f"archive") from None
-        if info.file_size != storage.nbytes:
-            raise ValueError(f"{path}: member {name!r} holds {info.file_size} bytes, but its "
-                             f"storage record says {storage.numel} {storage.element} elements "
-                             f"({storage.nbytes} bytes)")
-        data = archive.read(info)
-        # The bytes read, not the header's claim: a member may hold fewer than its header says
-        # (with a CRC of what it holds), and zipfile then returns them short.
-        if len(data) != storage.nbytes:
-            raise ValueError(f"{path}: member {name!r} holds {len(data)} bytes although its "
-                             f"header says {info.file_size}; its storage record says "
-                             f"{storage.nbytes} bytes")
-        return data
+        size = members.size(name)
+        if size is None:
+            raise CheckpointError(f"{path}: storage {shown(storage.key, 40)} has no member "
+                                  f"{shown(name, 80)} in the archive")
+        if size != storage.nbytes:
+            raise CheckpointError(f"{path}: member {shown(name, 80)} holds {size} bytes, but its "
+                                  f"storage record says {storage.numel} {storage.element} "
+                                  f"elements ({storage.nbytes} bytes)")
+        return members.read(name)  # (exactly the header's size, or an error)
 
-    return materialise(tree, read_storage, byteorder, bf16)
+    return materialise(tree, read_storage, byteorder, bf16, max_expansion)

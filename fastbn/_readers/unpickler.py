@@ -5,8 +5,8 @@
 import collections
 import pickle
 
-from .elements import DTYPE_NAME, STORAGE_TYPES, STORED
-from .errors import UnsafeCheckpointError, shown
+from .elements import DTYPE_NAME, STORAGE_TYPES, STORED, element_size
+from .errors import CheckpointError, UnsafeCheckpointError, excerpt, shown
 from .pickle_walk import check_structure
 from .placeholders import Inert, Storage, StorageType, Tensor, TorchDtype, checked_count, checked_shape, checked_tensor
 
@@ -170,7 +170,7 @@ class Unpickler(pickle.Unpickler):
         qualname = f"{module}.{name}"
         hint = next((f"; {why}" for start, why in _REFUSED_HINTS if qualname.startswith(start)), "")
         raise UnsafeCheckpointError(
-            f"refusing to load global '{qualname}' from {self._path}: fastbn only unpickles what "
+            f"refusing to load global {shown(qualname, 120)} from {self._path}: fastbn only unpickles what "
             f"a tensor state_dict needs (torch's tensor and parameter rebuild functions, storage "
             f"types, dtypes, torch.Size, OrderedDict and plain containers){hint}. Nothing from "
             f"the checkpoint was run.")
@@ -193,7 +193,9 @@ class Unpickler(pickle.Unpickler):
                                  f"torch.{n}" for n, e in STORAGE_TYPES.items() if e))
         if not isinstance(key, str) or not key:
             raise ValueError(f"a storage key must be a non-empty string, got {shown(key, 40)}")
-        numel = checked_count(numel, f"the element count of storage '{key}'")
+        numel = checked_count(numel, f"the element count of storage {shown(key, 40)}")
+        if numel * element_size(storage_type.element) >= 2**63:
+            raise ValueError(f"storage {shown(key, 40)} of {numel} elements is too large to address")
         if self._legacy and pid[5] is not None:
             raise ValueError("the checkpoint uses storage views (written by torch < 0.4), which "
                              "fastbn does not read; re-save it with a recent torch")
@@ -201,17 +203,22 @@ class Unpickler(pickle.Unpickler):
         if storage is None:
             storage = self.storages[key] = Storage(key, storage_type.element, numel)
         elif (storage.element, storage.numel) != (storage_type.element, numel):
-            raise ValueError(f"storage '{key}' is recorded both as {storage.numel} {storage.element} "
-                             f"and as {numel} {storage_type.element} elements")
+            raise ValueError(f"storage {shown(key, 40)} is recorded both as {storage.numel} "
+                             f"{storage.element} and as {numel} {storage_type.element} elements")
         return storage
 
 
 def unpickle(unpickler, path, what):
-    """Run the unpickler; every failure but a refused global is a ValueError naming the file."""
+    """Run the unpickler after the walk has bounded it; a failure of the pickle machine or of
+    a stand-in's checks is a CheckpointError naming the file (a refused global stays an
+    UnsafeCheckpointError, and running out of memory or stack is left to the caller)."""
     check_structure(unpickler.file, path, what)
     try:
         return unpickler.load()
-    except UnsafeCheckpointError:
+    except (UnsafeCheckpointError, MemoryError, RecursionError):
         raise
-    except Exception as exc:  # truncated or malformed pickle, failed checks in rebuild calls
-        raise ValueError(f"{path}: could not read {what}: {exc}") from exc
+    except Exception as exc:  # truncated or malformed pickle, failed checks in rebuild calls:
+        # the pickle machine raises UnpicklingError, EOFError, TypeError, ... for them
+        # (a stand-in's own check reads as it is; the pickle machine's errors with their class)
+        problem = excerpt(exc) if type(exc) is not ValueError else excerpt(exc)[len("ValueError: "):]
+        raise CheckpointError(f"{path}: could not read {what}: {problem}") from exc

@@ -1,0 +1,122 @@
+"""Write the crafted files of tests/fuzz/regressions/: one per finding of issue #19's attack.
+
+    python tests/fuzz/make_regressions.py
+
+Each file is what an attacker would hand a user, as small as the finding allows (deflated
+where its point is size); tests/fuzz/regressions/EXPECTED.txt says how each must now be
+refused, and tests/test_fuzz_regressions.py replays them all.  Files the fuzzers found are
+added as they were found (fuzz-*), not written here.
+"""
+
+import io
+import os
+import struct
+import sys
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from checkpoint_craft import Call, Global, Storage, dumps, rewrite_member, tensor, write_torch_zip  # noqa: E402
+
+OUT = os.path.join(HERE, "regressions")
+
+
+def _deflated_torch_zip(path, body, storages=()):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", body)
+        for key, data in storages:
+            z.writestr(f"archive/data/{key}", data)
+    return path
+
+
+def _npy(header, data=b"", version=1):
+    text = repr(header).encode("latin-1") if isinstance(header, dict) else header
+    text += b" " * (-(len(text) + 11) % 64) + b"\n"
+    width = "<H" if version == 1 else "<I"
+    return b"\x93NUMPY" + bytes([version, 0]) + struct.pack(width, len(text)) + text + data
+
+
+def _npz(path, members, compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, data in members:
+            z.writestr(name, data)
+    return path
+
+
+def _float(values):
+    data = struct.pack(f"<{len(values)}f", *values)
+    pkl = dumps({"w": tensor(Storage("FloatStorage", "0", len(values)), 0, (len(values),), (1,))})
+    return pkl, data
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    at = lambda name: os.path.join(OUT, name)  # noqa: E731
+
+    # 1. out-of-bounds read: a member shorter than its header, with the CRC of what it holds
+    pkl, data = _float(list(range(60)))
+    rewrite_member(write_torch_zip(at("short-stored-member.pt"), pkl, {"0": data[:8]}),
+                   "archive/data/0", file_size=240)
+    rewrite_member(_deflated_torch_zip(at("short-deflated-member.pt"), pkl, [("0", data[:8])]),
+                   "archive/data/0", file_size=240)
+
+    # 2. BUILD onto an allowed function: its __defaults__ negated every later load
+    evil = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n"
+            + dumps((None, {"__defaults__": (False, None, {"neg": True})}))[2:-1]
+            + b"b0" + dumps({"x": 1})[2:])
+    write_torch_zip(at("build-onto-allowed-function.pt"), evil)
+
+    # 3. a tuple nested 300,000 deep as a dict key: a C stack overflow when hashed
+    deep = b"\x80\x02}" + b")" + b"\x85" * 300_000 + b"Ns."
+    _deflated_torch_zip(at("nested-tuple-key.pt"), deep)
+
+    # 4. exponential time and memory from small files
+    index = [struct.pack("<I", k) for k in range(61)]
+    lists = bytearray(b"\x80\x02]r" + index[0])
+    for k in range(60):
+        lists += b"]r" + index[k + 1] + b"(j" + index[k] + b"j" + index[k] + b"e"
+    write_torch_zip(at("shared-lists-in-a-message.pt"), bytes(lists + b"."))
+    key = bytearray(b"\x80\x02})r" + index[0] + b"0")
+    for k in range(60):
+        key += b"j" + index[k] + b"j" + index[k] + b"\x86r" + index[k + 1] + b"0"
+    write_torch_zip(at("shared-tuple-key.pt"), bytes(key + b"j" + index[60] + b"Ns."))
+    puny = dumps({"b": Call(Global("__builtin__", "bytearray"), "\u00e9" * 16_000, "punycode")})
+    _deflated_torch_zip(at("bytearray-punycode.pt"), puny)
+    write_torch_zip(at("memo-index-4GiB.pt"), b"\x80\x02N" + b"r" + struct.pack("<I", 0xFFFFFFF0) + b".")
+    expanded = dumps({"x": tensor(Storage("FloatStorage", "0", 1), 0, (2**40,), (0,))})
+    write_torch_zip(at("expanded-tensor-4TiB.pt"), expanded, {"0": b"\0" * 4})
+    _npz(at("npz-header-7TiB.npz"),
+         [("x.npy", _npy({"descr": "<f8", "fortran_order": False, "shape": (2**40, 7)}))])
+
+    # 5. exceptions outside the documented ones
+    _npz(at("npz-python2-header.npz"),
+         [("x.npy", _npy(b"{'descr': '<f8', 'fortran_order': False, 'shape': (3L,), }", b"\0" * 24))])
+    pkl, data = _float([1.0, 2.0])
+    rewrite_member(write_torch_zip(at("encrypted-member.pt"), pkl, {"0": data}),
+                   "archive/data.pkl", flags=1)
+    for name, method in (("bz2-member.pt", zipfile.ZIP_BZIP2), ("lzma-member.pt", zipfile.ZIP_LZMA)):
+        with zipfile.ZipFile(at(name), "w", method) as z:
+            z.writestr("archive/data.pkl", pkl)
+            z.writestr("archive/data/0", data)
+    raw = bytearray(open(write_torch_zip(at("central-directory-past-the-start.pt"), pkl,
+                                         {"0": data}), "rb").read())
+    struct.pack_into("<I", raw, raw.rfind(b"PK\x05\x06") + 12, 2**31)
+    open(at("central-directory-past-the-start.pt"), "wb").write(bytes(raw))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/\xff", b"")
+    open(at("member-name-not-utf8.pt"), "wb").write(
+        buffer.getvalue().replace("archive/\xff".encode(), b"archive/\xff\xfe"))
+    shapes = dumps({"x": tensor(Storage("FloatStorage", "0", 1), 0, (2**64, 0), (1, 1))})
+    write_torch_zip(at("empty-tensor-huge-size.pt"), shapes, {"0": b"\0" * 4})
+    negated = dumps({"x": tensor(Storage("BoolStorage", "0", 2), 0, (2,), (1,),
+                                 metadata={"neg": True})})
+    write_torch_zip(at("bool-tensor-negative-bit.pt"), negated, {"0": b"\1\0"})
+    _npz(at("npz-shape-beyond-int64.npz"),
+         [("x.npy", _npy({"descr": "<f4", "fortran_order": False, "shape": (2**30, 2**64)}))])
+
+
+if __name__ == "__main__":
+    main()
