@@ -3,11 +3,14 @@
 A ``torch.save`` file is a pickle that describes the saved object (dicts, tensors as calls to
 torch's rebuild functions) and, beside it, the raw bytes of each tensor storage.  Unpickling
 normally *imports and calls* whatever the pickle names, which is how a malicious checkpoint
-runs code.  This reader never imports what the file names: :class:`_Unpickler` maps the few
-globals a tensor state_dict needs to fastbn's own functions and refuses every other one with
+runs code.  This reader never imports what the file names: its unpickler
+(``fastbn/_readers/unpickler.py``, whose top states the safety argument) maps the few globals
+a tensor state_dict needs to fastbn's own functions and refuses every other one with
 :class:`UnsafeCheckpointError`, before anything is called.  The rebuild functions check
 their arguments (storage offset, size and stride within the storage) and return inert
-placeholders; arrays are built afterwards by numpy from the storage bytes.
+placeholders; arrays are built afterwards by numpy from the storage bytes.  The readers of
+each format live in ``fastbn/_readers/``; this module recognises the format, keeps the error
+contract (every failure is a :class:`CheckpointError`) and picks out the state_dict.
 
 Formats, recognised by their content:
 
@@ -17,7 +20,7 @@ Formats, recognised by their content:
   version and system information, the object pickle, the list of storage keys, then each
   storage as an int64 element count followed by its bytes;
 * safetensors (through the optional ``safetensors`` package: ``pip install fastbn[io]``);
-* ``.npz`` archives, read with ``allow_pickle=False``.
+* ``.npz`` archives, parsed by fastbn (object arrays refused, as ``allow_pickle=False``).
 
 Only numpy and the standard library are used; torch is never imported (nor ml_dtypes, unless
 ``bfloat16="keep"`` asks for ``ml_dtypes.bfloat16`` arrays rather than float32 ones).
@@ -66,6 +69,12 @@ def read_checkpoint(path, *, bfloat16="float32", max_expansion=DEFAULT_MAX_EXPAN
         arrays holding the stored bits unchanged, half the memory; this needs the optional
         ``ml_dtypes`` package (``pip install fastbn[bf16]``), imported only then.  Other
         dtypes are unaffected.
+    max_expansion : float or None, default 8
+        How many times the bytes of a torch file's storages its arrays may take, plus
+        64 MiB.  Each array is a copy, so an expanded tensor (torch's ``expand``: a stride of
+        0) or a storage viewed by many tensors takes more than the file holds; beyond this
+        bound the file is refused (CheckpointError) before the array is allocated.  Raise it,
+        or pass None for no bound, for a trusted file that needs more.
 
     Returns
     -------
@@ -79,22 +88,29 @@ def read_checkpoint(path, *, bfloat16="float32", max_expansion=DEFAULT_MAX_EXPAN
     ------
     FileNotFoundError
         If there is no such file.
+    CheckpointError
+        If the file is not a checkpoint, is truncated or corrupt, is inconsistent with
+        itself, exceeds a bound (``max_expansion``, the pickle's nesting and sharing), or
+        holds something fastbn does not read (quantized or sparse tensors, an unsupported
+        dtype, an ``.npz`` object array, a member compressed other than by deflate).  A
+        subclass of ValueError; the message starts with the path and says what was found.
+        No other exception comes out of reading a file, whatever it holds.
     UnsafeCheckpointError
-        If the pickle names a global outside the allow-list (a subclass of
-        ``pickle.UnpicklingError``); nothing from the file has run.
+        If the pickle names a global outside the allow-list: a CheckpointError that is also
+        a ``pickle.UnpicklingError``; nothing from the file has run.
     ImportError
         For a safetensors file, when the ``safetensors`` package is not installed; with
         ``bfloat16="keep"``, when ``ml_dtypes`` is not installed (before the file is read).
     ValueError
-        If ``bfloat16`` is not ``"float32"`` or ``"keep"`` (before the file is read).  If the
-        file is not a checkpoint, is truncated or corrupt, or holds something fastbn
-        does not read (quantized or sparse tensors, an unsupported dtype, an ``.npz`` object
-        array); the message names the file and what was found.
+        If ``bfloat16`` is not ``"float32"`` or ``"keep"``, or ``max_expansion`` is not a
+        number >= 1 or None (before the file is opened).
 
     Notes
     -----
-    Every array is a C-contiguous, native-endian copy that owns its data: views, transposes
-    and tensors sharing a storage come out with their own values, as torch shows them.
+    Every array of a torch file is a C-contiguous, native-endian copy that owns its data:
+    views, transposes and tensors sharing a storage come out with their own values, as torch
+    shows them.  ``.npz`` arrays come back as ``np.load`` returns them (C or Fortran order),
+    in native byte order.
     bfloat16 tensors are widened to float32 (exactly), or kept (``bfloat16="keep"``); bool
     storage bytes other than 0 read as True.  The dtypes read are float16/32/64, bfloat16,
     int8/16/32/64, uint8/16/32/64, bool and complex64/128.  An ``.npz`` file cannot mark an
@@ -103,10 +119,13 @@ def read_checkpoint(path, *, bfloat16="float32", max_expansion=DEFAULT_MAX_EXPAN
 
     Safety: the pickle inside a torch file can name any Python callable, and unpickling calls
     it.  Here every name is checked against a fixed allow-list before anything is called, and
-    only fastbn's own functions stand in for the allowed names; tensor offsets, sizes and
-    strides are checked against their storage before numpy reads it.  The reader does not
-    bound memory use: a crafted file can still ask for large allocations (an expanded tensor
-    of many elements, a zip member that decompresses to a large size).
+    only fastbn's own functions, which no pickle can alter, stand in for the allowed names;
+    tensor offsets, sizes and strides are checked against their storage and against the
+    bytes actually read before numpy reads them.  Memory is bounded by the file: zip members
+    inflate at most as deflate can from the bytes the file holds, ``.npz`` headers are checked
+    against the member's bytes before allocating, the pickle's structure is bounded before it
+    is built, and arrays beyond their storages by ``max_expansion``.  See the README's Safety
+    paragraph for the bounds.
     """
     bf16 = bfloat16_dtype(bfloat16)
     max_expansion = _checked_max_expansion(max_expansion)
@@ -230,6 +249,8 @@ def load_checkpoint(path, *, key=None, bfloat16="float32", max_expansion=DEFAULT
         ``"keep"``: as ``ml_dtypes.bfloat16`` arrays with the stored bits, half the memory
         (needs ``pip install fastbn[bf16]``, or ``pip install ml_dtypes``).
         ``load_state_dict`` and ``from_state_dict`` accept either; see :func:`read_checkpoint`.
+    max_expansion : float or None, default 8
+        The bound on arrays beyond the file's storages; see :func:`read_checkpoint`.
 
     Returns
     -------
@@ -241,11 +262,10 @@ def load_checkpoint(path, *, key=None, bfloat16="float32", max_expansion=DEFAULT
 
     Raises
     ------
-    ValueError
+    CheckpointError
         If ``key`` is not found (the message lists the keys there are), if no state_dict is
-        found, and for everything :func:`read_checkpoint` raises ValueError for (a
-        ``bfloat16`` other than ``"float32"`` and ``"keep"`` included).
-    UnsafeCheckpointError, FileNotFoundError, ImportError
+        found, and for everything :func:`read_checkpoint` raises it for.
+    UnsafeCheckpointError, FileNotFoundError, ImportError, ValueError
         As :func:`read_checkpoint`.
 
     Notes

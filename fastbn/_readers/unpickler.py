@@ -1,5 +1,35 @@
 """The restricted unpickler: an allow-list of globals mapped to fastbn's stand-ins.
 
+Why a file cannot run code, change the process, or make unpickling unbounded through it:
+
+1. **Nothing is imported or looked up by name.**  Every global a pickle names (GLOBAL,
+   STACK_GLOBAL, INST, and the EXT opcodes through copyreg's registry, in which fastbn
+   registers nothing) goes through ``Unpickler.find_class``, which returns an entry of the
+   fixed table ``_ALLOWED`` -- exact (module, name) pairs, no attribute paths -- or a fresh
+   ``TorchDtype`` marker, and raises UnsafeCheckpointError for anything else, before any
+   call.  So REDUCE, NEWOBJ and OBJ can only call what the table holds.
+2. **What the table holds can only be called.**  Its entries are built-in types whose
+   attributes no pickle can set (OrderedDict, set, frozenset, complex: BUILD, SETITEM and
+   APPEND on them raise), and instances of ``placeholders.Inert`` subclasses
+   (``_Allowed`` around fastbn's stand-ins, ``StorageType``), which have no ``__dict__`` and
+   refuse ``__setstate__``: BUILD on an allowed function, which once set its
+   ``__defaults__`` and changed every later load in the process, is an error.  Nothing a
+   pickle builds outlives the call except the arrays and plain containers returned.
+3. **The stand-ins check before they build.**  They take torch's arguments, check each
+   (types, counts, a tensor's every element inside its storage, a bytearray's codec) and
+   return inert placeholders; numpy sees bytes only later (``arrays``), checked again
+   against the bytes actually read.
+4. **Work is bounded before the pickle machine runs.**  ``pickle_walk.check_structure``
+   reads the opcodes once and refuses deep nesting (C stack), sharing that expands
+   exponentially (hashing, comparing, printing), containers grown after being placed, memo
+   indices out of proportion and pickles it cannot parse to STOP; ``persistent_load``
+   bounds storage sizes; messages show values through ``errors.shown``, never a full repr.
+5. **Failures are data.**  Whatever the pickle machine or a stand-in raises becomes a
+   CheckpointError naming the file (``unpickle``); running out of memory or stack is not
+   hidden here but left to the reader's error contract (``errors.as_checkpoint_error``).
+
+What this rests on: CPython's C unpickler handling each opcode as documented, and the
+allow-list holding nothing that can reach further.  It is not a sandbox.
 """
 
 import collections

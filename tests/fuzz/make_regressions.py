@@ -1,4 +1,5 @@
-"""Write the crafted files of tests/fuzz/regressions/: one per finding of issue #19's attack.
+"""Write the crafted files of tests/fuzz/regressions/ -- one per finding of issue #19's attack --
+and the small crafted seeds of tests/fuzz/seeds/ (what tests/data, written by torch, lacks).
 
     python tests/fuzz/make_regressions.py
 
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from checkpoint_craft import Call, Global, Storage, dumps, rewrite_member, tensor, write_torch_zip  # noqa: E402
 
 OUT = os.path.join(HERE, "regressions")
+SEEDS = os.path.join(HERE, "seeds")
 
 
 def _deflated_torch_zip(path, body, storages=()):
@@ -118,5 +120,25 @@ def main():
          [("x.npy", _npy({"descr": "<f4", "fortran_order": False, "shape": (2**30, 2**64)}))])
 
 
+def seeds():
+    """Valid files of the shapes the fuzzers should start from, beyond tests/data's."""
+    os.makedirs(SEEDS, exist_ok=True)
+    at = lambda name: os.path.join(SEEDS, name)  # noqa: E731
+    values = struct.pack(">4f", 1.0, -2.0, 3.5, 0.25)
+    storage = Storage("FloatStorage", "0", 4)
+    tree = {"w": tensor(storage, 0, (2, 2), (1, 2)), "e": tensor(storage, 1, (3, 2), (0, 1)),
+            "n": tensor(storage, 0, (4,), (1,), metadata={"neg": True})}
+    write_torch_zip(at("big-endian-views.pt"), dumps(tree), {"0": values}, byteorder=b"big")
+    pkl, data = _float([1.0, 2.0, 3.0])
+    _deflated_torch_zip(at("deflated.pt"), pkl, [("0", data)])
+    import numpy as np
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, f=np.asfortranarray(np.arange(6, dtype=">f8").reshape(2, 3)),
+                        s=np.zeros(2, dtype=[("a", "<i4"), ("b", "<f2")]), z=np.zeros((0, 3)))
+    open(at("compressed.npz"), "wb").write(buffer.getvalue())
+
+
 if __name__ == "__main__":
+    zipfile.time.time = lambda: 315_576_000.0  # (1980-01-01: the same bytes at every run)
     main()
+    seeds()
