@@ -21,6 +21,9 @@ _engine/call.pxi        what one call carries: data, per-channel arrays, statist
 _engine/forward.pxi     coefficients, the normalisation pass, eval and training forwards
 _engine/backward.pxi    gradient sums, grad_input, eval and training backwards
 _engine/dispatch.pxi    (job, storage, activation) -> the specialisation that runs
+_engine/simd/*.h        the C written by hand, by job: convert.h (half <-> float32), affine.h
+                        (the half affine map), reduce.h (lane sums in registers), bits.h
+                        (prefetch, masking); each names the Cython loop whose bits it gives
 this file               the Python entry points: validate the contract, fill a Call, dispatch
 
 The tuning switches (a forced layout and fusion off, which tests set, and the largest planar

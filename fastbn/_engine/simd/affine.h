@@ -1,0 +1,78 @@
+/* The affine map of a run of half data, conversions in registers.
+ *
+ * Part of fastbn's kernels (declared to Cython in fastbn/_engine/storage.pxi).  Must give the
+ * bits of the Cython loop affine_run (fastbn/_engine/loops.pxi) on the widened run, each value
+ * rounded to the half type: tests/test_float16.py and tests/test_bfloat16.py check it at
+ * every SIMD level this CPU runs.
+ *
+ *   fastbn_affine_half    y = act((x * factor - center) * scale + shift) over a half run;
+ *                         FASTBN_HALF_AFFINE says whether this build has it (else the caller
+ *                         stages the run through float32 blocks)
+ */
+#ifndef FASTBN_SIMD_AFFINE_H
+#define FASTBN_SIMD_AFFINE_H
+
+#include "convert.h"
+
+/* The affine map of a run of half data with one channel's coefficients, conversions in
+   registers: y = act((x * factor - center) * scale + shift), rounded to the half type.
+   Only where the compiler contracts the float32 loop (affine_run) into the same two fused
+   multiply-adds -- the FMA builds -- so that every value is the float32 loop's, bit for bit
+   (tests/test_bfloat16.py checks it at every level); elsewhere the run is staged. */
+#if defined(__FMA__) && (defined(__AVX2__) || defined(__AVX512F__))
+#define FASTBN_HALF_AFFINE 1
+static inline void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
+                                      Py_ssize_t n, float factor, float center, float scale,
+                                      float shift) {
+    const uint16_t *s = (const uint16_t *)src;
+    uint16_t *d = (uint16_t *)dst;
+    Py_ssize_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    {
+        const __m512 f = _mm512_set1_ps(factor), c = _mm512_set1_ps(center);
+        const __m512 k = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift), zero = _mm512_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+            __m512 z = _mm512_fmadd_ps(_mm512_fmsub_ps(fastbn_load16(bfloat, s + i), f, c), k, b);
+            if (relu)  /* torch's ReLU: 0 where z < 0; NaN and -0.0 pass */
+                z = _mm512_mask_mov_ps(z, _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ), zero);
+            fastbn_store16(bfloat, d + i, z);
+        }
+    }
+#endif
+    {
+        const __m256 f = _mm256_set1_ps(factor), c = _mm256_set1_ps(center);
+        const __m256 k = _mm256_set1_ps(scale), b = _mm256_set1_ps(shift), zero = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            __m256 z = _mm256_fmadd_ps(_mm256_fmsub_ps(fastbn_load8(bfloat, s + i), f, c), k, b);
+            if (relu)
+                z = _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
+            fastbn_store8(bfloat, d + i, z);
+        }
+    }
+    for (; i < n; i++) {
+        float v, z;
+        if (bfloat)
+            fastbn_widen_bfloat(s + i, &v, 1);
+        else
+            fastbn_widen_half(s + i, &v, 1);
+        z = fmaf(fmaf(v, factor, -center), scale, shift);
+        if (relu && z < 0.0f)
+            z = 0.0f;
+        if (bfloat)
+            fastbn_narrow_bfloat(&z, d + i, 1);
+        else
+            fastbn_narrow_half(&z, d + i, 1);
+    }
+}
+#else
+#define FASTBN_HALF_AFFINE 0
+/* Never called: FASTBN_HALF_AFFINE tells the caller to stage the run. */
+static inline void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
+                                      Py_ssize_t n, float factor, float center, float scale,
+                                      float shift) {
+    (void)bfloat; (void)relu; (void)src; (void)dst; (void)n;
+    (void)factor; (void)center; (void)scale; (void)shift;
+}
+#endif
+
+#endif /* FASTBN_SIMD_AFFINE_H */
