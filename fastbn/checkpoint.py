@@ -166,15 +166,24 @@ def _read(path, head, size, bf16, max_expansion):
         return read_legacy(path, data, bf16, max_expansion)
     if looks_like_safetensors(head, size) or path.endswith(".safetensors"):
         return read_safetensors(path, bf16)
-    import tarfile  # only for this message; not worth its import time on every import fastbn
-
-    if size >= 512 and tarfile.is_tarfile(path):
+    if _looks_like_tar(path, size):
         raise CheckpointError(f"{path} is a tar archive: the tar format of torch.save from "
                               f"before torch 0.1.10 is not supported; load it with torch and "
                               f"save it again")
     raise CheckpointError(f"{path} is not a checkpoint: it starts with {head!r}, while fastbn "
                           f"reads torch.save files (a zip archive, or a pickle in the legacy "
                           f"format), safetensors files and .npz archives")
+
+
+def _looks_like_tar(path, size):
+    """Whether the file starts with a POSIX tar header ('ustar' at byte 257), read from the
+    raw bytes: tarfile.is_tarfile would inflate a gzip, bz2 or xz stream to look, and read
+    what a crafted header claims."""
+    if size < 512:
+        return False
+    with open(path, "rb") as f:
+        header = f.read(512)
+    return header[257:262] == b"ustar"
 
 
 def _read_zip(path, size, bf16, max_expansion):

@@ -280,3 +280,28 @@ def test_the_expansion_bound_counts_what_is_allocated(tmp_path):
     _refused(path, "beyond max_expansion")
     assert read_checkpoint(path, bfloat16="keep")["x"].nbytes == 2 * count
     assert math.isclose(float(read_checkpoint(path, max_expansion=None)["x"][-1]), 0.5)
+
+
+# -- what the walk of the pickle now bounds, and what it still lets through ------------------
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickles_of_every_protocol_with_frames_sets_and_int_keys_load(tmp_path, protocol):
+    # Protocols 4 and 5 write FRAMEs (each opcode inside its frame), sets as ADDITEMS and
+    # frozensets as FROZENSET; protocol 2 writes both as calls of set and frozenset.
+    import pickle
+    value = {"steps": list(range(5000)), "tags": {"a", "b", (1, 2)}, "frozen": frozenset({1.5, 2}),
+             "by_index": {i: str(i) for i in range(3000)}, "blob": b"\0" * 100_000}
+    path = write_torch_zip(tmp_path / f"p{protocol}.pt", pickle.dumps(value, protocol=protocol))
+    assert read_checkpoint(path) == value
+
+
+def test_a_few_colliding_keys_are_data(tmp_path):
+    # Equal hashes are refused only beyond MAX_COLLISIONS keys of one dict or set.
+    import pickle
+    from fastbn._readers.pickle_walk import MAX_COLLISIONS
+    value = {k * (2**61 - 1): k for k in range(1, MAX_COLLISIONS + 1)}
+    assert read_checkpoint(write_torch_zip(tmp_path / "few.pt", pickle.dumps(value, protocol=2))) == value
+    value[0] = 0
+    value[(MAX_COLLISIONS + 1) * (2**61 - 1)] = 1  # one more that collides
+    with pytest.raises(CheckpointError, match="more than 64 keys of one dict or set share"):
+        read_checkpoint(write_torch_zip(tmp_path / "many.pt", pickle.dumps(value, protocol=2)))

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .elements import STORED
-from .errors import CheckpointError, shown
+from .errors import CheckpointError, shown, shown_dims
 from .placeholders import Storage, StorageType, Tensor, TorchDtype
 
 #: Bytes the arrays of a file may always take, whatever ``max_expansion`` says: a small file
@@ -55,7 +55,7 @@ class ExpansionBudget:
                 f"the arrays would take more than {_size_text(self.built)} from "
                 f"{_size_text(self.stored)} of stored data, beyond max_expansion="
                 f"{self.max_expansion:g} times it plus {_size_text(EXPANSION_ALLOWANCE)}; the "
-                f"tensor of size {tensor.size} and stride {tensor.stride} on storage "
+                f"tensor of size {shown_dims(tensor.size)} and stride {shown_dims(tensor.stride)} on storage "
                 f"{shown(tensor.storage.key, 40)} takes {_size_text(nbytes)} (an expanded "
                 f"tensor, or a storage viewed many times). Pass a larger max_expansion, or "
                 f"None, to read it anyway")
@@ -99,7 +99,7 @@ def build_array(tensor, raw, byteorder, bf16=None):
     else:
         last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
     if last >= flat.size:
-        raise CheckpointError(f"tensor of size {tensor.size} and stride {tensor.stride} at "
+        raise CheckpointError(f"tensor of size {shown_dims(tensor.size)} and stride {shown_dims(tensor.stride)} at "
                               f"offset {tensor.offset} reaches element {last} of storage "
                               f"{shown(tensor.storage.key, 40)}, which holds {flat.size}")
     view = np.lib.stride_tricks.as_strided(

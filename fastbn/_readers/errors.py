@@ -11,7 +11,7 @@ fuzz harnesses (tests/fuzz/) can tell it from a refusal with a message of its ow
 import pickle
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "UnforeseenCheckpointError",
-           "as_checkpoint_error", "excerpt", "shown"]
+           "addressable", "as_checkpoint_error", "excerpt", "shown", "shown_dims"]
 
 
 class CheckpointError(ValueError):
@@ -63,6 +63,25 @@ def excerpt(exc, limit=200):
     text = str(exc)
     text = text if len(text) <= limit else text[:limit] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def shown_dims(dims, limit=8):
+    """A shape or strides from a file, for messages: its first `limit` entries, each shown."""
+    text = ", ".join(shown(d) for d in dims[:limit])
+    more = f", ... ({len(dims)} in all)" if len(dims) > limit else ("," if len(dims) == 1 else "")
+    return f"({text}{more})"
+
+
+def addressable(shape, itemsize):
+    """Whether numpy can hold an array of `shape` (ints >= 0) and `itemsize`: as numpy counts,
+    the product of the dimensions that are not 0, times the itemsize, below 2**63."""
+    total = max(itemsize, 1)
+    for d in shape:
+        if d:
+            total *= d
+            if total >= 2**63:
+                return False
+    return True
 
 
 def shown(value, limit=60):

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .errors import CheckpointError, excerpt, shown
+from .errors import CheckpointError, addressable, excerpt, shown, shown_dims
 
 _MAGIC = b"\x93NUMPY"
 
@@ -67,6 +67,15 @@ def _header(data, where):
     if dtype.hasobject:
         raise CheckpointError(f"{where} is an object array, which would be unpickled: fastbn "
                               f"never unpickles .npz members")
+    if dtype.itemsize == 0 or dtype.subdtype is not None:
+        # (numpy widens zero-size items, 'S0' to 'S1', and moves a subarray dtype's shape
+        # into the array's: an array of other bytes than the header says)
+        raise CheckpointError(f"{where}: dtype {shown(header['descr'], 80)} has "
+                              f"{'zero-size items' if dtype.itemsize == 0 else 'a subarray shape'}, "
+                              f"which fastbn does not read")
+    if not addressable(shape, dtype.itemsize):
+        raise CheckpointError(f"{where}: an array of shape {shown_dims(shape)} is too large to "
+                              f"address")
     return dtype, shape, fortran, start + length
 
 
@@ -75,14 +84,10 @@ def _array(data, where):
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     if offset + nbytes != len(data):
-        raise CheckpointError(f"{where}: an array of shape {shape} and dtype {dtype} takes "
+        raise CheckpointError(f"{where}: an array of shape {shown_dims(shape)} and dtype {dtype} takes "
                               f"{nbytes} bytes, but the member holds {len(data) - offset} after "
                               f"its header")
-    if count >= 2**62:
-        raise CheckpointError(f"{where}: an array of shape {shape} has too many elements")
     native = dtype.newbyteorder("=") if dtype.byteorder not in "|=" else dtype
-    if dtype.itemsize == 0:  # (np.frombuffer refuses elements of no bytes; there is no data)
-        return np.zeros(shape, dtype=native, order="F" if fortran else "C")
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     view = flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
     return view.astype(native, order="K")  # (a copy of its own, writable, as np.load's)

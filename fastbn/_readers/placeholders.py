@@ -1,10 +1,9 @@
 """The inert objects the unpickler hands to a pickle in place of torch's, and the checks that
 make a tensor's geometry safe to hand to numpy later."""
 
-import numpy as np
-
 from .elements import element_size
-from .errors import shown
+from .errors import addressable, shown, shown_dims
+
 
 class Inert:
     """Base of the objects the unpickler hands to the pickle.  Pickle's BUILD opcode would
@@ -113,15 +112,16 @@ def checked_tensor(storage, offset, size, stride, element, metadata=None):
     size = checked_shape(size, "size")
     stride = checked_shape(stride, "stride")
     if len(size) != len(stride):
-        raise ValueError(f"size {size} and stride {stride} have different lengths")
+        raise ValueError(f"size {shown_dims(size)} and stride {shown_dims(stride)} have different "
+                         f"lengths ({len(size)} and {len(stride)})")
     if len(size) > 64:
         raise ValueError(f"a tensor of {len(size)} dimensions; numpy allows 64")
     itemsize = element_size(element)
-    # (each size too: an empty tensor's product is 0 whatever its other sizes, and numpy
-    # refuses a dimension of 2**63 bytes)
-    if (max(stride, default=0) * itemsize >= 2**63 or max(size, default=0) * itemsize >= 2**63
-            or np.prod(size, dtype=object) * itemsize >= 2**63):
-        raise ValueError(f"tensor of size {size} and stride {stride} is too large to address")
+    # (numpy's rule: the product of the sizes that are not 0; an empty tensor's huge other
+    # sizes are refused too, as numpy would)
+    if max(stride, default=0) * itemsize >= 2**63 or not addressable(size, itemsize):
+        raise ValueError(f"tensor of size {shown_dims(size)} and stride {shown_dims(stride)} is "
+                         f"too large to address")
     conj = neg = False
     if metadata:
         if not isinstance(metadata, dict) or set(metadata) - {"conj", "neg"}:
@@ -136,7 +136,7 @@ def checked_tensor(storage, offset, size, stride, element, metadata=None):
     else:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= capacity:
-        raise ValueError(f"tensor of size {size} and stride {stride} at storage offset {offset} "
+        raise ValueError(f"tensor of size {shown_dims(size)} and stride {shown_dims(stride)} at storage offset {offset} "
                          f"reaches element {last}, out of bounds of its storage '{storage.key}' "
                          f"of {capacity} {element} elements")
     return Tensor(storage, offset, size, stride, element, conj, neg)

@@ -6,7 +6,7 @@ import numpy as np
 
 from .arrays import finish
 from .elements import STORED
-from .errors import CheckpointError, excerpt, shown
+from .errors import CheckpointError, addressable, excerpt, shown, shown_dims
 
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -43,8 +43,11 @@ def read_safetensors(path, bf16=None):
             raise CheckpointError(f"{path}: tensor {shown(name, 80)} has {len(shape)} "
                                   f"dimensions; numpy allows 64")
         stored = np.dtype(STORED[element]).newbyteorder("<")
+        if not addressable(shape, stored.itemsize):
+            raise CheckpointError(f"{path}: tensor {shown(name, 80)} of shape {shown_dims(shape)} "
+                                  f"is too large to address")
         if len(raw) != stored.itemsize * math.prod(shape):
-            raise CheckpointError(f"{path}: tensor {shown(name, 80)} of shape {shape} and dtype "
+            raise CheckpointError(f"{path}: tensor {shown(name, 80)} of shape {shown_dims(shape)} and dtype "
                                   f"{code} has {len(raw)} bytes of data")
         arrays[name] = finish(np.frombuffer(raw, dtype=stored).reshape(shape), element, bf16)
     return arrays

@@ -7,6 +7,10 @@ from .arrays import materialise
 from .errors import CheckpointError, shown
 from .unpickler import Unpickler, unpickle
 
+#: How many times a deflated data.pkl may inflate, beyond 1 MiB.  torch.save stores its
+#: pickle uncompressed; an archive deflated again shrinks one a few times.
+PICKLE_MAX_RATIO = 64
+
 def read_torch_zip(members, prefix, bf16=None, max_expansion=None):
     """The saved object of the torch.save archive in ``members`` (a ZipMembers) whose
     pickle is ``<prefix>data.pkl``, with its tensors as arrays."""
@@ -24,7 +28,10 @@ def read_torch_zip(members, prefix, bf16=None, max_expansion=None):
                                   f"(expected b'little' or b'big')")
         byteorder = "<" if record == b"little" else ">"
     # (torch reads checkpoints without the record, written before it existed, as little-endian.)
-    unpickler = Unpickler(io.BytesIO(members.read(prefix + "data.pkl")), path)
+    # (the walk and the unpickler take time in proportion to the pickle: a pickle deflated
+    # a thousand times would cost minutes per kilobyte of file)
+    pickle = members.read(prefix + "data.pkl", max_ratio=PICKLE_MAX_RATIO)
+    unpickler = Unpickler(io.BytesIO(pickle), path)
     tree = unpickle(unpickler, path, f"{prefix}data.pkl")
 
     def read_storage(storage):

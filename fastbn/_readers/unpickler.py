@@ -8,11 +8,10 @@ Why a file cannot run code, change the process, or make unpickling unbounded thr
    fixed table ``_ALLOWED`` -- exact (module, name) pairs, no attribute paths -- or a fresh
    ``TorchDtype`` marker, and raises UnsafeCheckpointError for anything else, before any
    call.  So REDUCE, NEWOBJ and OBJ can only call what the table holds.
-2. **What the table holds can only be called.**  Its entries are built-in types whose
-   attributes no pickle can set (OrderedDict, set, frozenset, complex: BUILD, SETITEM and
-   APPEND on them raise), and instances of ``placeholders.Inert`` subclasses
-   (``_Allowed`` around fastbn's stand-ins, ``StorageType``), which have no ``__dict__`` and
-   refuse ``__setstate__``: BUILD on an allowed function, which once set its
+2. **What the table holds can only be called.**  Its entries are the built-in type complex,
+   whose attributes no pickle can set, and instances of ``placeholders.Inert`` subclasses
+   (``_Allowed`` around fastbn's stand-ins -- for OrderedDict, set and frozenset too --
+   and ``StorageType``), which have no ``__dict__`` and refuse ``__setstate__``: BUILD on an allowed function, which once set its
    ``__defaults__`` and changed every later load in the process, is an error.  Nothing a
    pickle builds outlives the call except the arrays and plain containers returned.
 3. **The stand-ins check before they build.**  They take torch's arguments, check each
@@ -20,9 +19,12 @@ Why a file cannot run code, change the process, or make unpickling unbounded thr
    return inert placeholders; numpy sees bytes only later (``arrays``), checked again
    against the bytes actually read.
 4. **Work is bounded before the pickle machine runs.**  ``pickle_walk.check_structure``
-   reads the opcodes once and refuses deep nesting (C stack), sharing that expands
-   exponentially (hashing, comparing, printing), containers grown after being placed, memo
-   indices out of proportion and pickles it cannot parse to STOP; ``persistent_load``
+   reads the opcodes once, in the order the C unpickler reads them (no opcode may cross the
+   end of its FRAME), and refuses deep nesting (C stack), sharing that expands
+   exponentially (hashing, comparing, printing), hashing beyond a budget over the whole
+   pickle, keys whose hashes collide, containers grown after being placed, memo indices out
+   of proportion and pickles it cannot parse to STOP; the set, frozenset and OrderedDict
+   stand-ins bound collisions among what they are built from; ``persistent_load``
    bounds storage sizes; messages show values through ``errors.shown``, never a full repr.
 5. **Failures are data.**  Whatever the pickle machine or a stand-in raises becomes a
    CheckpointError naming the file (``unpickle``); running out of memory or stack is not
@@ -37,7 +39,7 @@ import pickle
 
 from .elements import DTYPE_NAME, STORAGE_TYPES, STORED, element_size
 from .errors import CheckpointError, UnsafeCheckpointError, excerpt, shown
-from .pickle_walk import check_structure
+from .pickle_walk import MAX_COLLISIONS, check_structure
 from .placeholders import Inert, Storage, StorageType, Tensor, TorchDtype, checked_count, checked_shape, checked_tensor
 
 # The functions the allowed torch globals stand for.  Each takes the arguments torch's
@@ -110,6 +112,37 @@ def _latin1_encode(text, encoding):
     return text.encode("latin1")
 
 
+def _colliding(items):
+    """How many of `items` share their hash with another of them: what makes building a set or
+    dict of them quadratic (each such key is compared with the others on insertion)."""
+    counts = collections.Counter(hash(item) for item in items)
+    return sum(n - 1 for n in counts.values() if n > 1)
+
+
+def _checked_keys(items, what):
+    items = list(items) if isinstance(items, (list, tuple)) else None
+    if items is None:
+        raise ValueError(f"{what}() is only allowed from a list or tuple")
+    keys = [pair[0] if isinstance(pair, tuple) and len(pair) == 2 else pair for pair in items] \
+        if what == "OrderedDict" else items
+    if _colliding(keys) > MAX_COLLISIONS:
+        raise ValueError(f"{what}() of more than {MAX_COLLISIONS} items that share their hash "
+                         f"with another (collisions make building it quadratic)")
+    return items
+
+
+def _set(items=()):
+    return set(_checked_keys(items, "set"))
+
+
+def _frozenset(items=()):
+    return frozenset(_checked_keys(items, "frozenset"))
+
+
+def _ordered_dict(items=()):
+    return collections.OrderedDict(_checked_keys(items, "OrderedDict"))
+
+
 class _Allowed(Inert):
     """One of fastbn's functions as a pickle may call it (REDUCE), and nothing else: pickle's
     BUILD opcode, which would set the attributes of what it is applied to -- a function's
@@ -130,10 +163,12 @@ class _Allowed(Inert):
 
 
 def _allowed_globals():
-    # Python functions only behind _Allowed; the classes named (OrderedDict, set, frozenset,
-    # complex) are built-in types, whose attributes no pickle can set.
+    # Python functions only behind _Allowed; complex is a built-in type, whose attributes no
+    # pickle can set.  OrderedDict, set and frozenset are built through stand-ins that bound
+    # hash collisions among what they are built from (the walk bounds them in SETITEMS,
+    # ADDITEMS and FROZENSET).
     allowed = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("collections", "OrderedDict"): _Allowed(_ordered_dict),
         ("torch._utils", "_rebuild_tensor"): _Allowed(_rebuild_tensor),
         ("torch._utils", "_rebuild_tensor_v2"): _Allowed(_rebuild_tensor_v2),
         ("torch._utils", "_rebuild_tensor_v3"): _Allowed(_rebuild_tensor_v3),
@@ -145,8 +180,8 @@ def _allowed_globals():
     }
     # Containers pickle protocol 2 writes by reference; Python 2's module name too.
     for module in ("builtins", "__builtin__"):
-        for name, value in (("set", set), ("frozenset", frozenset), ("complex", complex),
-                            ("bytearray", _Allowed(_bytearray))):
+        for name, value in (("set", _Allowed(_set)), ("frozenset", _Allowed(_frozenset)),
+                            ("complex", complex), ("bytearray", _Allowed(_bytearray))):
             allowed[module, name] = value
     # torch.FloatStorage...; torch.cuda.FloatStorage in old legacy files saved from a GPU;
     # torch.storage.UntypedStorage as torch 2 writes it.

@@ -72,15 +72,18 @@ class ZipMembers:
         info = self._infos.get(name)
         return None if info is None else info.file_size
 
-    def read(self, name, *, limit=None):
+    def read(self, name, *, limit=None, max_ratio=DEFLATE_MAX_RATIO):
         """The member's bytes, all of them, after the checks above; ``limit`` refuses a
-        member claiming more bytes before anything is inflated."""
+        member claiming more bytes, ``max_ratio`` one deflated more than that many times
+        (beyond 1 MiB), before anything is inflated."""
         info = self._infos[name]
         where = f"{self.path}: member {shown(name, 80)}"
         if info.flag_bits & _ENCRYPTED:
             raise CheckpointError(f"{where} is encrypted; checkpoints are not")
-        if info.flag_bits & _PATCHED or info.compress_type not in (zipfile.ZIP_STORED,
-                                                                     zipfile.ZIP_DEFLATED):
+        if info.flag_bits & _PATCHED:
+            raise CheckpointError(f"{where} holds compressed patched data (flag bit 5), which "
+                                  f"fastbn does not read")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             method = _METHODS.get(info.compress_type, f"method {info.compress_type}")
             raise CheckpointError(f"{where} is compressed with {method}; torch.save and numpy "
                                   f"write members stored or deflated, and fastbn reads only those")
@@ -93,6 +96,9 @@ class ZipMembers:
             raise CheckpointError(f"{where} claims {info.file_size} bytes from "
                                   f"{info.compress_size} deflated bytes, more than deflate "
                                   f"can produce ({DEFLATE_MAX_RATIO} to 1)")
+        if not stored and info.file_size > max_ratio * info.compress_size + 2**20:
+            raise CheckpointError(f"{where} inflates {info.file_size} bytes from "
+                                  f"{info.compress_size}, more than {max_ratio} times (plus 1 MiB)")
         if limit is not None and info.file_size > limit:
             raise CheckpointError(f"{where} claims {info.file_size} bytes; at most {limit} "
                                   f"are expected there")

@@ -120,6 +120,80 @@ def main():
          [("x.npy", _npy({"descr": "<f4", "fortran_order": False, "shape": (2**30, 2**64)}))])
 
 
+def review():
+    """The findings of a reviewer's attack on the hardened reader (after the issue's own)."""
+    import bz2
+    import json
+    import pickle
+    import tarfile
+    at = lambda name: os.path.join(OUT, name)  # noqa: E731
+
+    # A FRAME whose last opcode's argument runs past its end: the C unpickler skips the rest
+    # of the frame and reads on after it, so the walk vetted other bytes than it runs -- here
+    # a dict key nested a million deep behind a harmless 'N.' (a segfault), deflated.
+    def desync(hidden):
+        return (b"\x80\x04\x95" + struct.pack("<Q", 3) + b"J\x00\x00" + b"\x00\x00"
+                + b"C\x08" + b"B" + struct.pack("<I", 5) + b"..." + b"N." + hidden)
+    _deflated_torch_zip(at("frame-desync-nested-key.pt"), desync(b"})" + b"\x85" * 1_000_000 + b"Ns."))
+    write_torch_zip(at("frame-desync-memo.pt"), desync(b"Nr" + struct.pack("<I", 2**26) + b"0}."))
+
+    # tarfile.is_tarfile, used to name an old tar checkpoint, inflated bz2 and read what a GNU
+    # long-name header claims: 2 GB from 859 bytes.
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = tarfile.GNUTYPE_LONGNAME, 1 << 30
+    packer = bz2.BZ2Compressor(9)
+    data = packer.compress(info.tobuf(format=tarfile.GNU_FORMAT))
+    data += b"".join(packer.compress(b"\0" * (1 << 20)) for _ in range(1025)) + packer.flush()
+    open(at("bz2-tar-long-name.pt"), "wb").write(data)
+
+    # One shared tuple of 2**21 nodes, hashed again as the key of each of a thousand dicts
+    # thrown away (POP): within the per-structure bound, 20 s of hashing.
+    shared = bytearray(b"\x80\x02K\x00q\x00")
+    for i in range(21):
+        shared += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1])
+    write_torch_zip(at("shared-key-hashed-again.pt"), bytes(shared + b"0" + b"}h\x15Ns0" * 1000 + b"}."))
+
+    # Keys whose hashes collide: k * (2**61 - 1) all hash to 0 -- in a dict (SETITEMS), and in
+    # a frozenset built by REDUCE from a list.
+    def long(v):
+        e = pickle.encode_long(v)
+        return b"\x8a" + bytes([len(e)]) + e
+    P = 2**61 - 1
+    write_torch_zip(at("colliding-dict-keys.pt"),
+                    b"\x80\x02}(" + b"".join(long(k * P) + b"N" for k in range(1, 200)) + b"u.")
+    write_torch_zip(at("colliding-frozenset-items.pt"),
+                    b"\x80\x02c__builtin__\nfrozenset\n](" + b"".join(long(k * P) for k in range(1, 200))
+                    + b"e\x85R.")
+
+    # A size of a thousand references to a 4,300-digit int, in a message: 13 s and 441 MB
+    # for 100 KB.
+    big = pickle.encode_long(10**4299)
+    msg = bytearray(b"\x80\x02ctorch._utils\n_rebuild_tensor\n(")
+    msg += b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQ"
+    msg += b"K\x00" + b"\x8b" + struct.pack("<i", len(big)) + big + b"q\x010"
+    msg += b"(" + b"h\x01" * 1000 + b"t" + b"(K\x01t" + b"tR."
+    write_torch_zip(at("huge-size-in-a-message.pt"), bytes(msg), {"0": b"\0" * 4})
+
+    # Empty arrays whose other sizes numpy cannot address ("array is too big"), each format.
+    empty = tensor(Storage("FloatStorage", "0", 1), 0, (0, 2**60, 2**60), (1, 1, 1))
+    write_torch_zip(at("empty-tensor-unaddressable.pt"), dumps({"w": empty}), {"0": b"\0" * 4})
+    _npz(at("npz-empty-unaddressable.npz"),
+         [("a.npy", _npy({"descr": "<f4", "fortran_order": False, "shape": (0, 2**40, 2**40)}))])
+    header = json.dumps({"a": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}}).encode()
+    open(at("safetensors-empty-unaddressable.safetensors"), "wb").write(struct.pack("<Q", len(header)) + header)
+
+    # A pickle deflated a thousand times: the walk took 10 s for a 10 KB file.
+    _deflated_torch_zip(at("pickle-deflated-1000-times.pt"), b"\x80\x02" + b"N0" * 5_000_000 + b"N.")
+
+    # .npy dtypes numpy reshapes: zero-size items ('S0' widened to 'S1': 4 GiB from 185
+    # bytes) and a subarray dtype (the array's shape grows).
+    _npz(at("npz-zero-size-items.npz"),
+         [("a.npy", _npy({"descr": "|S0", "fortran_order": False, "shape": (2**32,)}))])
+    _npz(at("npz-subarray-dtype.npz"),
+         [("a.npy", _npy({"descr": "(2,)<f4", "fortran_order": False, "shape": (3,)},
+                         b"\0" * 24))])
+
+
 def seeds():
     """Valid files of the shapes the fuzzers should start from, beyond tests/data's."""
     os.makedirs(SEEDS, exist_ok=True)
@@ -141,4 +215,5 @@ def seeds():
 if __name__ == "__main__":
     zipfile.time.time = lambda: 315_576_000.0  # (1980-01-01: the same bytes at every run)
     main()
+    review()
     seeds()
