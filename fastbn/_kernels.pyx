@@ -77,7 +77,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 cimport numpy as cnp
 
-from fastbn._tuning cimport fused_channel_bytes, fusion_allowed, layout_override
+from fastbn._tuning cimport fused_channel_bytes, fusion_allowed, layout_override, stream_min_bytes
 from fastbn import _tuning
 
 cnp.import_array()

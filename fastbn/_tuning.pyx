@@ -1,5 +1,5 @@
-"""Process-wide switches that tests and tuning set on the kernels: a forced layout, fusion, and
-the largest planar channel that is fused.
+"""Process-wide switches that tests and tuning set on the kernels: a forced layout, fusion, the
+largest planar channel that is fused, and the smallest output written with streaming stores.
 
 The kernels are compiled once per SIMD level (setup.py), but these switches live here, once,
 so that every variant reads the same state and none holds mutable state of its own.  They are
@@ -14,6 +14,16 @@ fused -- training forwards at 0.77-0.93 of the three-pass floor, which separate 
 reach -- while on an AMD EPYC (Zen 4, 1 MiB L2) channels of 25 KB-1 MB went 1.1-2x slower fused
 than streaming through separate passes, and only those of 1-16 KiB gained.  So Intel CPUs fuse
 up to 1 MiB, others up to 16 KiB.  This module is compiled without ISA flags, like _cpu.
+
+The elementwise pass writes a float32 planar output of at least STREAM_MIN_BYTES with
+streaming stores (past the caches; _engine/simd/affine.h), the same values either way.
+Measured on the AMD EPYC (Zen 4, 32 MiB L3), one thread: the affine map of a float32 array in
+C, ordinary stores 59/52/33/22 GB/s at 4/8/16/64 MiB of output, streaming ones 51/50/47/34
+GB/s -- ordinary stores win while input and output fit in the L3 together, streaming ones
+beyond; fastbn's eval and training forward into a given `out`, ordinary/streaming, 0.97x and
+1.08x at 12 MiB, 1.25x and 1.19x at 24.5 MiB, 1.51x and 1.22x at 98 MiB.  Hence 16 MiB.  (Into
+a fresh output, as the modules return, the kernel's zeroing of the new pages costs the same
+either way: 0.93-1.17x, within the noise at 98 MiB.)
 """
 
 cdef extern from *:
@@ -41,11 +51,15 @@ cdef extern from *:
 LARGE_FUSED_CHANNEL_BYTES = 1024 * 1024
 SMALL_FUSED_CHANNEL_BYTES = 16 * 1024
 
+#: The smallest float32 output (bytes) the elementwise pass writes with streaming stores.
+STREAM_MIN_BYTES = 16 * 1024 * 1024
+
 # 0: choose the layout by shape, 1: planar, 2: columns.
 cdef int forced_layout = 0
 cdef bint fusion_enabled = True
 cdef Py_ssize_t channel_bytes_limit = (LARGE_FUSED_CHANNEL_BYTES if fastbn_cpu_is_intel()
                                        else SMALL_FUSED_CHANNEL_BYTES)
+cdef Py_ssize_t stream_bytes_limit = STREAM_MIN_BYTES
 
 LAYOUTS = {None: 0, "planar": 1, "columns": 2}
 
@@ -63,6 +77,22 @@ cdef bint fusion_allowed() noexcept nogil:
 cdef Py_ssize_t fused_channel_bytes() noexcept nogil:
     """The largest planar channel (bytes per array) that is processed whole."""
     return channel_bytes_limit
+
+
+cdef Py_ssize_t stream_min_bytes() noexcept nogil:
+    """The smallest output (bytes) written with streaming stores."""
+    return stream_bytes_limit
+
+
+def set_stream_min_bytes(nbytes):
+    """Set the smallest output (bytes) the elementwise pass writes with streaming stores (0:
+    every one); None restores the default, STREAM_MIN_BYTES."""
+    global stream_bytes_limit
+    if nbytes is None:
+        nbytes = STREAM_MIN_BYTES
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative int or None, got {nbytes!r}")
+    stream_bytes_limit = nbytes
 
 
 def default_fused_channel_bytes():

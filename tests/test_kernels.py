@@ -253,3 +253,38 @@ def test_wide_rows_go_by_chunks_with_the_bits_of_whole_rows(level, dtype, shape,
             outputs.append((y, dx))
     for by_rows, planar in zip(*outputs):
         np.testing.assert_array_equal(by_rows, planar)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("shape", [(3, 5, 37, 29), (2, 3, 1000), (4, 2, 8, 64)], ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_streamed_outputs_have_the_bits_of_ordinary_stores(level, shape, relu, rng):
+    """A float32 output at least _tuning.stream_min_bytes long is written with streaming stores
+    (past the caches): the same values as the compiled loop's, whatever the run's alignment,
+    in eval, in training and through the functional elementwise pass, on 1 and 2 threads."""
+    from fastbn import _tuning
+    for bad in (-1, 1.5, "1", True):
+        with pytest.raises(ValueError):
+            _tuning.set_stream_min_bytes(bad)
+    K = kernels_of(level)
+    c = shape[1]
+    x = make_input(shape, np.float32, rng, offset=3.0)
+    x.reshape(-1)[5:9] = [np.nan, -0.0, np.inf, -np.inf]  # (what ReLU must let through or zero)
+    w, b = per_channel(rng, c, np.float32), per_channel(rng, c, np.float32, -1, 1)
+    results = []
+    try:
+        for limit in (None, 0):  # the default (no streaming at this size), then every output
+            _tuning.set_stream_min_bytes(limit)
+            for threads in (1, 2):
+                mean, invstd, y = np.empty(c), np.empty(c), np.empty_like(x)
+                rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+                K.forward_train(x, y, w, b, rm, rv, 0.1, 1e-5, mean, invstd, threads, relu)
+                y_eval = np.empty_like(x)
+                K.forward_eval(x, y_eval, w, b, rm, rv, 1e-5, np.empty(c), np.empty(c), threads, relu)
+                results.append((y, y_eval, rm, rv))
+    finally:
+        _tuning.set_stream_min_bytes(None)
+    assert _tuning.STREAM_MIN_BYTES >= 1 << 20
+    for run in results[1:]:
+        for name, got, want in zip(("train y", "eval y", "running_mean", "running_var"), run, results[0]):
+            np.testing.assert_array_equal(got, want, err_msg=f"{name}: streamed and ordinary stores differ")

@@ -100,11 +100,17 @@ cdef inline bint unit_factors(const real* factor, Py_ssize_t c) noexcept nogil:
 
 
 cdef inline void affine_item(const activation* act, const Geometry* g, const storage* x,
-                             storage* y, real** k, Py_ssize_t item) noexcept nogil:
+                             storage* y, real** k, Py_ssize_t item, bint stream) noexcept nogil:
+    """Work item `item` of the elementwise pass; `stream`: a float32 planar run is written
+    with streaming stores (the same values; see affine_pass)."""
     cdef Py_ssize_t off, length, ch, slot
     if g.planar:
         off = planar_item(g, item, &length, &ch, &slot)
-        span_affine(act, x + off, y + off, length, k, ch, False)
+        if storage is float and stream:
+            affine_stream(activation is ReLU, <const float*>x + off, <float*>y + off, length,
+                          k[FACTOR][ch], k[CENTER][ch], k[SCALE][ch], k[SHIFT][ch])
+        else:
+            span_affine(act, x + off, y + off, length, k, ch, False)
     elif not by_rows(g):
         off = item * g.c * g.s
         for ch in range(g.c):
@@ -150,12 +156,15 @@ cdef int affine_pass(const activation* act, const Geometry* g, const storage* x,
         return -1
     if by_rows(g) and unit_factors(k[FACTOR], g.c):
         columns[FACTOR] = NULL  # (see affine_row)
+    # An output too large to stay in cache is written past it (_tuning.stream_min_bytes).
+    cdef bint stream = (storage is float and STREAM_AFFINE
+                        and g.total * <Py_ssize_t>sizeof(float) >= stream_min_bytes())
     if nt == 1:
         for item in range(items):
-            affine_item(act, g, x, y, columns, item)
+            affine_item(act, g, x, y, columns, item, stream)
     else:
         for item in prange(items, num_threads=nt, schedule="static"):
-            affine_item(act, g, x, y, columns, item)
+            affine_item(act, g, x, y, columns, item, stream)
     free(work)
     return 0
 

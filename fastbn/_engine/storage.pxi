@@ -50,6 +50,11 @@ cdef extern from "_engine/simd/reduce.h":
 cdef extern from "_engine/simd/affine.h":
     # affine_run (loops.pxi) of a half run, converted in registers; HALF_AFFINE: built here
     bint HALF_AFFINE "FASTBN_HALF_AFFINE"
+    # affine_run of a float32 run with streaming stores; STREAM_AFFINE: built here
+    bint STREAM_AFFINE "FASTBN_STREAM_AFFINE"
+    void affine_stream "fastbn_affine_stream"(int relu, const float* x, float* y, Py_ssize_t n,
+                                              float factor, float center, float scale,
+                                              float shift) noexcept nogil
     void affine_half "fastbn_affine_half"(int bfloat, int relu, const void* src, void* dst,
                                           Py_ssize_t n, float factor, float center, float scale,
                                           float shift) noexcept nogil

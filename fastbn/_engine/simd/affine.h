@@ -8,6 +8,9 @@
  *   fastbn_affine_half    y = act((x * factor - center) * scale + shift) over a half run;
  *                         FASTBN_HALF_AFFINE says whether this build has it (else the caller
  *                         stages the run through float32 blocks)
+ *   fastbn_affine_stream  the same map over a float32 run, written with streaming stores
+ *                         (past the caches) for outputs too large to stay in them;
+ *                         FASTBN_STREAM_AFFINE says whether this build has it
  */
 #ifndef FASTBN_SIMD_AFFINE_H
 #define FASTBN_SIMD_AFFINE_H
@@ -72,6 +75,46 @@ static inline void fastbn_affine_half(int bfloat, int relu, const void *src, voi
                                       float shift) {
     (void)bfloat; (void)relu; (void)src; (void)dst; (void)n;
     (void)factor; (void)center; (void)scale; (void)shift;
+}
+#endif
+
+/* affine_run (fastbn/_engine/loops.pxi) on a float32 run, the results written with streaming
+   stores: the same two fused multiply-adds as the FMA builds compile that loop to, so the
+   same bits (tests/test_kernels.py compares the two), in 256-bit vectors in the AVX2 and
+   AVX-512 builds alike.  A store that bypasses the caches saves the read of the destination
+   line that an ordinary store makes (read for ownership): worth it where the output would not
+   stay in cache anyway (see _tuning.stream_min_bytes).  Ends with a store fence, so the
+   values are visible to whatever runs next on any thread. */
+#if defined(__FMA__) && defined(__AVX2__)
+#define FASTBN_STREAM_AFFINE 1
+static inline float fastbn_affine_one(int relu, float x, float factor, float center, float scale,
+                                      float shift) {
+    float z = fmaf(fmaf(x, factor, -center), scale, shift);
+    return (relu && z < 0.0f) ? 0.0f : z;  /* torch's ReLU: NaN and -0.0 pass */
+}
+static inline void fastbn_affine_stream(int relu, const float *x, float *y, Py_ssize_t n,
+                                        float factor, float center, float scale, float shift) {
+    Py_ssize_t i = 0;
+    const __m256 f = _mm256_set1_ps(factor), c = _mm256_set1_ps(center);
+    const __m256 k = _mm256_set1_ps(scale), b = _mm256_set1_ps(shift), zero = _mm256_setzero_ps();
+    for (; i < n && ((uintptr_t)(y + i) & 31u) != 0; i++)  /* to a 32-byte boundary */
+        y[i] = fastbn_affine_one(relu, x[i], factor, center, scale, shift);
+    for (; i + 8 <= n; i += 8) {
+        __m256 z = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_loadu_ps(x + i), f, c), k, b);
+        if (relu)
+            z = _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
+        _mm256_stream_ps(y + i, z);
+    }
+    for (; i < n; i++)
+        y[i] = fastbn_affine_one(relu, x[i], factor, center, scale, shift);
+    _mm_sfence();
+}
+#else
+#define FASTBN_STREAM_AFFINE 0
+/* Never called (FASTBN_STREAM_AFFINE): the run goes through affine_run. */
+static inline void fastbn_affine_stream(int relu, const float *x, float *y, Py_ssize_t n,
+                                        float factor, float center, float scale, float shift) {
+    (void)relu; (void)x; (void)y; (void)n; (void)factor; (void)center; (void)scale; (void)shift;
 }
 #endif
 
