@@ -20,9 +20,11 @@ from .checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint,
 from .distributed import SyncBatchNorm  # mpi4py is imported only when a module needs it
 from .functional import batch_stats, merge_stats
 from .fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
+from .models import fold_batchnorms, load_batchnorms
+from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
 
 __all__ = [
+    "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -31,12 +33,14 @@ __all__ = [
     "SyncBatchNorm",
     "UnsafeCheckpointError",
     "batch_stats",
+    "fold_batchnorms",
     "fuse_conv_bn_weights",
     "fuse_linear_bn_weights",
     "merge_stats",
     "config",
     "functional",
     "get_num_threads",
+    "load_batchnorms",
     "load_checkpoint",
     "read_checkpoint",
     "set_num_threads",

@@ -1,4 +1,5 @@
-"""BatchNorm1d, BatchNorm2d and BatchNorm3d: torch's modules, holding numpy arrays.
+"""BatchNorm1d, BatchNorm2d and BatchNorm3d: torch's modules, holding numpy arrays; and
+BatchNorm, which takes any of their inputs, for layers whose kind a checkpoint does not say.
 
 A module owns its state -- parameters ``weight`` and ``bias``, buffers ``running_mean``,
 ``running_var`` and ``num_batches_tracked`` (``None`` when switched off, so that names and
@@ -21,7 +22,7 @@ from . import _validation as V
 from .fusion import bn_scale_shift
 from ._openmp import effective_n_threads
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys"]
 
 #: What a module keeps after a forward that wrote over its own input (out=input).
 _OVERWRITTEN = object()
@@ -551,3 +552,11 @@ class BatchNorm3d(_BatchNorm):
     __doc__ = ("Batch normalisation over a 5D (N, C, D, H, W) input.\n"
                + (_BatchNorm.__doc__ or "\n").split("\n", 1)[1])  # None under python -OO
     _input_dims = (5,)
+
+
+class BatchNorm(_BatchNorm):
+    __doc__ = ("Batch normalisation over an input of 2 to 5 dimensions, (N, C, *spatial): any input\n"
+               "of BatchNorm1d, BatchNorm2d or BatchNorm3d, computed as they compute it.  For layers\n"
+               "whose kind a state_dict does not say (fastbn.load_batchnorms builds these).\n"
+               + (_BatchNorm.__doc__ or "\n").split("\n", 1)[1])  # None under python -OO
+    _input_dims = (2, 3, 4, 5)
