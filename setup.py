@@ -154,7 +154,20 @@ class BuildExt(build_ext):
                 return False
         return True
 
+    def _check_compiler(self):
+        """Fail first, in one line, when there is no C compiler: the probes below would
+        otherwise blame OpenMP and the SIMD flags for what is a missing compiler."""
+        executable = (getattr(self.compiler, "compiler_so", None) or [None])[0]
+        if self.compiler.compiler_type == "msvc" or executable is None:
+            return  # (MSVC is found by setuptools itself, which says so when it is not)
+        if shutil.which(executable) is None and not os.path.isfile(executable):
+            raise SystemExit(
+                f"fastbn: building from source needs a C compiler, and '{executable}' was not "
+                f"found (install gcc or clang -- apt install gcc, dnf install gcc, xcode-select "
+                f"--install -- or set CC; or install a fastbn wheel instead).")
+
     def build_extensions(self):
+        self._check_compiler()
         compiler_type = self.compiler.compiler_type
         unix_like = compiler_type != "msvc"
 

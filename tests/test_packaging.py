@@ -178,3 +178,20 @@ def test_simd_headers_ship_with_the_sources():
     assert "_engine/simd/*.h" in data
     headers = set(os.listdir(os.path.join(ROOT, "fastbn", "_engine", "simd")))
     assert headers == {"bits.h", "convert.h", "affine.h", "reduce.h"}
+
+
+def test_a_build_without_a_compiler_says_so_first(monkeypatch):
+    # The OpenMP and SIMD probes would otherwise fail first and blame themselves.
+    setup = _setup_module(monkeypatch)
+
+    class Compiler:
+        compiler_type = "unix"
+        compiler_so = ["/nonexistent/bin/gcc", "-O2"]
+
+    build = setup.BuildExt.__new__(setup.BuildExt)
+    build.compiler = Compiler()
+    with pytest.raises(SystemExit, match=r"building from source needs a C compiler, and "
+                                         r"'/nonexistent/bin/gcc' was not found"):
+        build.build_extensions()
+    Compiler.compiler_so = [sys.executable]  # (an executable that exists passes the check)
+    build._check_compiler()
