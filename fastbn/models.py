@@ -1,6 +1,9 @@
 """Every BatchNorm of a model at once: found in its state_dict, built as modules ready for
 inference, or folded into the convolutions and linear layers before them.
 
+An ONNX model file names its BatchNormalization nodes and holds each one's epsilon and
+momentum (read through the optional ``onnx`` package, imported only for ``.onnx`` files).
+
 A state_dict names each layer's entries by the layer's path in the model
 (``layer1.0.bn1.running_mean``) but does not say what the layer is.  A BatchNorm is recognised
 by its running statistics: a prefix with both ``running_mean`` and ``running_var`` entries, 1-D
@@ -59,7 +62,7 @@ def batchnorm_names(state_dict):
 
 def _per_layer(value, names, what, check, default):
     """{name: value} for every name, from one value or a mapping of some names to values (the
-    others taking the default); a name the model does not have is an error."""
+    others taking `default`, unchecked); a name the model does not have is an error."""
     if isinstance(value, Mapping):
         overrides = dict(value)
         unknown = [n for n in overrides if n not in names]
@@ -67,7 +70,7 @@ def _per_layer(value, names, what, check, default):
             raise ValueError(f"{what} names layers the state_dict has no BatchNorm for: "
                              f"{unknown[:5]}; its BatchNorms: {names[:8]}"
                              f"{' ...' if len(names) > 8 else ''}")
-        return {n: check(overrides.get(n, default)) for n in names}
+        return {n: check(overrides[n]) if n in overrides else default for n in names}
     value = check(value)
     return {n: value for n in names}
 
@@ -88,7 +91,7 @@ def _momentum(value):
     return float(value)
 
 
-def load_batchnorms(source, *, eps=1e-5, momentum=0.1, key=None, dtype=None,
+def load_batchnorms(source, *, eps=None, momentum=None, key=None, dtype=None,
                     bfloat16="float32"):
     """Every BatchNorm of a model, as modules in eval mode, ready for inference.
 
@@ -96,12 +99,16 @@ def load_batchnorms(source, *, eps=1e-5, momentum=0.1, key=None, dtype=None,
     ----------
     source : str, os.PathLike or mapping
         A checkpoint file (anything :func:`fastbn.load_checkpoint` reads: torch.save files,
-        safetensors, .npz) or a state_dict.
-    eps : float or mapping of str to float, default 1e-5
-        Not in a state_dict: the value the model was built with, or a mapping from layer
-        names to their own values (layers it does not name take 1e-5).
-    momentum : float, None or mapping of str to float, default 0.1
-        Likewise (only training uses it).
+        safetensors, .npz), a state_dict, or an ONNX model file (``*.onnx``; needs the
+        optional ``onnx`` package).
+    eps : float or mapping of str to float, optional
+        Not in a state_dict: the value the model was built with (default 1e-5), or a mapping
+        from layer names to their own values (the others take the default).  An ONNX node's
+        own epsilon is used unless given here.
+    momentum : float or mapping of str to float or None, optional
+        Likewise (default 0.1; only training uses it); torch's momentum=None (a cumulative
+        average) through a mapping, ``{name: None}``.  An ONNX node's momentum m is torch's
+        1 - m.
     key : str or sequence of str, optional
         Where the state_dict is in a nested checkpoint file, as for load_checkpoint.
     dtype : float32 or float64, optional
@@ -128,19 +135,71 @@ def load_batchnorms(source, *, eps=1e-5, momentum=0.1, key=None, dtype=None,
     >>> bns = fastbn.load_batchnorms("resnet18.pth")                    # doctest: +SKIP
     >>> y = bns["layer1.0.bn1"](x)                                       # doctest: +SKIP
     """
-    state_dict = _state_dict_of(source, key, bfloat16)
-    names = batchnorm_names(state_dict)
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".onnx"):
+        if key is not None:
+            raise TypeError("key= selects the state_dict inside a checkpoint file; an ONNX "
+                            "model has none")
+        state_dict, own_eps, own_momentum = _onnx_batchnorms(os.fspath(source))
+        names = list(own_eps)
+    else:
+        state_dict = _state_dict_of(source, key, bfloat16)
+        names = batchnorm_names(state_dict)
+        own_eps, own_momentum = dict.fromkeys(names, 1e-5), dict.fromkeys(names, 0.1)
     if not names:
         from .modules import _norm_prefixes
         raise ValueError(f"found no BatchNorm layer (a prefix with running_mean and running_var) "
                          f"in the state_dict; {_norm_prefixes(state_dict)}")
-    eps_of = _per_layer(eps, names, "eps", _eps, 1e-5)
-    momentum_of = _per_layer(momentum, names, "momentum", _momentum, 0.1)
+    eps_of = _per_layer(eps, names, "eps", _eps, None) if eps is not None else {}
+    momentum_of = (_per_layer(momentum, names, "momentum", _momentum, _UNSET)
+                   if momentum is not None else {})
     modules = OrderedDict()
     for name in names:
-        modules[name] = BatchNorm.from_state_dict(state_dict, name, eps=eps_of[name],
-                                                  momentum=momentum_of[name], dtype=dtype).eval()
+        layer_eps = eps_of.get(name)
+        layer_momentum = momentum_of.get(name, _UNSET)
+        modules[name] = BatchNorm.from_state_dict(
+            state_dict, name, eps=own_eps[name] if layer_eps is None else layer_eps,
+            momentum=own_momentum[name] if layer_momentum is _UNSET else layer_momentum,
+            dtype=dtype).eval()
     return modules
+
+
+_UNSET = object()
+
+
+def _onnx_batchnorms(path):
+    """(state_dict, {name: epsilon}, {name: torch momentum}) of the BatchNormalization nodes of
+    an ONNX model, each node's name its prefix (``BatchNormalization_<index>`` for an unnamed
+    node).  Its parameters must be initializers or Constant nodes of the graph."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ImportError(f"reading {path} needs the optional 'onnx' package: pip install onnx") from None
+    model = onnx.load(path)
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    constants[node.output[0]] = attribute.t
+    state_dict, eps, momentum = OrderedDict(), {}, {}
+    for index, node in enumerate(graph.node):
+        if node.op_type != "BatchNormalization":
+            continue
+        name = node.name or f"BatchNormalization_{index}"
+        if name in eps:
+            raise ValueError(f"{path}: two BatchNormalization nodes are named {name!r}")
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for entry, value_name in zip(("weight", "bias", "running_mean", "running_var"),
+                                     node.input[1:5]):
+            if value_name not in constants:
+                raise ValueError(f"{path}: input {value_name!r} ({entry}) of BatchNormalization "
+                                 f"node {name!r} is computed in the graph, not a constant of it")
+            state_dict[f"{name}.{entry}"] = numpy_helper.to_array(constants[value_name])
+        eps[name] = float(attributes.get("epsilon", 1e-5))
+        momentum[name] = 1.0 - float(attributes.get("momentum", 0.9))
+    return state_dict, eps, momentum
 
 
 # The naming convention for the layer before a BatchNorm: (pattern of the BatchNorm's last

@@ -187,3 +187,37 @@ def test_fold_refuses_what_cannot_be_folded():
         fastbn.fold_batchnorms(sd, {"layer9": "bn1"})
     with pytest.raises(ValueError, match="cannot fold 'layer1.1.bn2' into 'conv1'"):
         fastbn.fold_batchnorms(sd, {"conv1": "layer1.1.bn2"})  # 8 outputs, 16 channels
+
+
+def test_every_batchnorm_of_an_onnx_model_matches_onnxruntime(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    c = 6
+    inits, nodes = [], []
+    for i, (name, eps, momentum) in enumerate([("stem/bn", 1e-3, 0.9), ("", 1e-5, 0.99)]):
+        for part, low, high in (("scale", 0.5, 1.5), ("bias", -1, 1), ("mean", -1, 1), ("var", 0.5, 2)):
+            inits.append(numpy_helper.from_array(rng.uniform(low, high, c).astype(np.float32), f"{part}{i}"))
+        nodes.append(helper.make_node("BatchNormalization", [f"x{i}", f"scale{i}", f"bias{i}", f"mean{i}", f"var{i}"],
+                                      [f"x{i + 1}"], name=name, epsilon=eps, momentum=momentum))
+    nodes.insert(1, helper.make_node("Relu", ["x1"], ["r1"]))
+    nodes[2].input[0] = "r1"
+    graph = helper.make_graph(nodes, "bns", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [2, c, 5, 5])],
+                              [helper.make_tensor_value_info("x1", TensorProto.FLOAT, [2, c, 5, 5]),
+                               helper.make_tensor_value_info("x2", TensorProto.FLOAT, [2, c, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    onnx.checker.check_model(model)
+    path = tmp_path / "bns.onnx"
+    onnx.save(model, str(path))
+    x = rng.standard_normal((2, c, 5, 5)).astype(np.float32) * 2 + 0.5
+    y1, y2 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x0": x})
+    bns = fastbn.load_batchnorms(path)
+    assert list(bns) == ["stem/bn", "BatchNormalization_2"]
+    # (ONNX attributes are float32: eps is the float32 nearest 1e-3, as onnxruntime uses it)
+    assert bns["stem/bn"].eps == float(np.float32(1e-3)) and bns["BatchNormalization_2"].eps == float(np.float32(1e-5))
+    assert bns["stem/bn"].momentum == pytest.approx(0.1, rel=1e-6)
+    assert bns["BatchNormalization_2"].momentum == pytest.approx(0.01, rel=1e-5)
+    np.testing.assert_allclose(bns["stem/bn"](x), y1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bns["BatchNormalization_2"](np.maximum(y1, 0)), y2, rtol=1e-5, atol=1e-5)
+    assert fastbn.load_batchnorms(path, eps={"stem/bn": 0.5})["stem/bn"].eps == 0.5
