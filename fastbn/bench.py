@@ -248,31 +248,78 @@ def peer_version(name):
 # Timing
 # ---------------------------------------------------------------------------------------------
 
+#: Rounds each case is timed in; within a round fastbn, its peers and the floor's copy run in
+#: turn, so that a busy moment of the machine falls on all of them, not on one.
+ROUNDS = 5
+
+#: The load average per logical CPU above which bench warns that the machine is busy.
+BUSY_LOAD = 0.3
+
+#: A ratio is reported as noisy, not as a result, when its rounds' ratios, or either side's
+#: round times, spread more than this much of their median ((max - min) / median).
+NOISY_SPREAD = 0.25
+
+
 def median_time(fn, budget=0.25, min_repeats=7, max_repeats=2000):
     """Median seconds per call of fn over repeats filling about `budget` seconds (after one
     warm-up call)."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    repeats = int(min(max_repeats, max(min_repeats, budget / once)))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    return float(np.median(round_times({"fn": fn}, budget, rounds=1, min_repeats=min_repeats,
+                                       max_repeats=max_repeats)["fn"]))
+
+
+def round_times(fns, budget=0.25, rounds=ROUNDS, min_repeats=3, max_repeats=2000):
+    """{name: [median seconds per call in each round]} of zero-argument callables, each round
+    running every callable in turn for about budget / rounds seconds (after a warm-up call)."""
+    repeats = {}
+    for name, fn in fns.items():
         fn()
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples))
+        start = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - start, 1e-7)
+        repeats[name] = int(min(max_repeats, max(min_repeats, budget / rounds / once)))
+    medians = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples = []
+            for _ in range(repeats[name]):
+                t0 = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - t0)
+            medians[name].append(float(np.median(samples)))
+    return medians
+
+
+def spread(values):
+    """(max - min) / median of a list of positive numbers: how far its rounds disagree."""
+    values = np.asarray(values, dtype=np.float64)
+    return float((values.max() - values.min()) / np.median(values))
 
 
 def copy_time(x, threads, budget):
     """The floor's yardstick: fastbn's OpenMP memcpy of x's bytes with `threads` threads."""
+    return median_time(copy_of(x, threads), budget)
+
+
+def copy_of(x, threads):
     dst = np.empty_like(x)
-    return median_time(lambda: kernels.parallel_copy(x, dst, threads), budget)
+    return lambda: kernels.parallel_copy(x, dst, threads)
+
+
+def machine_load():
+    """The 1-minute load average per logical CPU, or None where the OS does not say."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return None
 
 
 def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, quick=False,
         budget=None, progress=None):
-    """Time every case; returns a list of records (dicts)."""
+    """Time every case; returns a list of records (dicts).
+
+    Each record holds the median time of each implementation over ROUNDS rounds ("times"),
+    how far its rounds disagree ("spreads", see spread), and for each peer the spread of the
+    per-round ratios and whether it is noisy ("ratio_spreads", "noisy")."""
     shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
     ops = ops or list(OPS)
     budget = budget or (0.05 if quick else 0.25)
@@ -290,14 +337,25 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
                     if base != "eval" and V.values_per_channel(shape) < 2:
                         continue  # one value per channel (a batch-1 1x1 head): eval only
                     xv, dyv = variant_input(variant, x), variant_input(variant, dy)
-                    floor_copy = copy_time(np.ascontiguousarray(xv), nthreads, budget)
+                    fns = {name: IMPLEMENTATIONS[name](op, xv, dyv, nthreads)
+                           for name in ["fastbn"] + peers}
+                    fns = {name: fn for name, fn in fns.items() if fn is not None}
+                    fns["(copy)"] = copy_of(np.ascontiguousarray(xv), nthreads)
+                    rounds = round_times(fns, budget)
+                    floor_copy = float(np.median(rounds.pop("(copy)")))
                     record = dict(shape=list(shape), op=op, dtype=xv.dtype.name,
                                   threads=nthreads, bytes=int(xv.nbytes), passes=passes(op),
-                                  copy_s=floor_copy, floor_s=floor_copy * passes(op) / 2, times={})
-                    for name in ["fastbn"] + peers:
-                        fn = IMPLEMENTATIONS[name](op, xv, dyv, nthreads)
-                        if fn is not None:
-                            record["times"][name] = median_time(fn, budget)
+                                  copy_s=floor_copy, floor_s=floor_copy * passes(op) / 2,
+                                  times={name: float(np.median(r)) for name, r in rounds.items()},
+                                  spreads={name: spread(r) for name, r in rounds.items()},
+                                  ratio_spreads={}, noisy=[])
+                    for peer in rounds:
+                        if peer != "fastbn":
+                            ratios = np.asarray(rounds[peer]) / np.asarray(rounds["fastbn"])
+                            record["ratio_spreads"][peer] = spread(ratios)
+                            if max(spread(ratios), record["spreads"][peer],
+                                   record["spreads"]["fastbn"]) > NOISY_SPREAD:
+                                record["noisy"].append(peer)
                     records.append(record)
                     if progress:
                         progress(record)
@@ -337,22 +395,38 @@ def format_row(record, peers):
     t = record["times"]["fastbn"]
     mib = record["bytes"] / 2**20
     gbs = record["passes"] * record["bytes"] / t / 1e9
+    own = record.get("spreads", {}).get("fastbn")
     cells = [f"{str(tuple(record['shape'])):>18}", f"{record['op']:>14}", f"{record['threads']:>2}",
-             f"{mib:>7.2f}", f"{t * 1e6:>9.1f}", f"{gbs:>6.1f}", f"{t / record['floor_s']:>6.2f}"]
+             f"{mib:>7.2f}", f"{t * 1e6:>9.1f}", f"{'-' if own is None else f'{own * 100:.0f}%':>5}",
+             f"{gbs:>6.1f}", f"{t / record['floor_s']:>6.2f}"]
     for peer in peers:
         other = record["times"].get(peer)
-        cells.append(f"{other / t:>8.2f}x" if other else f"{'-':>9}")
+        if not other:
+            cells.append(f"{'-':>9}")
+        elif peer in record.get("noisy", ()):
+            cells.append(f"{'noisy':>9}")  # (its rounds disagree: not a result)
+        else:
+            cells.append(f"{other / t:>8.2f}x")
     return " ".join(cells)
 
 
 def table(records, against=PEERS):
     peers = [p for p in against if any(p in r["times"] for r in records)]
-    head = (f"{'shape':>18} {'op':>14} {'th':>2} {'MiB':>7} {'fastbn us':>9} {'GB/s':>6} {'floor':>6} "
-            + " ".join(f"{'vs ' + p[:5]:>9}" for p in peers))
+    head = (f"{'shape':>18} {'op':>14} {'th':>2} {'MiB':>7} {'fastbn us':>9} {'±':>5} {'GB/s':>6} "
+            f"{'floor':>6} " + " ".join(f"{'vs ' + p[:5]:>9}" for p in peers))
     lines = [head, "-" * len(head)]
     lines += [format_row(r, peers) for r in records]
+    ratios = sum(len([p for p in peers if p in r["times"]]) for r in records)
+    noisy = sum(len(r.get("noisy", ())) for r in records)
+    lines.append(f"th: the threads of fastbn, torch and onnxruntime (numpy runs on one); times are "
+                 f"medians over {ROUNDS} rounds, ±: how far fastbn's rounds disagree ((max - min) "
+                 f"/ median).")
     lines.append("floor: fastbn time / (OpenMP memcpy of the same bytes x passes / 2); "
                  "'vs peer': peer time / fastbn time (higher is better for fastbn).")
+    if noisy:
+        lines.append(f"noisy: {noisy} of {ratios} ratios, whose rounds (or either side's) disagree by more than "
+                     f"{NOISY_SPREAD:.0%}, are not results: rerun on a quiet machine (README, "
+                     f"Benchmarks).")
     return "\n".join(lines)
 
 
@@ -373,7 +447,10 @@ def plot(records, path):
         width = 0.8 / max(1, len(peers))
         for i, peer in enumerate(peers):
             values = [r["times"][peer] / r["times"]["fastbn"] if peer in r["times"] else 0 for r in rows]
-            ax.bar(np.arange(len(rows)) + i * width, values, width, label=f"vs {peer}")
+            # (the error bar: half the spread of the per-round ratios either side)
+            errors = [v * r.get("ratio_spreads", {}).get(peer, 0) / 2 for v, r in zip(values, rows)]
+            ax.bar(np.arange(len(rows)) + i * width, values, width, yerr=errors, capsize=1,
+                   label=f"vs {peer}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_ylabel("speed-up of fastbn (x)")
@@ -392,6 +469,12 @@ def main(threads=(1, 2), against=PEERS, quick=False, json_path=None, plot_path=N
     print(header(against), file=out)
     print(f"threads: {', '.join(map(str, threads))}  |  dtype: {dtype.name}  |  "
           f"{'quick run' if quick else 'full run'}", file=out)
+    load = machine_load()
+    if load is not None and load > BUSY_LOAD:
+        print(f"WARNING: this machine is busy (load average {load * (os.cpu_count() or 1):.1f} "
+              f"on {os.cpu_count()} logical CPUs): timings will be noise where the other work "
+              f"takes a core they need; ratios whose rounds disagree are marked 'noisy'.",
+              file=out)
     records = run(shapes=shapes, ops=ops, threads=threads, against=against, quick=quick, dtype=dtype,
                   progress=lambda r: print(".", end="", file=sys.stderr, flush=True))
     print(file=sys.stderr)

@@ -112,3 +112,27 @@ def test_numpy_baseline_is_correct():
     x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float64)
     y, _, _ = bench.numpy_case("train", x, x, 1)()
     np.testing.assert_allclose(y.mean(axis=(0, 2)), 0, atol=1e-12)
+
+
+def test_every_ratio_carries_its_rounds_and_noise_is_not_printed_as_a_result(monkeypatch):
+    records = bench.run(shapes=[(4, 3, 8, 8)], ops=["eval"], threads=(1,), against=("numpy",),
+                        budget=0.002)
+    (record,) = records
+    assert set(record["spreads"]) == {"fastbn", "numpy"} and set(record["ratio_spreads"]) == {"numpy"}
+    assert all(s >= 0 for s in record["spreads"].values())
+    assert bench.spread([1.0, 1.0, 1.0]) == 0 and bench.spread([1.0, 2.0, 1.5]) == pytest.approx(2 / 3)
+    record["noisy"] = []
+    assert "noisy" not in bench.table(records, ("numpy",)).split("\n")[2]
+    record["noisy"] = ["numpy"]
+    text = bench.table(records, ("numpy",))
+    assert text.split("\n")[2].rstrip().endswith("noisy")
+    assert "noisy: 1 of 1 ratios" in text and "numpy runs on one" in text
+
+
+def test_bench_warns_when_the_machine_is_busy(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "machine_load", lambda: 1.5)
+    bench.main(threads=(1,), against=("numpy",), shapes=[(2, 3, 4, 4)], ops=["eval"])
+    assert "WARNING: this machine is busy" in capsys.readouterr().out
+    monkeypatch.setattr(bench, "machine_load", lambda: 0.0)
+    bench.main(threads=(1,), against=("numpy",), shapes=[(2, 3, 4, 4)], ops=["eval"])
+    assert "WARNING" not in capsys.readouterr().out
