@@ -32,6 +32,7 @@ import os
 import random
 import sys
 import tempfile
+import warnings
 import zipfile
 
 import atheris
@@ -112,7 +113,8 @@ def _zip_members(data):
 
 def _pack(members, rng):
     out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as z:
+    with warnings.catch_warnings(), zipfile.ZipFile(out, "w") as z:
+        warnings.simplefilter("ignore")  # (a member duplicated on purpose: "Duplicate name")
         for info, body in members:
             method = info.compress_type
             if rng.random() < 0.05:
