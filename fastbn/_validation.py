@@ -80,8 +80,8 @@ def check_input_dtype(x, compute_dtype, module_dtype, owner):
     the small-call path compare first and call this to raise."""
     if compute_dtype != module_dtype:
         raise TypeError(f"input has dtype {x.dtype} but {owner} holds {module_dtype} parameters: "
-                        f"all inputs must share the same dtype (convert the input with .astype, "
-                        f"or build the module with dtype=)")
+                        f"all inputs must share the same dtype (convert it: np.asarray(input, "
+                        f"dtype=np.{np.dtype(module_dtype).name}), or build the module with dtype=)")
 
 
 def check_grad_output(dy, shape, dtype):

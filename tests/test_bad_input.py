@@ -754,3 +754,11 @@ def test_boundaries_of_the_checks_are_accepted():
     F.merge_stats((np.int64(4), np.zeros(C, np.float32), np.zeros(C, np.int64)), (0, [0.0] * C, [0.0] * C))
     F.batch_norm_backward_elemt(x, x, np.zeros(C), np.ones(C), None, np.zeros(C), np.zeros(C), np.uint8(4))
     assert fastbn.BatchNorm2d(np.int64(C)).num_features == C
+
+
+def test_a_list_of_the_wrong_dtype_is_told_how_to_convert():
+    # A Python list becomes a float64 array; the hint must work for a list (which has no
+    # .astype) as for an array.
+    import fastbn
+    with pytest.raises(TypeError, match=r"convert it: np.asarray\(input, dtype=np.float32\)"):
+        fastbn.BatchNorm1d(2)([[1.0, 2.0], [3.0, 4.0]])
