@@ -139,12 +139,14 @@ def load_batchnorms(source, *, eps=None, momentum=None, key=None, dtype=None,
         if key is not None:
             raise TypeError("key= selects the state_dict inside a checkpoint file; an ONNX "
                             "model has none")
-        state_dict, own_eps, own_momentum = _onnx_batchnorms(os.fspath(source))
-        names = list(own_eps)
+        layers, own_eps, own_momentum = _onnx_batchnorms(os.fspath(source))
+        names = list(layers)
     else:
-        state_dict = _state_dict_of(source, key, bfloat16)
+        layers, state_dict = None, _state_dict_of(source, key, bfloat16)
         names = batchnorm_names(state_dict)
         own_eps, own_momentum = dict.fromkeys(names, 1e-5), dict.fromkeys(names, 0.1)
+    if not names and layers is not None:
+        raise ValueError(f"{os.fspath(source)}: the ONNX model has no BatchNormalization node")
     if not names:
         from .modules import _norm_prefixes
         raise ValueError(f"found no BatchNorm layer (a prefix with running_mean and running_var) "
@@ -156,8 +158,10 @@ def load_batchnorms(source, *, eps=None, momentum=None, key=None, dtype=None,
     for name in names:
         layer_eps = eps_of.get(name)
         layer_momentum = momentum_of.get(name, _UNSET)
+        # (an ONNX node's own entries: node names may hold dots, and one prefix another's)
+        entries, prefix = (layers[name], "") if layers is not None else (state_dict, name)
         modules[name] = BatchNorm.from_state_dict(
-            state_dict, name, eps=own_eps[name] if layer_eps is None else layer_eps,
+            entries, prefix, eps=own_eps[name] if layer_eps is None else layer_eps,
             momentum=own_momentum[name] if layer_momentum is _UNSET else layer_momentum,
             dtype=dtype).eval()
     return modules
@@ -167,9 +171,9 @@ _UNSET = object()
 
 
 def _onnx_batchnorms(path):
-    """(state_dict, {name: epsilon}, {name: torch momentum}) of the BatchNormalization nodes of
-    an ONNX model, each node's name its prefix (``BatchNormalization_<index>`` for an unnamed
-    node).  Its parameters must be initializers or Constant nodes of the graph."""
+    """({name: the node's state_dict}, {name: epsilon}, {name: torch momentum}) of the
+    BatchNormalization nodes of an ONNX model, by node name (``BatchNormalization_<index>``
+    for an unnamed node).  Their parameters must be initializers or Constant nodes."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -183,7 +187,7 @@ def _onnx_batchnorms(path):
             for attribute in node.attribute:
                 if attribute.name == "value":
                     constants[node.output[0]] = attribute.t
-    state_dict, eps, momentum = OrderedDict(), {}, {}
+    layers, eps, momentum = OrderedDict(), {}, {}
     for index, node in enumerate(graph.node):
         if node.op_type != "BatchNormalization":
             continue
@@ -191,15 +195,16 @@ def _onnx_batchnorms(path):
         if name in eps:
             raise ValueError(f"{path}: two BatchNormalization nodes are named {name!r}")
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        layers[name] = OrderedDict()
         for entry, value_name in zip(("weight", "bias", "running_mean", "running_var"),
                                      node.input[1:5]):
             if value_name not in constants:
                 raise ValueError(f"{path}: input {value_name!r} ({entry}) of BatchNormalization "
                                  f"node {name!r} is computed in the graph, not a constant of it")
-            state_dict[f"{name}.{entry}"] = numpy_helper.to_array(constants[value_name])
+            layers[name][entry] = numpy_helper.to_array(constants[value_name])
         eps[name] = float(attributes.get("epsilon", 1e-5))
         momentum[name] = 1.0 - float(attributes.get("momentum", 0.9))
-    return state_dict, eps, momentum
+    return layers, eps, momentum
 
 
 # The naming convention for the layer before a BatchNorm: (pattern of the BatchNorm's last

@@ -196,13 +196,17 @@ def test_every_batchnorm_of_an_onnx_model_matches_onnxruntime(tmp_path):
     rng = np.random.default_rng(0)
     c = 6
     inits, nodes = [], []
-    for i, (name, eps, momentum) in enumerate([("stem/bn", 1e-3, 0.9), ("", 1e-5, 0.99)]):
+    # (node names hold dots as torch's exporter writes them, and one is another's prefix)
+    for i, (name, eps, momentum) in enumerate([("stem.bn", 1e-3, 0.9), ("", 1e-5, 0.99),
+                                               ("stem.bn.late", 1e-5, 0.9)]):
         for part, low, high in (("scale", 0.5, 1.5), ("bias", -1, 1), ("mean", -1, 1), ("var", 0.5, 2)):
             inits.append(numpy_helper.from_array(rng.uniform(low, high, c).astype(np.float32), f"{part}{i}"))
         nodes.append(helper.make_node("BatchNormalization", [f"x{i}", f"scale{i}", f"bias{i}", f"mean{i}", f"var{i}"],
                                       [f"x{i + 1}"], name=name, epsilon=eps, momentum=momentum))
     nodes.insert(1, helper.make_node("Relu", ["x1"], ["r1"]))
     nodes[2].input[0] = "r1"
+    nodes[3].input[0] = "x0"  # (a third node, beside the others, read only for its name)
+    nodes[3].output[0] = "x3"
     graph = helper.make_graph(nodes, "bns", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [2, c, 5, 5])],
                               [helper.make_tensor_value_info("x1", TensorProto.FLOAT, [2, c, 5, 5]),
                                helper.make_tensor_value_info("x2", TensorProto.FLOAT, [2, c, 5, 5])], inits)
@@ -213,11 +217,11 @@ def test_every_batchnorm_of_an_onnx_model_matches_onnxruntime(tmp_path):
     x = rng.standard_normal((2, c, 5, 5)).astype(np.float32) * 2 + 0.5
     y1, y2 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x0": x})
     bns = fastbn.load_batchnorms(path)
-    assert list(bns) == ["stem/bn", "BatchNormalization_2"]
+    assert list(bns) == ["stem.bn", "BatchNormalization_2", "stem.bn.late"]
     # (ONNX attributes are float32: eps is the float32 nearest 1e-3, as onnxruntime uses it)
-    assert bns["stem/bn"].eps == float(np.float32(1e-3)) and bns["BatchNormalization_2"].eps == float(np.float32(1e-5))
-    assert bns["stem/bn"].momentum == pytest.approx(0.1, rel=1e-6)
+    assert bns["stem.bn"].eps == float(np.float32(1e-3)) and bns["BatchNormalization_2"].eps == float(np.float32(1e-5))
+    assert bns["stem.bn"].momentum == pytest.approx(0.1, rel=1e-6)
     assert bns["BatchNormalization_2"].momentum == pytest.approx(0.01, rel=1e-5)
-    np.testing.assert_allclose(bns["stem/bn"](x), y1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bns["stem.bn"](x), y1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(bns["BatchNormalization_2"](np.maximum(y1, 0)), y2, rtol=1e-5, atol=1e-5)
-    assert fastbn.load_batchnorms(path, eps={"stem/bn": 0.5})["stem/bn"].eps == 0.5
+    assert fastbn.load_batchnorms(path, eps={"stem.bn": 0.5})["stem.bn"].eps == 0.5
