@@ -18,8 +18,9 @@
 
 #include "convert.h"
 
-#if defined(__FMA__) && (defined(__AVX2__) || defined(__AVX512F__))
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* (AVX-512BW for the 16-value conversions of convert.h; FMA, which the FMA builds contract
+   the compiled loop's d * d into) */
+#if defined(__FMA__) && defined(__AVX512F__) && defined(__AVX512BW__)
 /* The lane sums of a run of half data, conversions in registers: moment_lanes' arithmetic
    (d = x - shift in float64; s1 += d; s2 += d * d, which the FMA builds compile to one
    fused multiply-add) in its order, value i into lane i % 32, so the same bits. */
@@ -62,14 +63,6 @@ static inline void fastbn_moment_lanes_half(int bfloat, const void *src, Py_ssiz
         s2[j] = fma(d, d, s2[j]);
     }
 }
-#else
-#define FASTBN_HALF_LANES 0
-/* Never called (FASTBN_HALF_LANES): the run is staged. */
-static inline void fastbn_moment_lanes_half(int bfloat, const void *src, Py_ssize_t n,
-                                            double shift, double *s1, double *s2) {
-    (void)bfloat; (void)src; (void)n; (void)shift; (void)s1; (void)s2;
-}
-#endif
 #else
 #define FASTBN_HALF_LANES 0
 /* Never called: FASTBN_HALF_LANES tells the caller to stage the run. */
