@@ -21,8 +21,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 
-import numpy as np
-
+from . import _validation as V
 from .checkpoint import load_checkpoint
 from .fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 from .modules import BatchNorm
@@ -76,19 +75,11 @@ def _per_layer(value, names, what, check, default):
 
 
 def _eps(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"eps must be a positive finite number, got {value!r}")
-    return float(value)
+    return V.check_eps(value, training=False)  # (torch's rule for a module's eps)
 
 
 def _momentum(value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not np.isfinite(value):
-        raise ValueError(f"momentum must be a finite number or None, got {value!r}")
-    return float(value)
+    return V.check_momentum(value, allow_none=True)
 
 
 def load_batchnorms(source, *, eps=None, momentum=None, key=None, dtype=None,

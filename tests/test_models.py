@@ -134,9 +134,16 @@ def test_names_eps_and_momentum_per_layer():
     assert loaded["bn1"].momentum is None and loaded["layer1.0.bn1"].momentum == 0.1
     with pytest.raises(ValueError, match=r"eps names layers the state_dict has no BatchNorm for: \['bn9'\]"):
         fastbn.load_batchnorms(sd, eps={"bn9": 1e-3})
-    for bad in (0.0, -1.0, float("nan"), "1e-5", True):
-        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+    # (the modules' own rules, checked before any module is built: torch allows eps=0 in eval)
+    for bad, error, match in ((-1.0, ValueError, "eps must be non-negative"),
+                              (float("nan"), ValueError, "eps must be finite"),
+                              ("1e-5", TypeError, "eps must be a real number"),
+                              (True, TypeError, "eps must be a real number")):
+        with pytest.raises(error, match=match):
             fastbn.load_batchnorms(sd, eps=bad)
+    assert fastbn.load_batchnorms(sd, eps={"bn1": 0.0})["bn1"].eps == 0.0
+    with pytest.raises(TypeError, match="momentum must be a real number or None"):
+        fastbn.load_batchnorms(sd, momentum="0.1")
     with pytest.raises(ValueError, match="found no BatchNorm layer"):
         fastbn.load_batchnorms({"fc.weight": np.ones((2, 2)), "fc.bias": np.ones(2)})
     with pytest.raises(TypeError, match="source must be a checkpoint path or a state_dict"):
