@@ -31,18 +31,49 @@ OPENMP_SPECS = {
 }
 
 
-def _cpu_model() -> str | None:
-    """The CPU's marketing name, where the OS tells it cheaply."""
+#: (implementer, part) of /proc/cpuinfo on Arm Linux -> the core's name, for the servers and
+#: machines fastbn's users run (the kernel gives numbers only).
+ARM_CORES = {
+    (0x41, 0xd08): "Arm Cortex-A72", (0x41, 0xd0b): "Arm Cortex-A76", (0x41, 0xd0c): "Arm Neoverse-N1",
+    (0x41, 0xd40): "Arm Neoverse-V1", (0x41, 0xd49): "Arm Neoverse-N2", (0x41, 0xd4f): "Arm Neoverse-V2",
+    (0x41, 0xd8e): "Arm Neoverse-N3", (0x41, 0xd84): "Arm Neoverse-V3",
+    (0xc0, 0xac3): "Ampere AmpereOne", (0x61, None): "Apple",
+}
+
+
+def _arm_core(fields: dict[str, str]) -> str | None:
+    """The core named by /proc/cpuinfo's 'CPU implementer' and 'CPU part' on Arm Linux."""
+    try:
+        implementer = int(fields["CPU implementer"], 0)
+        part = int(fields.get("CPU part", "-1"), 0)
+    except (KeyError, ValueError):
+        return None
+    name = ARM_CORES.get((implementer, part)) or ARM_CORES.get((implementer, None))
+    return name or f"Arm implementer {implementer:#x}, part {part:#x}"
+
+
+def _cpu_model(machine: str | None = None, cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's name, where the OS tells it cheaply; None rather than another machine's.
+    (machine and cpuinfo: platform.machine() and the file read on Linux, for the tests.)"""
+    machine = (machine or platform.machine()).lower()
+    arm = machine in ("aarch64", "arm64") or machine.startswith("arm")
     if sys.platform.startswith("linux"):
         try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            fields: dict[str, str] = {}
+            with open(cpuinfo, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     key, _, value = line.partition(":")
-                    # x86: "model name"; some ARM kernels: "Model" or "Hardware".
-                    if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                        return value.strip()
+                    if key.strip() and value.strip():
+                        fields.setdefault(key.strip(), value.strip())
         except OSError:
-            pass
+            fields = {}
+        if arm:
+            # Arm kernels give the core's numbers ("CPU implementer", "CPU part"), some a
+            # "Model" or "Hardware" line.  A "model name" there is the host's, where this
+            # process runs under emulation (qemu-user reads the host's /proc/cpuinfo).
+            return fields.get("Model") or fields.get("Hardware") or _arm_core(fields)
+        if fields.get("model name"):
+            return fields["model name"]
     elif sys.platform == "darwin":
         try:
             name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
@@ -129,7 +160,8 @@ def config() -> dict[str, Any]:
         "simd": {"cpu_supports": list(_cpu.supported_simd_levels()), "built": _built_levels(),
                  "dispatched": _dispatch.simd_level,
                  "FASTBN_SIMD": _dispatch.requested_level,
-                 "float16_f16c": _dispatch.kernels.half_simd()},
+                 "float16_f16c": _dispatch.kernels.half_conversion() == "F16C",
+                 "float16_conversion": _dispatch.kernels.half_conversion()},
         "openmp": {"enabled": _openmp.openmp_enabled(), "version": openmp_version,
                    "spec": OPENMP_SPECS.get(openmp_version),
                    "library": os.path.realpath(library) if library else None,
@@ -165,7 +197,8 @@ def _lines(info: dict[str, Any]) -> list[str]:
         ("  built", ", ".join(simd["built"])),
         ("  dispatched to", simd["dispatched"] + (f" (forced by FASTBN_SIMD={simd['FASTBN_SIMD']})"
                                                   if simd["FASTBN_SIMD"] else "")),
-        ("  half convert", "F16C (float16), integer (bfloat16)" if simd["float16_f16c"] else "integer (float16, bfloat16)"),
+        ("  half convert", "integer (float16, bfloat16)" if simd["float16_conversion"] == "integer"
+                           else f"{simd['float16_conversion']} (float16), integer (bfloat16)"),
         ("openmp", ""),
         ("  compiled in", compiled),
     ]

@@ -666,9 +666,14 @@ def parallel_copy(cnp.ndarray src not None, cnp.ndarray dst not None, int n_thre
 
 
 def half_simd():
-    """Whether this build converts float16 with F16C instructions (else with exact integer
-    arithmetic, which gives the same bits more slowly)."""
+    """Whether this build converts float16 with instructions (F16C on x86-64, FCVT on AArch64;
+    else with exact integer arithmetic, which gives the same bits more slowly)."""
     return bool(HALF_SIMD)
+
+
+def half_conversion():
+    """How this build converts float16: 'F16C', 'AArch64 FCVT' or 'integer'."""
+    return HALF_CONVERT.decode("ascii")
 
 
 cdef void convert_checked(str name, Storage half_kind, cnp.ndarray src, cnp.ndarray dst,

@@ -19,7 +19,7 @@ SECTIONS = {
     "python": {"version", "implementation", "executable"},
     "numpy": {"version"},
     "platform": {"system", "machine", "cpu", "cpu_count", "usable_cpus"},
-    "simd": {"cpu_supports", "built", "dispatched", "FASTBN_SIMD", "float16_f16c"},
+    "simd": {"cpu_supports", "built", "dispatched", "FASTBN_SIMD", "float16_f16c", "float16_conversion"},
     "openmp": {"enabled", "version", "spec", "library", "threadpoolctl"},
     "threads": {"num_threads", "OMP_NUM_THREADS"},
 }
@@ -48,7 +48,16 @@ def test_config_simd_section_matches_the_dispatcher():
     assert simd["cpu_supports"][-1] == "baseline"
     assert "baseline" in simd["built"]
     assert fastbn.simd_level in simd["built"] and fastbn.simd_level in simd["cpu_supports"]
-    assert simd["float16_f16c"] is _dispatch.kernels.half_simd()
+    conversion = _dispatch.kernels.half_conversion()
+    assert simd["float16_conversion"] == conversion
+    assert simd["float16_f16c"] is (conversion == "F16C")
+    # an instruction converts float16 exactly where the build says it has one for it
+    assert (conversion != "integer") is _dispatch.kernels.half_simd()
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        assert conversion == "AArch64 FCVT"
+    elif machine not in ("x86_64", "amd64"):
+        assert conversion == "integer"
     # Every level this CPU runs and the build has can be dispatched to.
     assert set(_dispatch.available_levels()) == set(simd["built"]) & set(simd["cpu_supports"])
     assert simd["FASTBN_SIMD"] == _dispatch.requested_level
@@ -140,3 +149,21 @@ def test_info_reports_a_forced_simd_level():
     assert "OMP_NUM_THREADS:   1" in result.stdout
     if _openmp.openmp_enabled():
         assert "get_num_threads(): 1" in result.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads a /proc/cpuinfo file")
+@pytest.mark.parametrize("machine, text, name", [
+    ("x86_64", "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n", "AMD EPYC 9R14"),
+    ("aarch64", "processor\t: 0\nBogoMIPS\t: 243.75\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+                "CPU variant\t: 0x1\nCPU part\t: 0xd4f\n", "Arm Neoverse-V2"),
+    ("aarch64", "CPU implementer\t: 0x51\nCPU part\t: 0x801\n", "Arm implementer 0x51, part 0x801"),
+    ("aarch64", "processor\t: 0\nHardware\t: BCM2835\nModel\t: Raspberry Pi 4 Model B Rev 1.4\n",
+     "Raspberry Pi 4 Model B Rev 1.4"),
+    # qemu-user shows an emulated arm64 process the host's /proc/cpuinfo: not this CPU's name
+    ("aarch64", "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n", None),
+])
+def test_cpu_model_names_the_cpu_or_nothing(tmp_path, machine, text, name):
+    from fastbn._config import _cpu_model
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert _cpu_model(machine, str(cpuinfo)) == (name or (platform.processor() or None))

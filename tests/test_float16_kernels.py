@@ -13,7 +13,7 @@ from fastbn import functional as F
 from conftest import forced_fusion, forced_layout, kernel_levels, kernels_of, make_input
 
 F16C_LEVELS = [level for level in kernel_levels() if kernels_of(level).half_simd()]
-pytestmark = pytest.mark.skipif(not F16C_LEVELS, reason="no kernel variant with F16C here")
+pytestmark = pytest.mark.skipif(not F16C_LEVELS, reason="no kernel variant converts float16 with instructions here (F16C, FCVT)")
 
 # Planar (with segments longer than a staging block, and several per plane), columns with
 # short and long planes, runs of planes, rows of several samples, one tall (N, C) matrix with

@@ -60,8 +60,10 @@ cdef extern from "_engine/simd/affine.h":
                                           float shift) noexcept nogil
 
 cdef extern from "_engine/simd/convert.h":
-    # half <-> float32 over runs, scalar or F16C/AVX2/AVX-512 (numpy's and ml_dtypes' bits)
+    # half <-> float32 over runs, scalar, F16C/AVX2/AVX-512 or AArch64 (numpy's and ml_dtypes'
+    # bits)
     bint HALF_SIMD "FASTBN_HALF_SIMD"
+    const char* HALF_CONVERT "FASTBN_HALF_CONVERT"
     void widen_half "fastbn_widen_half"(const void* src, float* dst, Py_ssize_t n) noexcept nogil
     void narrow_half "fastbn_narrow_half"(const float* src, void* dst, Py_ssize_t n) noexcept nogil
     void widen_bfloat "fastbn_widen_bfloat"(const void* src, float* dst, Py_ssize_t n) noexcept nogil

@@ -2,7 +2,7 @@
  *
  * Part of fastbn's kernels (fastbn/_engine/storage.pxi declares these to Cython; every SIMD
  * variant of _kernels.pyx compiles them with its own flags).  The scalar functions are the
- * reference: every SIMD path gives their bits -- numpy's float16 conversions and
+ * reference: every SIMD path (F16C, AArch64's FCVT) gives their bits -- numpy's float16 conversions and
  * ml_dtypes' bfloat16 rounding (round to nearest even; NaN quieted, sign and top payload
  * kept) -- which tests/test_float16_conversion.py and tests/test_bfloat16_conversion.py check
  * against numpy and ml_dtypes at every SIMD level this CPU runs.
@@ -22,10 +22,23 @@
 #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+/* How this build converts float16: FASTBN_HALF_SIMD is 1 where an instruction does it (F16C
+   on x86-64 builds that have it; AArch64's FCVT, in every AArch64 build, through Advanced
+   SIMD's vcvt), 0 where the integer arithmetic below does; FASTBN_HALF_CONVERT names it for
+   fastbn.show_config().  bfloat16 is converted with integer arithmetic everywhere. */
 #if defined(__F16C__)
 #define FASTBN_HALF_SIMD 1
+#define FASTBN_HALF_NEON 0
+#define FASTBN_HALF_CONVERT "F16C"
+#elif defined(__aarch64__) && defined(__ARM_FP16_FORMAT_IEEE)
+#include <arm_neon.h>
+#define FASTBN_HALF_SIMD 1
+#define FASTBN_HALF_NEON 1
+#define FASTBN_HALF_CONVERT "AArch64 FCVT"
 #else
 #define FASTBN_HALF_SIMD 0
+#define FASTBN_HALF_NEON 0
+#define FASTBN_HALF_CONVERT "integer"
 #endif
 
 /* float16 <-> float32 without F16C: exact, round to nearest even (numpy's conversions,
@@ -76,7 +89,20 @@ static inline uint16_t fastbn_float_to_half_soft(float f) {
 static inline void fastbn_widen_half(const void *src, float *dst, Py_ssize_t n) {
     const uint16_t *s = (const uint16_t *)src;
     Py_ssize_t i = 0;
-#if FASTBN_HALF_SIMD
+#if FASTBN_HALF_NEON
+    /* FCVT, exact; with FPCR's defaults (no flush to zero, default NaN off), as Linux sets
+       them, a NaN keeps its sign and payload, quieted */
+    for (; i + 8 <= n; i += 8) {
+        float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(s + i));
+        vst1q_f32(dst + i, vcvt_f32_f16(vget_low_f16(h)));
+        vst1q_f32(dst + i + 4, vcvt_high_f32_f16(h));
+    }
+    for (; i < n; i++) {
+        __fp16 h;
+        memcpy(&h, s + i, sizeof h);
+        dst[i] = (float)h;
+    }
+#elif FASTBN_HALF_SIMD
 #if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
@@ -93,7 +119,17 @@ static inline void fastbn_widen_half(const void *src, float *dst, Py_ssize_t n) 
 static inline void fastbn_narrow_half(const float *src, void *dst, Py_ssize_t n) {
     uint16_t *d = (uint16_t *)dst;
     Py_ssize_t i = 0;
-#if FASTBN_HALF_SIMD
+#if FASTBN_HALF_NEON
+    /* FCVT under FPCR's rounding mode, to nearest even by default (numpy's rounding) */
+    for (; i + 8 <= n; i += 8) {
+        float16x8_t h = vcvt_high_f16_f32(vcvt_f16_f32(vld1q_f32(src + i)), vld1q_f32(src + i + 4));
+        vst1q_u16(d + i, vreinterpretq_u16_f16(h));
+    }
+    for (; i < n; i++) {
+        __fp16 h = (__fp16)src[i];
+        memcpy(d + i, &h, sizeof h);
+    }
+#elif FASTBN_HALF_SIMD
 #if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16)
         _mm256_storeu_si256((__m256i *)(d + i),
