@@ -36,6 +36,17 @@ cdef extern from *:
     #define _GNU_SOURCE
     #endif
     #include <dlfcn.h>
+    /* glibc 2.34 moved dladdr from libdl into libc under a new version, GLIBC_2.34, which a
+       module linked against glibc >= 2.34 would require, and with it a Linux that new.  The
+       first version, which every glibc since keeps, is enough: so a wheel built on a new
+       system loads on older ones (manylinux_2_28 and older; see .ci/wheel). */
+    #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 34))
+    #if defined(__x86_64__)
+    __asm__(".symver dladdr,dladdr@GLIBC_2.2.5");
+    #elif defined(__aarch64__)
+    __asm__(".symver dladdr,dladdr@GLIBC_2.17");
+    #endif
+    #endif
     static const char *fastbn_openmp_library(void) {
         Dl_info info;
         if (dladdr((void *)&omp_get_max_threads, &info) && info.dli_fname != NULL)
