@@ -23,7 +23,8 @@ _engine/backward.pxi    gradient sums, grad_input, eval and training backwards
 _engine/dispatch.pxi    (job, storage, activation) -> the specialisation that runs
 _engine/simd/*.h        the C written by hand, by job: convert.h (half <-> float32), affine.h
                         (the half affine map), reduce.h (lane sums in registers), bits.h
-                        (prefetch, masking); each names the Cython loop whose bits it gives
+                        (prefetch, masking), copy.h (the bench's streaming-store copy); each
+                        names the Cython loop whose bits it gives
 this file               the Python entry points: validate the contract, fill a Call, dispatch
 
 The tuning switches (a forced layout and fusion off, which tests set, and the largest planar
@@ -77,7 +78,8 @@ from libc.string cimport memcmp, memcpy, memset
 
 cimport numpy as cnp
 
-from fastbn._tuning cimport fused_channel_bytes, fusion_allowed, layout_override, stream_min_bytes
+from fastbn._tuning cimport (fused_channel_bytes, fusion_allowed, layout_override, note_streamed_pass,
+                             stream_min_bytes)
 from fastbn import _tuning
 
 cnp.import_array()
@@ -640,11 +642,32 @@ def backward_from_sums(cnp.ndarray dy not None, cnp.ndarray x not None,
     run_job(BACKWARD_FROM_SUMS, &call, kind, output is not None)
 
 
-def parallel_copy(cnp.ndarray src not None, cnp.ndarray dst not None, int n_threads):
+cdef extern from "_engine/simd/copy.h":
+    bint STREAM_COPY "FASTBN_STREAM_COPY"
+    void copy_stream "fastbn_copy_stream"(const char* src, char* dst, Py_ssize_t n) noexcept nogil
+
+
+def stream_stores():
+    """Whether this build writes large float32 outputs with streaming stores (past the caches;
+    _tuning.stream_min_bytes), and parallel_copy can copy that way."""
+    return bool(STREAM_AFFINE and STREAM_COPY)
+
+
+cdef inline void copy_part(const char* s, char* d, Py_ssize_t n, bint streaming) noexcept nogil:
+    if streaming:
+        copy_stream(s, d, n)
+    else:
+        memcpy(d, s, n)
+
+
+def parallel_copy(cnp.ndarray src not None, cnp.ndarray dst not None, int n_threads,
+                  bint streaming=False):
     """dst[...] = src for C-contiguous arrays of the same size, on up to n_threads threads.
 
     The bandwidth yardstick of the benchmarks: the fastest way to move these bytes with this
-    many threads, which a kernel that reads and writes each byte once cannot beat.
+    many threads, which a kernel that reads and writes each byte once cannot beat.  With
+    `streaming`, the destination is written with streaming stores (where stream_stores()),
+    as fastbn's large float32 outputs are: the yardstick of those passes.
     """
     cdef char* s = <char*>cnp.PyArray_DATA(src)
     cdef char* d = <char*>cnp.PyArray_DATA(dst)
@@ -654,15 +677,18 @@ def parallel_copy(cnp.ndarray src not None, cnp.ndarray dst not None, int n_thre
     if not (cnp.PyArray_IS_C_CONTIGUOUS(src) and cnp.PyArray_IS_C_CONTIGUOUS(dst)
             and cnp.PyArray_ISWRITEABLE(dst)):
         raise ValueError("parallel_copy: expected C-contiguous arrays, dst writable")
+    if streaming and not STREAM_COPY:
+        raise ValueError("parallel_copy: this build has no streaming stores (see stream_stores())")
     parts = max(1, min(<Py_ssize_t>n_threads, nbytes // (GRAIN * 4)))
     chunk = ((nbytes + parts - 1) // parts + 63) // 64 * 64
     with nogil:
         if parts == 1:
-            memcpy(d, s, nbytes)
+            copy_part(s, d, nbytes, streaming)
         else:
             for k in prange(parts, num_threads=<int>parts, schedule="static"):
                 if k * chunk < nbytes:
-                    memcpy(d + k * chunk, s + k * chunk, min(chunk, nbytes - k * chunk))
+                    copy_part(s + k * chunk, d + k * chunk, min(chunk, nbytes - k * chunk),
+                              streaming)
 
 
 def half_simd():

@@ -3,3 +3,4 @@ cdef int layout_override() noexcept nogil
 cdef bint fusion_allowed() noexcept nogil
 cdef Py_ssize_t fused_channel_bytes() noexcept nogil
 cdef Py_ssize_t stream_min_bytes() noexcept nogil
+cdef void note_streamed_pass() noexcept nogil

@@ -60,6 +60,9 @@ cdef bint fusion_enabled = True
 cdef Py_ssize_t channel_bytes_limit = (LARGE_FUSED_CHANNEL_BYTES if fastbn_cpu_is_intel()
                                        else SMALL_FUSED_CHANNEL_BYTES)
 cdef Py_ssize_t stream_bytes_limit = STREAM_MIN_BYTES
+# Elementwise passes that wrote their output with streaming stores, for bench to tell which
+# floor a pass is held to (a count, not a switch: the kernels only add to it).
+cdef Py_ssize_t streamed_count = 0
 
 LAYOUTS = {None: 0, "planar": 1, "columns": 2}
 
@@ -82,6 +85,19 @@ cdef Py_ssize_t fused_channel_bytes() noexcept nogil:
 cdef Py_ssize_t stream_min_bytes() noexcept nogil:
     """The smallest output (bytes) written with streaming stores."""
     return stream_bytes_limit
+
+
+cdef void note_streamed_pass() noexcept nogil:
+    """Count an elementwise pass written with streaming stores (see streamed_passes)."""
+    global streamed_count
+    streamed_count += 1
+
+
+def streamed_passes():
+    """How many elementwise passes have written their output with streaming stores in this
+    process: bench runs a case once and looks whether the count moved.  Calls on several
+    threads at once may miss counts; it is a diagnostic, never a switch."""
+    return streamed_count
 
 
 def set_stream_min_bytes(nbytes):

@@ -23,6 +23,17 @@ train+backward     5       the training forward, then read x and dy (sums, then 
 Below a few hundred KiB nothing leaves the cache and a call costs its fixed overhead: the
 floor column then says how far the call is from a copy of the same bytes, not from memory.
 
+There are two copies, and so two floors.  An ordinary store reads each destination line before
+writing it (read for ownership); a streaming store writes past the caches and skips that read.
+fastbn writes float32 planar outputs too large for the caches with streaming stores
+(``fastbn._tuning.STREAM_MIN_BYTES``), so the table shows the time over both floors, ``floor``
+(a memcpy) and ``nt fl`` (every output written with streaming stores, where the build has
+them), and marks with ``*`` the one the row is held to.  The floor a row is held to
+(``floor_s`` in the JSON) counts a streaming copy for each output fastbn wrote with streaming
+stores (as ``_tuning.streamed_passes`` counts them) and half an ordinary copy for every other
+pass; where fastbn streams one output of two (the training forward's, not the backward's),
+it lies between the two columns and neither is marked.
+
 Variants of these operations time the features that change speed: ``+relu`` (the fused ReLU;
 torch runs its BatchNorm then an in-place ReLU), ``:nhwc`` (channels-last input and output;
 torch gets a channels_last tensor) and ``:fp16`` (float16 data into a float32 module, computed
@@ -41,6 +52,7 @@ import time
 import numpy as np
 
 from . import __version__
+from . import _tuning
 from . import _validation as V
 from ._dispatch import kernels, simd_level
 from ._openmp import get_num_threads, openmp_version, set_num_threads
@@ -295,14 +307,32 @@ def spread(values):
     return float((values.max() - values.min()) / np.median(values))
 
 
-def copy_time(x, threads, budget):
-    """The floor's yardstick: fastbn's OpenMP memcpy of x's bytes with `threads` threads."""
-    return median_time(copy_of(x, threads), budget)
+def copy_time(x, threads, budget, streaming=False):
+    """The floor's yardstick: fastbn's OpenMP memcpy of x's bytes with `threads` threads
+    (with `streaming`, written with streaming stores)."""
+    return median_time(copy_of(x, threads, streaming), budget)
 
 
-def copy_of(x, threads):
+def copy_of(x, threads, streaming=False):
     dst = np.empty_like(x)
-    return lambda: kernels.parallel_copy(x, dst, threads)
+    return lambda: kernels.parallel_copy(x, dst, threads, streaming)
+
+
+def streamed_outputs(fn):
+    """How many outputs one call of fn writes with streaming stores (fastbn's elementwise
+    passes count them in _tuning.streamed_passes)."""
+    before = _tuning.streamed_passes()
+    fn()
+    return _tuning.streamed_passes() - before
+
+
+def held_floor(copy_s, stream_copy_s, n_passes, streamed):
+    """The floor of an operation of n_passes passes whose `streamed` outputs are written with
+    streaming stores: each such output's read-and-write pair costs a streaming copy, the
+    other passes half an ordinary copy each."""
+    if not streamed or stream_copy_s is None:
+        return copy_s * n_passes / 2
+    return (copy_s * (n_passes - 2 * streamed) + stream_copy_s * 2 * streamed) / 2
 
 
 def machine_load():
@@ -340,12 +370,22 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
                     fns = {name: IMPLEMENTATIONS[name](op, xv, dyv, nthreads)
                            for name in ["fastbn"] + peers}
                     fns = {name: fn for name, fn in fns.items() if fn is not None}
+                    streamed = min(streamed_outputs(fns["fastbn"]), passes(op) // 2)
                     fns["(copy)"] = copy_of(np.ascontiguousarray(xv), nthreads)
+                    if kernels.stream_stores():
+                        fns["(stream copy)"] = copy_of(np.ascontiguousarray(xv), nthreads, True)
                     rounds = round_times(fns, budget)
                     floor_copy = float(np.median(rounds.pop("(copy)")))
+                    stream_copy = rounds.pop("(stream copy)", None)
+                    stream_copy = None if stream_copy is None else float(np.median(stream_copy))
                     record = dict(shape=list(shape), op=op, dtype=xv.dtype.name,
                                   threads=nthreads, bytes=int(xv.nbytes), passes=passes(op),
-                                  copy_s=floor_copy, floor_s=floor_copy * passes(op) / 2,
+                                  copy_s=floor_copy, stream_copy_s=stream_copy,
+                                  streamed_outputs=streamed,
+                                  floor_s=held_floor(floor_copy, stream_copy, passes(op), streamed),
+                                  ordinary_floor_s=floor_copy * passes(op) / 2,
+                                  stream_floor_s=(None if stream_copy is None else held_floor(
+                                      floor_copy, stream_copy, passes(op), passes(op) // 2)),
                                   times={name: float(np.median(r)) for name, r in rounds.items()},
                                   spreads={name: spread(r) for name, r in rounds.items()},
                                   ratio_spreads={}, noisy=[])
@@ -391,6 +431,19 @@ def header(against=PEERS):
     return "\n".join(lines)
 
 
+def floor_cells(record, t):
+    """The time over the floor with ordinary stores and over the floor with every output
+    written with streaming ones ('-' where the build has none); '*' marks the one the
+    operation is held to: the second where fastbn writes all its outputs that way, neither
+    where it streams some of them (its floor_s lies between; see held_floor)."""
+    cells = []
+    streamed = record.get("streamed_outputs", 0)
+    for floor, held in ((record.get("ordinary_floor_s", record["floor_s"]), not streamed),
+                        (record.get("stream_floor_s"), streamed == record["passes"] // 2)):
+        cells.append(f"{'-':>7}" if floor is None else f"{t / floor:>6.2f}{'*' if held else ' '}")
+    return cells
+
+
 def format_row(record, peers):
     t = record["times"]["fastbn"]
     mib = record["bytes"] / 2**20
@@ -398,7 +451,7 @@ def format_row(record, peers):
     own = record.get("spreads", {}).get("fastbn")
     cells = [f"{str(tuple(record['shape'])):>18}", f"{record['op']:>14}", f"{record['threads']:>2}",
              f"{mib:>7.2f}", f"{t * 1e6:>9.1f}", f"{'-' if own is None else f'{own * 100:.0f}%':>5}",
-             f"{gbs:>6.1f}", f"{t / record['floor_s']:>6.2f}"]
+             f"{gbs:>6.1f}"] + floor_cells(record, t)
     for peer in peers:
         other = record["times"].get(peer)
         if not other:
@@ -413,7 +466,7 @@ def format_row(record, peers):
 def table(records, against=PEERS):
     peers = [p for p in against if any(p in r["times"] for r in records)]
     head = (f"{'shape':>18} {'op':>14} {'th':>2} {'MiB':>7} {'fastbn us':>9} {'±':>5} {'GB/s':>6} "
-            f"{'floor':>6} " + " ".join(f"{'vs ' + p[:5]:>9}" for p in peers))
+            f"{'floor':>7} {'nt fl':>7} " + " ".join(f"{'vs ' + p[:5]:>9}" for p in peers))
     lines = [head, "-" * len(head)]
     lines += [format_row(r, peers) for r in records]
     ratios = sum(len([p for p in peers if p in r["times"]]) for r in records)
@@ -421,8 +474,12 @@ def table(records, against=PEERS):
     lines.append(f"th: the threads of fastbn, torch and onnxruntime (numpy runs on one); times are "
                  f"medians over {ROUNDS} rounds, ±: how far fastbn's rounds disagree ((max - min) "
                  f"/ median).")
-    lines.append("floor: fastbn time / (OpenMP memcpy of the same bytes x passes / 2); "
-                 "'vs peer': peer time / fastbn time (higher is better for fastbn).")
+    lines.append("floor: fastbn time / (OpenMP memcpy of the same bytes x passes / 2); nt fl: "
+                 "the same with a copy written with streaming stores; * marks the floor a row is "
+                 "held to (nt fl where fastbn writes its outputs with streaming stores: large "
+                 "float32 planes; neither where it streams one of two outputs, the training "
+                 "forward's and not the backward's).")
+    lines.append("'vs peer': peer time / fastbn time (higher is better for fastbn).")
     if noisy:
         lines.append(f"noisy: {noisy} of {ratios} ratios, whose rounds (or either side's) disagree by more than "
                      f"{NOISY_SPREAD:.0%}, are not results: rerun on a quiet machine (README, "

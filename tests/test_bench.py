@@ -136,3 +136,65 @@ def test_bench_warns_when_the_machine_is_busy(monkeypatch, capsys):
     monkeypatch.setattr(bench, "machine_load", lambda: 0.0)
     bench.main(threads=(1,), against=("numpy",), shapes=[(2, 3, 4, 4)], ops=["eval"])
     assert "WARNING" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("nbytes", [0, 1, 31, 32, 33, 4095, 300_001, 1 << 20])
+def test_parallel_copy_copies_every_byte(nbytes, streaming):
+    """The floors' copies, with ordinary and streaming stores, at every alignment of either
+    end and on 1 to 3 threads; a build without streaming stores refuses the second."""
+    from fastbn._dispatch import kernels
+    if streaming and not kernels.stream_stores():
+        with pytest.raises(ValueError, match="streaming"):
+            kernels.parallel_copy(np.zeros(8, np.uint8), np.zeros(8, np.uint8), 1, True)
+        return
+    src = np.random.default_rng(nbytes).integers(0, 256, nbytes + 64, dtype=np.uint8)
+    for start in (0, 1, 7, 32):
+        for threads in (1, 2, 3):
+            dst = np.zeros(nbytes + 64, np.uint8)
+            kernels.parallel_copy(src[start:start + nbytes], dst[32 - start // 2:][:nbytes],
+                                  threads, streaming)
+            np.testing.assert_array_equal(dst[32 - start // 2:][:nbytes], src[start:start + nbytes])
+            assert not dst[:32 - start // 2].any() and not dst[32 - start // 2 + nbytes:].any()
+
+
+def test_held_floor_counts_a_streaming_copy_per_streamed_output():
+    assert bench.held_floor(1.0, 0.5, 2, 0) == 1.0    # eval into ordinary stores: one copy
+    assert bench.held_floor(1.0, 0.5, 2, 1) == 0.5    # ... into streaming ones: one streaming copy
+    assert bench.held_floor(1.0, 0.5, 5, 1) == 2.0    # train+backward, forward streamed: 1.5 + 0.5
+    assert bench.held_floor(1.0, None, 2, 1) == 1.0   # (a build without them)
+
+
+def test_rows_are_held_to_the_floor_of_the_stores_fastbn_uses():
+    """A float32 planar output at least _tuning.stream_min_bytes long is written with
+    streaming stores, and bench holds that row to the streaming copy; half data, the columns
+    layout and the fused passes (off here, whose channels stay in cache) use ordinary stores."""
+    from fastbn import _tuning
+    from fastbn._dispatch import kernels
+    try:
+        _tuning.set_stream_min_bytes(0)
+        _tuning.set_fusion(False)
+        records = bench.run(shapes=[(2, 3, 40, 40), (64, 5)], ops=list(bench.OPS) + ["eval:fp16"],
+                            threads=(1,), against=("numpy",), budget=0.002)
+    finally:
+        _tuning.set_stream_min_bytes(None)
+        _tuning.set_fusion(True)
+    streams = kernels.stream_stores()
+    got = {(tuple(r["shape"]), r["op"]): r for r in records}
+    for (shape, op), r in got.items():
+        planar32 = shape == (2, 3, 40, 40) and op != "eval:fp16"
+        want = (1 if planar32 else 0) if streams else 0
+        assert r["streamed_outputs"] == want, (shape, op)
+        assert r["ordinary_floor_s"] == pytest.approx(r["copy_s"] * r["passes"] / 2)
+        assert (r["stream_floor_s"] is None) == (not streams)
+        assert r["floor_s"] == pytest.approx(bench.held_floor(
+            r["copy_s"], r["stream_copy_s"], r["passes"], r["streamed_outputs"]))
+        cells = bench.floor_cells(r, r["times"]["fastbn"])
+        marked = [c.endswith("*") for c in cells]
+        if not r["streamed_outputs"]:
+            assert marked == [True, False]
+        elif op in ("eval", "train"):
+            assert marked == [False, True]
+        else:  # the training forward streamed, grad_input not: held to neither column
+            assert marked == [False, False]
+    assert "nt fl" in bench.table(records, ("numpy",))

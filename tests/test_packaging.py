@@ -148,7 +148,7 @@ def test_the_pythons_claimed_are_the_pythons_ci_tests():
     assert running in versions, f"the tests run on Python {running}, which fastbn does not claim"
 
 
-@pytest.mark.parametrize("header", ["bits.h", "convert.h", "affine.h", "reduce.h"])
+@pytest.mark.parametrize("header", ["bits.h", "convert.h", "affine.h", "reduce.h", "copy.h"])
 def test_simd_headers_compile_without_warnings_for_every_variant(monkeypatch, tmp_path, header):
     # The hand-written C of _engine/simd/ is compiled for every variant setup.py builds, with
     # warnings as errors -- the AVX-512 code too on a machine that cannot run it, which the
@@ -177,7 +177,7 @@ def test_simd_headers_ship_with_the_sources():
     data = _pyproject()["tool"]["setuptools"]["package-data"]["fastbn"]
     assert "_engine/simd/*.h" in data
     headers = set(os.listdir(os.path.join(ROOT, "fastbn", "_engine", "simd")))
-    assert headers == {"bits.h", "convert.h", "affine.h", "reduce.h"}
+    assert headers == {"bits.h", "convert.h", "affine.h", "reduce.h", "copy.h"}
 
 
 def test_a_build_without_a_compiler_says_so_first(monkeypatch):

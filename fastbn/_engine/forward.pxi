@@ -159,6 +159,8 @@ cdef int affine_pass(const activation* act, const Geometry* g, const storage* x,
     # An output too large to stay in cache is written past it (_tuning.stream_min_bytes).
     cdef bint stream = (storage is float and STREAM_AFFINE
                         and g.total * <Py_ssize_t>sizeof(float) >= stream_min_bytes())
+    if stream and g.planar:
+        note_streamed_pass()  # (only planar runs stream: see affine_item)
     if nt == 1:
         for item in range(items):
             affine_item(act, g, x, y, columns, item, stream)

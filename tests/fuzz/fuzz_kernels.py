@@ -52,7 +52,7 @@ SIGNATURES = {
                  "threads", "data?"],
     "backward_from_sums": ["data", "data", "out", "param?", "f64", "f64", "f64", "f64", "count",
                            "threads", "data?"],
-    "parallel_copy": ["data", "out", "threads"],
+    "parallel_copy": ["data", "out", "threads", "flag"],
     "convert_float16": ["data", "out", "threads"],
     "convert_bfloat16": ["data", "out", "threads"],
 }
