@@ -184,6 +184,38 @@ def test_fused_passes_give_the_unfused_bits(level, dtype, shape, relu, layout, r
                                                         f"on {threads} thread(s)")
 
 
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_tiles_skip_unit_factors_only_where_a_whole_tile_has_them(level, dtype, rng):
+    """A column tile whose channels all have the factor 1 runs without it (x * 1 is x), one with
+    a channel in split_center's corner (a mean too close to the dtype's largest value) with
+    it: either way the bits of the separate passes, forward and backward."""
+    if np.dtype(dtype) == np.float16:
+        pytest.skip("float16 data cannot reach the corner of float32's range")
+    K = kernels_of(level)
+    shape = (512, 600)  # (three tiles of at most 1 MiB: one thread fuses them)
+    c = shape[1]
+    x = make_input(shape, dtype, rng, offset=3.0)
+    if np.dtype(dtype) == np.float64:  # (a spread there would overflow its squares)
+        x[:, 300] = 1e300
+    else:
+        x[:, 300] = (x[:, 300].astype(np.float64) * 1e36).astype(dtype)  # (the second tile's)
+    dy = make_input(shape, dtype, rng)
+    w, b = per_channel(rng, c, dtype), per_channel(rng, c, dtype, -1, 1)
+    results = []
+    for fused in (True, False):
+        with forced_fusion(fused):
+            mean, invstd, y = np.empty(c), np.empty(c), np.empty_like(x)
+            rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+            K.forward_train(x, y, w, b, rm, rv, 0.1, 1e-5, mean, invstd, 1)
+            dx, gw, gb = np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)
+            K.backward(dy, x, dx, w, mean, invstd, gw, gb, True, 1)
+            results.append((mean, invstd, y, dx, gw, gb))
+    assert np.isfinite(results[0][2].astype(np.float64)[:, 300]).all()
+    for name, a, b in zip("mean invstd y dx grad_weight grad_bias".split(), *results):
+        np.testing.assert_array_equal(a, b, err_msg=f"{name}: fused and unfused passes differ")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(4, 3, 17, 19), (37, 6), (3, 2, 9000)], ids=str)
 def test_simd_levels_agree(dtype, shape, rng):

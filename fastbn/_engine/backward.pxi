@@ -178,17 +178,19 @@ cdef inline void backward_columns_tile(const activation* act, const Call* call,
     items, sums and epilogue as the unfused passes, then their dx while the tile is in cache."""
     cdef const Geometry* g = &call.g
     cdef Py_ssize_t b, r, ch, off, o, col0, width, ch0, ch1
+    cdef real* row[N_COEFFICIENTS]
     tile_channels(g, t, &col0, &width, &ch0, &ch1)
     for b in range(g.full_blocks):
         grad_sums_item(act, call, parts, dy, out, x, <real*>NULL, <storage*>NULL, b * g.tiles + t)
     merge_sums(g, parts, &call.stats, ch0, ch1)
     for ch in range(ch0, ch1):
         backward_channel(call, p, k, ch)
+    row_coefficients(k, ch0, ch1 - ch0, row)  # (unit factors skipped, as in grad_input_pass)
     for r in range(g.rows):
         off = r * g.period
         if g.s == 1:
             o = off + col0
-            span_grad_input(act, dy + o, at(out, o), x + o, dx + o, width, k, ch0, True)
+            span_grad_input(act, dy + o, at(out, o), x + o, dx + o, width, row, ch0, True)
         else:
             for ch in range(ch0, ch1):
                 o = off + ch * g.s

@@ -238,6 +238,7 @@ cdef inline int train_columns_tile(const activation* act, const Call* call,
     normalisation while the tile is in cache.  -1 if out of memory."""
     cdef const Geometry* g = &call.g
     cdef Py_ssize_t b, r, ch, off, col0, width, ch0, ch1
+    cdef real* row[N_COEFFICIENTS]
     tile_channels(g, t, &col0, &width, &ch0, &ch1)
     for b in range(g.full_blocks):
         moments_item(g, x, b * g.tiles + t, parts)
@@ -245,10 +246,11 @@ cdef inline int train_columns_tile(const activation* act, const Call* call,
         return -1
     for ch in range(ch0, ch1):
         train_channel(call, p, k, ch)
+    row_coefficients(k, ch0, ch1 - ch0, row)  # (unit factors skipped, as in affine_pass)
     for r in range(g.rows):
         off = r * g.period
         if g.s == 1:
-            span_affine(act, x + off + col0, y + off + col0, width, k, ch0, True)
+            span_affine(act, x + off + col0, y + off + col0, width, row, ch0, True)
         else:
             for ch in range(ch0, ch1):
                 span_affine(act, x + off + ch * g.s, y + off + ch * g.s, g.s, k, ch, False)
