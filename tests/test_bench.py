@@ -198,3 +198,25 @@ def test_rows_are_held_to_the_floor_of_the_stores_fastbn_uses():
         else:  # the training forward streamed, grad_input not: held to neither column
             assert marked == [False, False]
     assert "nt fl" in bench.table(records, ("numpy",))
+
+
+def test_compare_builds_times_both_builds_row_by_row(capsys):
+    """benchmarks/compare_builds.py loads two builds' kernels into one process and alternates
+    them (here this checkout against itself); a shape with one value per channel is skipped."""
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "compare_builds", os.path.join(root, "benchmarks", "compare_builds.py"))
+    compare_builds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_builds)
+    compare_builds.main([root, "--after", root, "--threads", "1", "2", "--rounds", "2",
+                         "--shapes", "4,3,5;1,6", "--dtypes", "float32,float16"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
+    assert len(rows) == 2 * 2 * 3  # dtypes x threads x operations, (1, 6) skipped
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[0] == "(4, 3, 5)" and cells[2] in compare_builds.OPS
+        assert float(cells[4]) > 0 and float(cells[5]) > 0 and float(cells[6].split()[0]) > 0
+    with pytest.raises(SystemExit, match="no _kernels"):
+        compare_builds.load_kernels(os.path.join(root, "tests"), "nowhere", "_kernels")
