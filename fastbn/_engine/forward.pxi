@@ -99,6 +99,16 @@ cdef inline bint unit_factors(const real* factor, Py_ssize_t c) noexcept nogil:
     return unit
 
 
+cdef inline void row_coefficients(real** k, Py_ssize_t ch0, Py_ssize_t n, real** row) noexcept nogil:
+    """The coefficient rows k of a row pass over channels ch0 to ch0 + n, FACTOR NULL where
+    all of theirs are 1 (affine_row and grad_input_row then skip its stream: the same values)."""
+    cdef int r
+    for r in range(N_COEFFICIENTS):
+        row[r] = k[r]
+    if unit_factors(k[FACTOR] + ch0, n):
+        row[FACTOR] = NULL
+
+
 cdef inline void affine_item(const activation* act, const Geometry* g, const storage* x,
                              storage* y, real** k, Py_ssize_t item, bint stream) noexcept nogil:
     """Work item `item` of the elementwise pass; `stream`: a float32 planar run is written

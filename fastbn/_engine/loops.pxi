@@ -395,20 +395,6 @@ cdef inline void affine_run(const activation* act, const real* x, real* y, Py_ss
         y[i] = activate(act, (x[i] * factor - center) * scale + shift)
 
 
-cdef inline void row_coefficients(real** k, Py_ssize_t ch0, Py_ssize_t n, real** row) noexcept nogil:
-    """The coefficient rows k of a row pass over channels ch0 to ch0 + n, FACTOR NULL where
-    all of theirs are 1 (affine_row and grad_input_row then skip its stream: the same values)."""
-    cdef int r
-    cdef Py_ssize_t ch
-    cdef bint unit = True
-    for r in range(N_COEFFICIENTS):
-        row[r] = k[r]
-    for ch in range(ch0, ch0 + n):
-        unit = unit & (k[FACTOR][ch] == 1)
-    if unit:
-        row[FACTOR] = NULL
-
-
 cdef inline void affine_row(const activation* act, const real* x, real* y, Py_ssize_t n,
                             real** k, Py_ssize_t col0) noexcept nogil:
     """The affine map of a row's columns.  k[FACTOR] NULL stands for factors that are all 1
