@@ -128,6 +128,29 @@ def test_every_kernel_gives_the_float32_kernels_bits_rounded(level, storage, sha
         assert_chain_is_float32_rounded(half, ref, dtype, where, x)
 
 
+@pytest.mark.parametrize("length", [1, 16, 17, 31, 32, 33, 49, 64, 95, 2047, 2048, 2049, 4100])
+@pytest.mark.parametrize("storage", HALVES)
+@pytest.mark.parametrize("level", kernel_levels())
+def test_run_reductions_give_the_compiled_lanes_bits_at_every_length(level, storage, length, rng):
+    """A float32 run's moments and gradient sums go through reduce.h's intrinsics where the
+    build has them (runs up to FASTBN_TOTALS_MAX_RUN), a half run's through the compiled lane
+    loops: on the same values, the same bits, whatever the remainder of 32 and on either side
+    of the run-length limit -- with ReLU, a NaN and an infinity in the data and the gradient."""
+    kernels, dtype = kernels_of(level), storage_dtype(storage)
+    x = make_input((2, 3, length), dtype, rng, offset=20.0)
+    dy = make_input((2, 3, length), dtype, rng)
+    x[1, 1, length // 2] = np.nan  # (channel 1: its mean and every sum with it NaN)
+    dy[0, 2, length - 1] = np.inf  # (channel 2: the last value of a run, in the remainder)
+    params = per_channel(rng, 3, 20.0)
+    for relu, training in itertools.product([False, True], [True, False]):
+        where = f"{level} {storage}, runs of {length}: relu={relu} training={training}"
+        with forced_layout("planar"):
+            half = kernel_chain(kernels, x, dy, params, training, relu, 1)
+            ref = kernel_chain(kernels, widen(x), widen(dy), params, training, relu, 1,
+                               gate=widen(half["y"]))
+        assert_chain_is_float32_rounded(half, ref, dtype, where, x)
+
+
 def non_finite_data(dtype):
     """(x, dy) of shape (6, 4, 40): inf in channel 0, NaN in 1, +-inf in 2, the dtype's
     largest finite values in 3 (for bfloat16, their float32 squares overflow); a NaN and an

@@ -14,8 +14,9 @@ cdef extern from "_engine/simd/bits.h":
 
 
 cdef extern from "_engine/simd/reduce.h":
-    # moment_totals and grad_lanes + fold_lanes of a float32 run in AVX-512 (TOTALS_SIMD)
+    # moment_totals and grad_lanes + fold_lanes of a float32 run in AVX-512 or AVX2 (TOTALS_SIMD)
     bint TOTALS_SIMD "FASTBN_TOTALS_SIMD"
+    Py_ssize_t TOTALS_MAX_RUN "FASTBN_TOTALS_MAX_RUN"
     void moment_totals_float "fastbn_moment_totals_float"(const float* x, Py_ssize_t n,
                                                           double shift, double* t1,
                                                           double* t2) noexcept nogil
