@@ -53,14 +53,15 @@ def load_kernels(checkout, tag, module_name):
 def calls(kernels, x, dy, threads):
     """{op: zero-argument callable} for one build's kernels on x (and dy)."""
     c = x.shape[1]
-    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    p = np.float64 if x.dtype == np.float64 else np.float32  # (a float32 module for half data)
+    w, b = np.ones(c, p), np.zeros(c, p)
     y, dx = np.empty_like(x), np.empty_like(x)
     mean, invstd = np.empty(c), np.empty(c)
-    running_mean, running_var = np.zeros(c, np.float32), np.ones(c, np.float32)
-    grad_w, grad_b = np.empty(c, np.float32), np.empty(c, np.float32)
+    running_mean, running_var = np.zeros(c, p), np.ones(c, p)
+    grad_w, grad_b = np.empty(c, p), np.empty(c, p)
 
     def evaluate():
-        kernels.forward_eval(x, y, w, b, np.zeros(c, np.float32), np.ones(c, np.float32), 1e-5,
+        kernels.forward_eval(x, y, w, b, np.zeros(c, p), np.ones(c, p), 1e-5,
                              np.empty(c), np.empty(c), threads)
 
     def train():

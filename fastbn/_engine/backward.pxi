@@ -185,7 +185,7 @@ cdef inline void backward_columns_tile(const activation* act, const Call* call,
     merge_sums(g, parts, &call.stats, ch0, ch1)
     for ch in range(ch0, ch1):
         backward_channel(call, p, k, ch)
-    row_coefficients(k, ch0, ch1 - ch0, row)  # (unit factors skipped, as in grad_input_pass)
+    row_coefficients(k, N_COEFFICIENTS, ch0, ch1 - ch0, row)  # (unit factors skipped, as in grad_input_pass)
     for r in range(g.rows):
         off = r * g.period
         if g.s == 1:

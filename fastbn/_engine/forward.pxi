@@ -99,11 +99,13 @@ cdef inline bint unit_factors(const real* factor, Py_ssize_t c) noexcept nogil:
     return unit
 
 
-cdef inline void row_coefficients(real** k, Py_ssize_t ch0, Py_ssize_t n, real** row) noexcept nogil:
-    """The coefficient rows k of a row pass over channels ch0 to ch0 + n, FACTOR NULL where
-    all of theirs are 1 (affine_row and grad_input_row then skip its stream: the same values)."""
+cdef inline void row_coefficients(real** k, int rows, Py_ssize_t ch0, Py_ssize_t n,
+                                  real** row) noexcept nogil:
+    """The first `rows` coefficient rows k (FACTOR among them) of a row pass over channels ch0
+    to ch0 + n, FACTOR NULL where all of theirs are 1 (affine_row and grad_input_row then skip
+    its stream: the same values)."""
     cdef int r
-    for r in range(N_COEFFICIENTS):
+    for r in range(rows):
         row[r] = k[r]
     if unit_factors(k[FACTOR] + ch0, n):
         row[FACTOR] = NULL
@@ -256,7 +258,7 @@ cdef inline int train_columns_tile(const activation* act, const Call* call,
         return -1
     for ch in range(ch0, ch1):
         train_channel(call, p, k, ch)
-    row_coefficients(k, ch0, ch1 - ch0, row)  # (unit factors skipped, as in affine_pass)
+    row_coefficients(k, FACTOR + 1, ch0, ch1 - ch0, row)  # (unit factors skipped, as in affine_pass)
     for r in range(g.rows):
         off = r * g.period
         if g.s == 1:

@@ -149,16 +149,16 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
     Py_ssize_t i = 0, full = n - n % 32;
     a[0] = a[1] = a[2] = a[3] = b[0] = b[1] = b[2] = b[3] = _mm512_setzero_pd();
     for (; i < full; i += 32) {
-        fastbn_grad_lanes8(relu, dy + i, out + i, x + i, 0xFF, k, &a[0], &b[0]);
-        fastbn_grad_lanes8(relu, dy + i + 8, out + i + 8, x + i + 8, 0xFF, k, &a[1], &b[1]);
-        fastbn_grad_lanes8(relu, dy + i + 16, out + i + 16, x + i + 16, 0xFF, k, &a[2], &b[2]);
-        fastbn_grad_lanes8(relu, dy + i + 24, out + i + 24, x + i + 24, 0xFF, k, &a[3], &b[3]);
+        fastbn_grad_lanes8(relu, dy + i, relu ? out + i : out, x + i, 0xFF, k, &a[0], &b[0]);
+        fastbn_grad_lanes8(relu, dy + i + 8, relu ? out + i + 8 : out, x + i + 8, 0xFF, k, &a[1], &b[1]);
+        fastbn_grad_lanes8(relu, dy + i + 16, relu ? out + i + 16 : out, x + i + 16, 0xFF, k, &a[2], &b[2]);
+        fastbn_grad_lanes8(relu, dy + i + 24, relu ? out + i + 24 : out, x + i + 24, 0xFF, k, &a[3], &b[3]);
     }
     if (i < n) {
-        fastbn_grad_lanes8(relu, dy + i, out + i, x + i, fastbn_first(n - i), k, &a[0], &b[0]);
-        fastbn_grad_lanes8(relu, dy + i + 8, out + i + 8, x + i + 8, fastbn_first(n - i - 8), k, &a[1], &b[1]);
-        fastbn_grad_lanes8(relu, dy + i + 16, out + i + 16, x + i + 16, fastbn_first(n - i - 16), k, &a[2], &b[2]);
-        fastbn_grad_lanes8(relu, dy + i + 24, out + i + 24, x + i + 24, fastbn_first(n - i - 24), k, &a[3], &b[3]);
+        fastbn_grad_lanes8(relu, dy + i, relu ? out + i : out, x + i, fastbn_first(n - i), k, &a[0], &b[0]);
+        fastbn_grad_lanes8(relu, dy + i + 8, relu ? out + i + 8 : out, x + i + 8, fastbn_first(n - i - 8), k, &a[1], &b[1]);
+        fastbn_grad_lanes8(relu, dy + i + 16, relu ? out + i + 16 : out, x + i + 16, fastbn_first(n - i - 16), k, &a[2], &b[2]);
+        fastbn_grad_lanes8(relu, dy + i + 24, relu ? out + i + 24 : out, x + i + 24, fastbn_first(n - i - 24), k, &a[3], &b[3]);
     }
     *t1 = fastbn_fold32(a);
     *t2 = fastbn_fold32(b);
@@ -215,8 +215,10 @@ static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, doub
     Py_ssize_t full = n - n % 32, j;
     for (j = 0; j < 8; j++)
         a[j] = b[j] = _mm256_setzero_pd();
-    fastbn_moment_half(x, full, k, a, b);
-    fastbn_moment_half(x + 16, full, k, a + 4, b + 4);
+    if (full > 0) {  /* (x + 16 is only formed within the run) */
+        fastbn_moment_half(x, full, k, a, b);
+        fastbn_moment_half(x + 16, full, k, a + 4, b + 4);
+    }
     if (full < n) {
         for (j = 0; j < 32; j++)
             tail[j] = (float)shift;
@@ -275,8 +277,10 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
     Py_ssize_t full = n - n % 32, left = n - full, j;
     for (j = 0; j < 8; j++)
         a[j] = b[j] = _mm256_setzero_pd();
-    fastbn_grad_half(relu, dy, out, x, full, k, a, b);
-    fastbn_grad_half(relu, dy + 16, relu ? out + 16 : out, x + 16, full, k, a + 4, b + 4);
+    if (full > 0) {  /* (the pointers + 16 are only formed within the run) */
+        fastbn_grad_half(relu, dy, out, x, full, k, a, b);
+        fastbn_grad_half(relu, dy + 16, relu ? out + 16 : out, x + 16, full, k, a + 4, b + 4);
+    }
     if (left > 0) {
         float tail_dy[32], tail_out[32], tail_x[32];
         const __m256 zero = _mm256_setzero_ps();
