@@ -643,14 +643,14 @@ def backward_from_sums(cnp.ndarray dy not None, cnp.ndarray x not None,
 
 
 cdef extern from "_engine/simd/copy.h":
-    bint STREAM_COPY "FASTBN_STREAM_COPY"
+    # (built where STREAM_AFFINE is)
     void copy_stream "fastbn_copy_stream"(const char* src, char* dst, Py_ssize_t n) noexcept nogil
 
 
 def stream_stores():
     """Whether this build writes large float32 outputs with streaming stores (past the caches;
     _tuning.stream_min_bytes), and parallel_copy can copy that way."""
-    return bool(STREAM_AFFINE and STREAM_COPY)
+    return bool(STREAM_AFFINE)
 
 
 cdef inline void copy_part(const char* s, char* d, Py_ssize_t n, bint streaming) noexcept nogil:
@@ -677,7 +677,7 @@ def parallel_copy(cnp.ndarray src not None, cnp.ndarray dst not None, int n_thre
     if not (cnp.PyArray_IS_C_CONTIGUOUS(src) and cnp.PyArray_IS_C_CONTIGUOUS(dst)
             and cnp.PyArray_ISWRITEABLE(dst)):
         raise ValueError("parallel_copy: expected C-contiguous arrays, dst writable")
-    if streaming and not STREAM_COPY:
+    if streaming and not STREAM_AFFINE:
         raise ValueError("parallel_copy: this build has no streaming stores (see stream_stores())")
     parts = max(1, min(<Py_ssize_t>n_threads, nbytes // (GRAIN * 4)))
     chunk = ((nbytes + parts - 1) // parts + 63) // 64 * 64

@@ -307,13 +307,9 @@ def spread(values):
     return float((values.max() - values.min()) / np.median(values))
 
 
-def copy_time(x, threads, budget, streaming=False):
+def copy_of(x, threads, streaming=False):
     """The floor's yardstick: fastbn's OpenMP memcpy of x's bytes with `threads` threads
     (with `streaming`, written with streaming stores)."""
-    return median_time(copy_of(x, threads, streaming), budget)
-
-
-def copy_of(x, threads, streaming=False):
     dst = np.empty_like(x)
     return lambda: kernels.parallel_copy(x, dst, threads, streaming)
 
@@ -371,9 +367,10 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
                            for name in ["fastbn"] + peers}
                     fns = {name: fn for name, fn in fns.items() if fn is not None}
                     streamed = min(streamed_outputs(fns["fastbn"]), passes(op) // 2)
-                    fns["(copy)"] = copy_of(np.ascontiguousarray(xv), nthreads)
+                    data = np.ascontiguousarray(xv)
+                    fns["(copy)"] = copy_of(data, nthreads)
                     if kernels.stream_stores():
-                        fns["(stream copy)"] = copy_of(np.ascontiguousarray(xv), nthreads, True)
+                        fns["(stream copy)"] = copy_of(data, nthreads, True)
                     rounds = round_times(fns, budget)
                     floor_copy = float(np.median(rounds.pop("(copy)")))
                     stream_copy = rounds.pop("(stream copy)", None)

@@ -113,8 +113,8 @@ cdef inline void row_coefficients(real** k, int rows, Py_ssize_t ch0, Py_ssize_t
 
 cdef inline void affine_item(const activation* act, const Geometry* g, const storage* x,
                              storage* y, real** k, Py_ssize_t item, bint stream) noexcept nogil:
-    """Work item `item` of the elementwise pass; `stream`: a float32 planar run is written
-    with streaming stores (the same values; see affine_pass)."""
+    """Work item `item` of the elementwise pass; `stream` (planar float32 only): the run is
+    written with streaming stores (the same values; see affine_pass)."""
     cdef Py_ssize_t off, length, ch, slot
     if g.planar:
         off = planar_item(g, item, &length, &ch, &slot)
@@ -168,11 +168,12 @@ cdef int affine_pass(const activation* act, const Geometry* g, const storage* x,
         return -1
     if by_rows(g) and unit_factors(k[FACTOR], g.c):
         columns[FACTOR] = NULL  # (see affine_row)
-    # An output too large to stay in cache is written past it (_tuning.stream_min_bytes).
-    cdef bint stream = (storage is float and STREAM_AFFINE
+    # An output too large to stay in cache is written past it (_tuning.stream_min_bytes), where
+    # it is walked in runs: the planar layout's (see affine_item).
+    cdef bint stream = (storage is float and STREAM_AFFINE and g.planar
                         and g.total * <Py_ssize_t>sizeof(float) >= stream_min_bytes())
-    if stream and g.planar:
-        note_streamed_pass()  # (only planar runs stream: see affine_item)
+    if stream:
+        note_streamed_pass()
     if nt == 1:
         for item in range(items):
             affine_item(act, g, x, y, columns, item, stream)

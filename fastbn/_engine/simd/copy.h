@@ -8,18 +8,16 @@
  * holds those passes to this copy's time instead (tests/test_bench.py).
  *
  *   fastbn_copy_stream  dst[0:n] = src[0:n] (bytes), the aligned middle written with 256-bit
- *                       streaming stores; FASTBN_STREAM_COPY says whether this build has it,
- *                       under the same condition as FASTBN_STREAM_AFFINE (the builds that
- *                       stream their outputs)
+ *                       streaming stores; built where FASTBN_STREAM_AFFINE is (the builds that
+ *                       stream their outputs), which says so
  */
 #ifndef FASTBN_SIMD_COPY_H
 #define FASTBN_SIMD_COPY_H
 
 #include <string.h>
-#include "convert.h"
+#include "affine.h"
 
-#if defined(__FMA__) && defined(__AVX2__)
-#define FASTBN_STREAM_COPY 1
+#if FASTBN_STREAM_AFFINE
 static inline void fastbn_copy_stream(const char *src, char *dst, Py_ssize_t n) {
     Py_ssize_t head = (Py_ssize_t)((32u - ((uintptr_t)dst & 31u)) & 31u), i;
     if (head > n)
@@ -31,8 +29,7 @@ static inline void fastbn_copy_stream(const char *src, char *dst, Py_ssize_t n) 
     _mm_sfence();  /* the copy is visible to whatever runs next, on any thread */
 }
 #else
-#define FASTBN_STREAM_COPY 0
-/* Never called (FASTBN_STREAM_COPY): parallel_copy refuses streaming=True in this build. */
+/* Never called (FASTBN_STREAM_AFFINE): parallel_copy refuses streaming=True in this build. */
 static inline void fastbn_copy_stream(const char *src, char *dst, Py_ssize_t n) {
     memcpy(dst, src, (size_t)n);
 }
