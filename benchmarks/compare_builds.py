@@ -8,7 +8,7 @@ setup.py build_ext --inplace``; ``git worktree add /tmp/before COMMIT`` makes on
 defaults to this checkout.  Both builds' kernel modules of this CPU's SIMD level are loaded into
 one process and called in turn, in blocks of about 10 ms, alternating which goes first: a slow
 spell of a shared machine then falls on both, where separate processes, or one build after the
-other, see it on one only (on a 2-vCPU cloud machine the same call took 3.4 us in one process
+other, see it on one only; and both write into the same arrays (see buffers) (on a 2-vCPU cloud machine the same call took 3.4 us in one process
 and 5.5 us in the next, and whole-suite runs disagreed by up to 2x).  Each row gives the
 median time per call of each build and the median, and 25th to 75th percentile, of the
 per-block ratios before / after (above 1: after is faster).
@@ -50,19 +50,31 @@ def load_kernels(checkout, tag, module_name):
     return module
 
 
-def calls(kernels, x, dy, threads):
-    """{op: zero-argument callable} for one build's kernels on x (and dy)."""
+def buffers(x):
+    """The arrays a case writes (outputs, statistics, running buffers), made once and given to
+    both builds: two outputs of their own would be two allocations whose pages may differ (a
+    large one backed by huge pages, the other not), which moved memory-bound rows by up to
+    1.45x in either direction, whichever build got the better pages."""
     c = x.shape[1]
     p = np.float64 if x.dtype == np.float64 else np.float32  # (a float32 module for half data)
-    w, b = np.ones(c, p), np.zeros(c, p)
-    y, dx = np.empty_like(x), np.empty_like(x)
-    mean, invstd = np.empty(c), np.empty(c)
-    running_mean, running_var = np.zeros(c, p), np.ones(c, p)
-    grad_w, grad_b = np.empty(c, p), np.empty(c, p)
+    return dict(w=np.ones(c, p), b=np.zeros(c, p), y=np.empty_like(x), dx=np.empty_like(x),
+                mean=np.empty(c), invstd=np.empty(c), running_mean=np.zeros(c, p),
+                running_var=np.ones(c, p), grad_w=np.empty(c, p), grad_b=np.empty(c, p),
+                eval_mean=np.zeros(c, p), eval_var=np.ones(c, p), save=np.empty(c),
+                save_invstd=np.empty(c))
+
+
+def calls(kernels, x, dy, threads, out):
+    """{op: zero-argument callable} for one build's kernels on x (and dy), writing into the
+    arrays `out` (buffers)."""
+    w, b, y, dx = out["w"], out["b"], out["y"], out["dx"]
+    mean, invstd = out["mean"], out["invstd"]
+    running_mean, running_var = out["running_mean"], out["running_var"]
+    grad_w, grad_b = out["grad_w"], out["grad_b"]
 
     def evaluate():
-        kernels.forward_eval(x, y, w, b, np.zeros(c, p), np.ones(c, p), 1e-5,
-                             np.empty(c), np.empty(c), threads)
+        kernels.forward_eval(x, y, w, b, out["eval_mean"], out["eval_var"], 1e-5, out["save"],
+                             out["save_invstd"], threads)
 
     def train():
         kernels.forward_train(x, y, w, b, running_mean, running_var, 0.1, 1e-5, mean, invstd,
@@ -126,7 +138,8 @@ def main(argv=None):
             x = rng.standard_normal(shape).astype(np.float32).astype(dtype)
             dy = rng.standard_normal(shape).astype(np.float32).astype(dtype)
             for threads in args.threads:
-                fns = {side: calls(k, x, dy, threads) for side, k in builds.items()}
+                out = buffers(x)
+                fns = {side: calls(k, x, dy, threads, out) for side, k in builds.items()}
                 for op in OPS:
                     times = compare({side: fns[side][op] for side in fns}, args.rounds)
                     before, after = np.array(times["before"]), np.array(times["after"])
