@@ -14,9 +14,10 @@ cdef extern from "_engine/simd/bits.h":
 
 
 cdef extern from "_engine/simd/reduce.h":
-    # moment_totals and grad_lanes + fold_lanes of a float32 run in AVX-512 or AVX2 (TOTALS_SIMD)
+    # moment_totals (AVX-512, AVX2) and grad_lanes + fold_lanes (AVX-512) of a float32 run
     bint TOTALS_SIMD "FASTBN_TOTALS_SIMD"
     Py_ssize_t TOTALS_MAX_RUN "FASTBN_TOTALS_MAX_RUN"
+    Py_ssize_t GRAD_TOTALS_MAX_RUN "FASTBN_GRAD_TOTALS_MAX_RUN"
     void moment_totals_float "fastbn_moment_totals_float"(const float* x, Py_ssize_t n,
                                                           double shift, double* t1,
                                                           double* t2) noexcept nogil

@@ -76,7 +76,7 @@ cdef inline void segment_grad_sums(const activation* act, const storage* dy, con
     cdef float xs[STAGE_READ]
     cdef float dxs[STAGE]
     cdef Py_ssize_t j = 0, m, stage = STAGE_READ if dx == NULL else STAGE
-    if storage is float and TOTALS_SIMD and dx == NULL and n <= TOTALS_MAX_RUN:
+    if storage is float and TOTALS_SIMD and dx == NULL and n <= GRAD_TOTALS_MAX_RUN:
         # the same totals (see loops.pxi)
         grad_totals_float(activation is ReLU, dy, out, x, n, center, sum_dy, sum_dy_xc)
         return

@@ -10,9 +10,10 @@
  *   fastbn_moment_totals_float   moment_totals (loops.pxi) of a float32 run, and its fold
  *   fastbn_grad_totals_float     grad_lanes + fold_lanes (loops.pxi) of a float32 run;
  *                                FASTBN_TOTALS_SIMD says whether this build has them, for
- *                                runs of up to FASTBN_TOTALS_MAX_RUN values (the AVX-512
- *                                builds: all 32 lanes in registers, any run; the AVX2 ones:
- *                                half the lanes per sweep, short runs)
+ *                                runs of up to FASTBN_TOTALS_MAX_RUN and
+ *                                FASTBN_GRAD_TOTALS_MAX_RUN values (the AVX-512 builds: all
+ *                                32 lanes in registers, any run; the AVX2 ones: the moments
+ *                                of short runs, half the lanes per sweep)
  *
  * tests/test_kernels.py and the SIMD-level tests compare every level's results bit for bit.
  */
@@ -82,6 +83,7 @@ static inline void fastbn_moment_lanes_half(int bfloat, const void *src, Py_ssiz
 #include <immintrin.h>
 #define FASTBN_TOTALS_SIMD 1
 #define FASTBN_TOTALS_MAX_RUN PY_SSIZE_T_MAX
+#define FASTBN_GRAD_TOTALS_MAX_RUN PY_SSIZE_T_MAX
 /* The pairwise fold of 32 lanes (four vectors) in fold_lanes' order: lanes j += j + 16,
    then j + 8, j + 4, j + 2, j + 1. */
 static inline double fastbn_fold32(const __m512d *a) {
@@ -166,10 +168,11 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
 #elif (defined(__GNUC__) || defined(__clang__)) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define FASTBN_TOTALS_SIMD 1
-/* (runs up to 2,048 values: the three arrays of the gradient sums' second sweep then come
-   from L1; longer runs are faster through the compiled loop, 1.15x on 224x224 planes) */
+/* (moments of runs up to 2,048 values, whose second sweep then comes from L1; longer runs
+   are as fast through the compiled loop, which reads them once) */
 #define FASTBN_TOTALS_MAX_RUN 2048
-/* The same totals in AVX2, whose 16 vector registers cannot hold both sums' 32 lanes (16
+#define FASTBN_GRAD_TOTALS_MAX_RUN 0
+/* The moment totals in AVX2, whose 16 vector registers cannot hold both sums' 32 lanes (16
    vectors) and the data besides: the compiled loop keeps them on the stack, and a run of tens
    of values (a 7x7 plane) cost ~70 ns on a Zen 3.  Here each half of the lanes (lanes 0-15,
    then 16-31: four vectors per sum) takes its own sweep over the run -- the second from L1 --
@@ -229,81 +232,19 @@ static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, doub
     *t1 = fastbn_fold32_halves(a, a + 4);
     *t2 = fastbn_fold32_halves(b, b + 4);
 }
-static inline __attribute__((always_inline)) void fastbn_grad_lanes4(
-        int relu, const float *dy, const float *out, const float *x, __m256d k, __m256d *a,
-        __m256d *b, int masked, __m256d present) {
-    /* Four lanes of a sweep: g = dy gated (kept where out is not <= 0: NaN passes, as gate
-       does), a += g, b += g * (x - center); if `masked` (the remainder), only the lanes
-       `present` chooses take part, the others keeping their sums as grad_lanes leaves them. */
-    __m128 v = _mm_loadu_ps(dy);
-    __m256d g, t;
-    if (relu)
-        v = _mm_and_ps(v, _mm_cmp_ps(_mm_loadu_ps(out), _mm_setzero_ps(), _CMP_NLE_UQ));
-    g = _mm256_cvtps_pd(v);
-    t = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x)), k);
-    if (masked) {
-        *a = _mm256_blendv_pd(*a, _mm256_add_pd(*a, g), present);
-        *b = _mm256_blendv_pd(*b, _mm256_fmadd_pd(g, t, *b), present);
-    } else {
-        *a = _mm256_add_pd(*a, g);
-        *b = _mm256_fmadd_pd(g, t, *b);
-    }
-}
-static inline __attribute__((always_inline)) void fastbn_grad_half(
-        int relu, const float *dy, const float *out, const float *x, Py_ssize_t full,
-        __m256d k, __m256d *a, __m256d *b) {
-    /* Sixteen lanes (the pointers at the first) of every 32-value sweep of [:full]. */
-    __m256d a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
-    const __m256d all = _mm256_setzero_pd();  /* (unused: no mask in full sweeps) */
-    Py_ssize_t i;
-    for (i = 0; i < full; i += 32) {
-        fastbn_grad_lanes4(relu, dy + i, relu ? out + i : out, x + i, k, &a0, &b0, 0, all);
-        fastbn_grad_lanes4(relu, dy + i + 4, relu ? out + i + 4 : out, x + i + 4, k, &a1, &b1, 0, all);
-        fastbn_grad_lanes4(relu, dy + i + 8, relu ? out + i + 8 : out, x + i + 8, k, &a2, &b2, 0, all);
-        fastbn_grad_lanes4(relu, dy + i + 12, relu ? out + i + 12 : out, x + i + 12, k, &a3, &b3, 0, all);
-    }
-    a[0] = a0; a[1] = a1; a[2] = a2; a[3] = a3;
-    b[0] = b0; b[1] = b1; b[2] = b2; b[3] = b3;
-}
-/* grad_lanes + fold_lanes of a float32 run (no dx): g = dy gated, s1 += g, s2 += g * (x -
-   center) as one fused multiply-add, lane i % 32; the remainder from copies padded with
-   zeros (never read past the run), its absent lanes left as they were by a blend. */
+/* The gradient sums stay on the compiled loop in AVX2: written this way (half the lanes per
+   sweep over three arrays, the remainder blended from padded copies) they were 0.70x its
+   speed on 49-value runs and 0.85x on 784-value ones, and faster only on runs of whole
+   sweeps; FASTBN_GRAD_TOTALS_MAX_RUN 0 keeps this stub from being called. */
 static inline void fastbn_grad_totals_float(int relu, const float *dy, const float *out,
                                             const float *x, Py_ssize_t n, double center,
                                             double *t1, double *t2) {
-    __m256d a[8], b[8];
-    const __m256d k = _mm256_set1_pd(center);
-    const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
-    Py_ssize_t full = n - n % 32, left = n - full, j;
-    for (j = 0; j < 8; j++)
-        a[j] = b[j] = _mm256_setzero_pd();
-    if (full > 0) {  /* (the pointers + 16 are only formed within the run) */
-        fastbn_grad_half(relu, dy, out, x, full, k, a, b);
-        fastbn_grad_half(relu, dy + 16, relu ? out + 16 : out, x + 16, full, k, a + 4, b + 4);
-    }
-    if (left > 0) {
-        float tail_dy[32], tail_out[32], tail_x[32];
-        const __m256 zero = _mm256_setzero_ps();
-        for (j = 0; j < 32; j += 8) {
-            _mm256_storeu_ps(tail_dy + j, zero);
-            _mm256_storeu_ps(tail_out + j, zero);
-            _mm256_storeu_ps(tail_x + j, zero);
-        }
-        memcpy(tail_dy, dy + full, (size_t)left * sizeof(float));
-        memcpy(tail_x, x + full, (size_t)left * sizeof(float));
-        if (relu)
-            memcpy(tail_out, out + full, (size_t)left * sizeof(float));
-        for (j = 0; j < 8; j++)
-            fastbn_grad_lanes4(relu, tail_dy + 4 * j, tail_out + 4 * j, tail_x + 4 * j, k,
-                               &a[j], &b[j], 1, _mm256_castsi256_pd(_mm256_cmpgt_epi64(
-                                   _mm256_set1_epi64x((long long)(left - 4 * j)), lane)));
-    }
-    *t1 = fastbn_fold32_halves(a, a + 4);
-    *t2 = fastbn_fold32_halves(b, b + 4);
+    (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center; (void)t1; (void)t2;
 }
 #else
 #define FASTBN_TOTALS_SIMD 0
 #define FASTBN_TOTALS_MAX_RUN 0
+#define FASTBN_GRAD_TOTALS_MAX_RUN 0
 /* Never called (FASTBN_TOTALS_SIMD): moment_totals and grad_lanes run as compiled. */
 static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, double shift,
                                               double *t1, double *t2) {
