@@ -138,9 +138,13 @@ def test_run_reductions_give_the_compiled_lanes_bits_at_every_length(level, stor
     of the run-length limit -- with ReLU, a NaN and an infinity in the data and the gradient."""
     kernels, dtype = kernels_of(level), storage_dtype(storage)
     x = make_input((2, 3, length), dtype, rng, offset=20.0)
-    # Channel 0 over eight decades (1e-4 to 1e4, either sign): its float64 sums round, so
-    # they depend on the order of the additions -- lane for lane, and the fold's
-    magnitudes = 10.0 ** rng.uniform(-4, 4, (2, length)) * rng.choice([-1.0, 1.0], (2, length))
+    # Channel 0 over many decades, either sign: its float64 sums round, so they depend on the
+    # order of the additions -- lane for lane, and the fold's.  float16 spans eight (1e-4 to
+    # 1e4; its sums of values are exact in any order, its sums of squares are not); bfloat16,
+    # float32's range, 24 (1e-12 to 1e12), past what a float64 sum of values holds exactly.
+    decades = 4 if storage == "float16" else 12
+    magnitudes = (10.0 ** rng.uniform(-decades, decades, (2, length))
+                  * rng.choice([-1.0, 1.0], (2, length)))
     x[:, 0, :] = narrow(magnitudes.astype(np.float32), dtype)
     dy = make_input((2, 3, length), dtype, rng)
     x[1, 1, length // 2] = np.nan  # (channel 1: its mean and every sum with it NaN)

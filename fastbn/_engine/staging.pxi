@@ -21,6 +21,9 @@ cdef inline void segment_moments(const storage* x, Py_ssize_t n, double* shift_o
         moment_totals_float(x, n, shift, &t1, &t2)  # (the same totals: see loops.pxi)
     elif storage is float or storage is double:
         moment_totals(x, n, shift, &t1, &t2)
+    elif HALF_TOTALS:
+        # converted in registers, the same sums (see fastbn_moment_totals_half)
+        moment_totals_half(storage is bfloat, x, n, shift, &t1, &t2)
     else:
         clear(s1, LANES)
         clear(s2, LANES)
@@ -79,6 +82,12 @@ cdef inline void segment_grad_sums(const activation* act, const storage* dy, con
     if storage is float and TOTALS_SIMD and dx == NULL and n <= GRAD_TOTALS_MAX_RUN:
         # the same totals (see loops.pxi)
         grad_totals_float(activation is ReLU, dy, out, x, n, center, sum_dy, sum_dy_xc)
+        return
+    if (storage is half or storage is bfloat) and HALF_TOTALS and dx == NULL \
+            and n >= HALF_GRAD_MIN_RUN:
+        # converted in registers, the same sums (see fastbn_grad_totals_half)
+        grad_totals_half(storage is bfloat, activation is ReLU, dy, out, x, n, center, sum_dy,
+                         sum_dy_xc)
         return
     clear(s1, LANES)
     clear(s2, LANES)
@@ -190,6 +199,10 @@ cdef inline void span_grad_input(const activation* act, const storage* dy, const
         else:
             grad_input_run(act, <const real*>dy, <const real*>out, <const real*>x, <real*>dx, n,
                            k, at)
+    elif HALF_AFFINE and not per_column:
+        # one channel's run, converted in registers (the same bits: see fastbn_grad_input_half)
+        grad_input_half(storage is bfloat, activation is ReLU, dy, out, x, dx, n, k[GAIN][at],
+                        k[FACTOR][at], k[CENTER][at], k[SCALE][at], k[SHIFT][at])
     else:
         while j < n:
             m = min(<Py_ssize_t>STAGE, n - j)

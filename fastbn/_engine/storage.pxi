@@ -46,6 +46,17 @@ cdef extern from "_engine/simd/reduce.h":
     void moment_lanes_half "fastbn_moment_lanes_half"(int bfloat, const void* src, Py_ssize_t n,
                                                       double shift, double* s1,
                                                       double* s2) noexcept nogil
+    # moment_lanes + fold_lanes and grad_lanes + fold_lanes (no dx) of a half run, converted
+    # in registers; HALF_TOTALS: built here
+    bint HALF_TOTALS "FASTBN_HALF_TOTALS"
+    Py_ssize_t HALF_GRAD_MIN_RUN "FASTBN_HALF_GRAD_MIN_RUN"
+    void moment_totals_half "fastbn_moment_totals_half"(int bfloat, const void* src,
+                                                        Py_ssize_t n, double shift, double* t1,
+                                                        double* t2) noexcept nogil
+    void grad_totals_half "fastbn_grad_totals_half"(int bfloat, int relu, const void* dy,
+                                                    const void* out, const void* x,
+                                                    Py_ssize_t n, double center, double* t1,
+                                                    double* t2) noexcept nogil
 
 cdef extern from "_engine/simd/affine.h":
     # affine_run (loops.pxi) of a half run, converted in registers; HALF_AFFINE: built here
@@ -58,6 +69,12 @@ cdef extern from "_engine/simd/affine.h":
     void affine_half "fastbn_affine_half"(int bfloat, int relu, const void* src, void* dst,
                                           Py_ssize_t n, float factor, float center, float scale,
                                           float shift) noexcept nogil
+    # grad_input_run (loops.pxi) of a half run, converted in registers; built with affine_half
+    void grad_input_half "fastbn_grad_input_half"(int bfloat, int relu, const void* dy,
+                                                  const void* out, const void* x, void* dx,
+                                                  Py_ssize_t n, float gain, float factor,
+                                                  float center, float scale,
+                                                  float shift) noexcept nogil
 
 cdef extern from "_engine/simd/convert.h":
     # half <-> float32 over runs, scalar, F16C/AVX2/AVX-512 or AArch64 (numpy's and ml_dtypes'

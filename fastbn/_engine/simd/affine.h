@@ -1,16 +1,20 @@
-/* The affine map of a run of half data, conversions in registers.
+/* The elementwise affine maps written with intrinsics: the forward's over half runs and over
+ * float32 runs with streaming stores, and the backward's over half runs.
  *
- * Part of fastbn's kernels (declared to Cython in fastbn/_engine/storage.pxi).  Must give the
- * bits of the Cython loop affine_run (fastbn/_engine/loops.pxi) on the widened run, each value
- * rounded to the half type: tests/test_float16.py and tests/test_bfloat16.py check it at
- * every SIMD level this CPU runs.
+ * Part of fastbn's kernels (declared to Cython in fastbn/_engine/storage.pxi).  Each must give
+ * the bits of a Cython loop of fastbn/_engine/loops.pxi (affine_run, grad_input_run) on the
+ * widened run, each value rounded to the half type: tests/test_float16.py,
+ * tests/test_bfloat16.py and tests/test_kernels.py check it at every SIMD level this CPU runs.
  *
- *   fastbn_affine_half    y = act((x * factor - center) * scale + shift) over a half run;
- *                         FASTBN_HALF_AFFINE says whether this build has it (else the caller
- *                         stages the run through float32 blocks)
- *   fastbn_affine_stream  the same map over a float32 run, written with streaming stores
- *                         (past the caches) for outputs too large to stay in them;
- *                         FASTBN_STREAM_AFFINE says whether this build has it
+ *   fastbn_affine_half      y = act((x * factor - center) * scale + shift) over a half run;
+ *                           FASTBN_HALF_AFFINE says whether this build has it (else the
+ *                           caller stages the run through float32 blocks)
+ *   fastbn_affine_stream    the same map over a float32 run, written with streaming stores
+ *                           (past the caches) for outputs too large to stay in them;
+ *                           FASTBN_STREAM_AFFINE says whether this build has it
+ *   fastbn_grad_input_half  the backward's map, dx = gain * (g + (x * factor - center) *
+ *                           scale + shift) with g the gated gradient, over a half run
+ *                           (grad_input_run's bits), in the builds of fastbn_affine_half
  */
 #ifndef FASTBN_SIMD_AFFINE_H
 #define FASTBN_SIMD_AFFINE_H
@@ -53,18 +57,38 @@ static inline void fastbn_affine_half(int bfloat, int relu, const void *src, voi
         }
     }
     for (; i < n; i++) {
-        float v, z;
-        if (bfloat)
-            fastbn_widen_bfloat(s + i, &v, 1);
-        else
-            fastbn_widen_half(s + i, &v, 1);
-        z = fmaf(fmaf(v, factor, -center), scale, shift);
+        float z = fmaf(fmaf(fastbn_widen1(bfloat, s[i]), factor, -center), scale, shift);
         if (relu && z < 0.0f)
             z = 0.0f;
-        if (bfloat)
-            fastbn_narrow_bfloat(&z, d + i, 1);
-        else
-            fastbn_narrow_half(&z, d + i, 1);
+        d[i] = fastbn_narrow1(bfloat, z);
+    }
+}
+/* grad_input_run (fastbn/_engine/loops.pxi) on a half run with one channel's coefficients,
+   conversions in registers: dx = gain * ((g + (x * factor - center) * scale) + shift), g being
+   dy gated by the activation (ReLU: dy where out is not <= 0, else +0.0, as gate does), which
+   the FMA builds compile to t = fma(x, factor, -center), u = fma(t, scale, g), then
+   gain * (u + shift): the same operations here, so the float32 loop's bits on the widened
+   run, each rounded to the half type (the half tests compare the two at every level). */
+static inline void fastbn_grad_input_half(int bfloat, int relu, const void *dy, const void *out,
+                                          const void *x, void *dx, Py_ssize_t n, float gain,
+                                          float factor, float center, float scale, float shift) {
+    const uint16_t *g = (const uint16_t *)dy, *o = (const uint16_t *)out, *s = (const uint16_t *)x;
+    uint16_t *d = (uint16_t *)dx;
+    Py_ssize_t i = 0;
+    const __m256 a = _mm256_set1_ps(gain), f = _mm256_set1_ps(factor), c = _mm256_set1_ps(center);
+    const __m256 k = _mm256_set1_ps(scale), b = _mm256_set1_ps(shift), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = fastbn_load8(bfloat, g + i);
+        if (relu)  /* (not out <= 0: NaN outputs pass their gradient, as torch's do) */
+            v = _mm256_and_ps(_mm256_cmp_ps(fastbn_load8(bfloat, o + i), zero, _CMP_NLE_UQ), v);
+        v = _mm256_fmadd_ps(_mm256_fmsub_ps(fastbn_load8(bfloat, s + i), f, c), k, v);
+        fastbn_store8(bfloat, d + i, _mm256_mul_ps(a, _mm256_add_ps(v, b)));
+    }
+    for (; i < n; i++) {
+        float v = fastbn_widen1(bfloat, g[i]);
+        if (relu && fastbn_widen1(bfloat, o[i]) <= 0.0f)  /* (+0.0, as gate gives) */
+            v = 0.0f;
+        d[i] = fastbn_narrow1(bfloat, gain * (fmaf(fmaf(fastbn_widen1(bfloat, s[i]), factor, -center), scale, v) + shift));
     }
 }
 #else
@@ -75,6 +99,12 @@ static inline void fastbn_affine_half(int bfloat, int relu, const void *src, voi
                                       float shift) {
     (void)bfloat; (void)relu; (void)src; (void)dst; (void)n;
     (void)factor; (void)center; (void)scale; (void)shift;
+}
+static inline void fastbn_grad_input_half(int bfloat, int relu, const void *dy, const void *out,
+                                          const void *x, void *dx, Py_ssize_t n, float gain,
+                                          float factor, float center, float scale, float shift) {
+    (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)dx; (void)n;
+    (void)gain; (void)factor; (void)center; (void)scale; (void)shift;
 }
 #endif
 

@@ -12,6 +12,8 @@
  *   fastbn_widen_bfloat / fastbn_narrow_bfloat    bfloat16 <-> float32 over a run
  *   fastbn_load8/16, fastbn_store8/16              eight or sixteen values converted in
  *                                                 registers, for affine.h and reduce.h
+ *   fastbn_widen1, fastbn_narrow1                  one value (the ends of runs)
+ *   fastbn_load8_part                              the first few of eight, zero-padded
  */
 #ifndef FASTBN_SIMD_CONVERT_H
 #define FASTBN_SIMD_CONVERT_H
@@ -238,17 +240,50 @@ static inline void fastbn_store16(int bfloat, uint16_t *d, __m512 v) {
         _mm256_storeu_si256((__m256i *)d, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 #endif
-static inline __m256 fastbn_load8(int bfloat, const uint16_t *s) {
-    __m128i h = _mm_loadu_si128((const __m128i *)s);
+static inline __m256 fastbn_widen8(int bfloat, __m128i h) {
     if (bfloat)
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     return _mm256_cvtph_ps(h);
 }
-static inline void fastbn_store8(int bfloat, uint16_t *d, __m256 v) {
+static inline __m128i fastbn_narrow8(int bfloat, __m256 v) {
     if (bfloat)
-        _mm_storeu_si128((__m128i *)d, fastbn_bfloat_round8(_mm256_castps_si256(v)));
-    else
-        _mm_storeu_si128((__m128i *)d, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        return fastbn_bfloat_round8(_mm256_castps_si256(v));
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+}
+static inline __m256 fastbn_load8(int bfloat, const uint16_t *s) {
+    return fastbn_widen8(bfloat, _mm_loadu_si128((const __m128i *)s));
+}
+static inline void fastbn_store8(int bfloat, uint16_t *d, __m256 v) {
+    _mm_storeu_si128((__m128i *)d, fastbn_narrow8(bfloat, v));
+}
+/* One value (the ends of runs), with the functions above' bits, in a few instructions: the
+   run functions, called for one value, stop being inlined once they have many callers. */
+static inline float fastbn_widen1(int bfloat, uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float v;
+    if (!bfloat)
+        return _cvtsh_ss(h);
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+static inline uint16_t fastbn_narrow1(int bfloat, float v) {
+    uint32_t bits;
+    if (!bfloat)
+        return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    memcpy(&bits, &v, sizeof bits);
+    return fastbn_float_to_bfloat_soft(bits);
+}
+/* The first `count` (0 to 8) of eight values, zeros after them, in a register: the last,
+   partial sweep of a reduction.  Assembled in general registers -- a copy through a buffer
+   on the stack would stall the vector load on its small stores. */
+static inline __m256 fastbn_load8_part(int bfloat, const uint16_t *s, Py_ssize_t count) {
+    uint64_t lo = 0, hi = 0;
+    Py_ssize_t j;
+    for (j = 0; j < count && j < 4; j++)
+        lo |= (uint64_t)s[j] << (16 * j);
+    for (; j < count && j < 8; j++)
+        hi |= (uint64_t)s[j] << (16 * (j - 4));
+    return fastbn_widen8(bfloat, _mm_set_epi64x((long long)hi, (long long)lo));
 }
 #endif
 
