@@ -83,8 +83,7 @@ cdef inline void segment_grad_sums(const activation* act, const storage* dy, con
         # the same totals (see loops.pxi)
         grad_totals_float(activation is ReLU, dy, out, x, n, center, sum_dy, sum_dy_xc)
         return
-    if (storage is half or storage is bfloat) and HALF_TOTALS and dx == NULL \
-            and n >= HALF_GRAD_MIN_RUN:
+    if (storage is half or storage is bfloat) and HALF_TOTALS and dx == NULL:
         # converted in registers, the same sums (see fastbn_grad_totals_half)
         grad_totals_half(storage is bfloat, activation is ReLU, dy, out, x, n, center, sum_dy,
                          sum_dy_xc)

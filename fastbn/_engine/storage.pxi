@@ -49,7 +49,6 @@ cdef extern from "_engine/simd/reduce.h":
     # moment_lanes + fold_lanes and grad_lanes + fold_lanes (no dx) of a half run, converted
     # in registers; HALF_TOTALS: built here
     bint HALF_TOTALS "FASTBN_HALF_TOTALS"
-    Py_ssize_t HALF_GRAD_MIN_RUN "FASTBN_HALF_GRAD_MIN_RUN"
     void moment_totals_half "fastbn_moment_totals_half"(int bfloat, const void* src,
                                                         Py_ssize_t n, double shift, double* t1,
                                                         double* t2) noexcept nogil

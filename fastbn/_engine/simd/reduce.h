@@ -17,8 +17,7 @@
  *   fastbn_moment_totals_half    moment_lanes + fold_lanes of a half run widened to float32,
  *   fastbn_grad_totals_half      and grad_lanes + fold_lanes (no dx), conversions in
  *                                registers; FASTBN_HALF_TOTALS says whether this build has
- *                                them (the AVX2 ones; AVX-512 has fastbn_moment_lanes_half),
- *                                the gradient sums for runs of FASTBN_HALF_GRAD_MIN_RUN on
+ *                                them (the AVX2 ones; AVX-512 has fastbn_moment_lanes_half)
  *
  * tests/test_kernels.py and the SIMD-level tests compare every level's results bit for bit.
  */
@@ -172,7 +171,6 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
 }
 /* (the half runs: fastbn_moment_lanes_half above, and the gradient sums staged) */
 #define FASTBN_HALF_TOTALS 0
-#define FASTBN_HALF_GRAD_MIN_RUN 0
 static inline void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
                                              double shift, double *t1, double *t2) {
     (void)bfloat; (void)src; (void)n; (void)shift; (void)t1; (void)t2;
@@ -204,6 +202,13 @@ static inline double fastbn_fold32_halves(const __m256d *lo, const __m256d *hi) 
     __m128d h = _mm_add_pd(_mm256_castpd256_pd128(u), _mm256_extractf128_pd(u, 1));
     return _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
 }
+static inline void fastbn_clear16(__m256d *a, __m256d *b) {
+    /* a[0..7] = b[0..7] = 0, one store each (a loop of them becomes a memset, which GCC
+       expands to rep stos: a tenth of a 784-value run's gradient sums) */
+    const __m256d z = _mm256_setzero_pd();
+    a[0] = z; a[1] = z; a[2] = z; a[3] = z; a[4] = z; a[5] = z; a[6] = z; a[7] = z;
+    b[0] = z; b[1] = z; b[2] = z; b[3] = z; b[4] = z; b[5] = z; b[6] = z; b[7] = z;
+}
 static inline void fastbn_moment_half(const float *x, Py_ssize_t full, __m256d k, __m256d *a,
                                       __m256d *b) {
     /* Sixteen lanes (x at the first) of every 32-value sweep of x[:full]. */
@@ -234,8 +239,7 @@ static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, doub
     float tail[32];
     const __m256d k = _mm256_set1_pd(shift);
     Py_ssize_t full = n - n % 32, j;
-    for (j = 0; j < 8; j++)
-        a[j] = b[j] = _mm256_setzero_pd();
+    fastbn_clear16(a, b);
     if (full > 0) {  /* (x + 16 is only formed within the run) */
         fastbn_moment_half(x, full, k, a, b);
         fastbn_moment_half(x + 16, full, k, a + 4, b + 4);
@@ -256,9 +260,6 @@ static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, doub
    float32 buffers instead, a float16 run cost more than a float32 one of the same length. */
 #define FASTBN_HALF_TOTALS 1
 #define FASTBN_HALF_CHUNK 2048
-/* (gradient sums of runs shorter than one sweep stay staged: all remainder, they were 0.90-0.94x
-   the staged loop on 25-value runs, and 0.98-1.04x on 49) */
-#define FASTBN_HALF_GRAD_MIN_RUN 32
 static inline void fastbn_widen_lanes(__m256 v, __m256d *lo, __m256d *hi) {
     /* eight float32 values as two vectors of four float64 lanes */
     *lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
@@ -298,8 +299,7 @@ static inline void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssi
     float tail[32];
     const __m256d k = _mm256_set1_pd(shift);
     Py_ssize_t full = n - n % 32, c, m, j;
-    for (j = 0; j < 8; j++)
-        a[j] = b[j] = _mm256_setzero_pd();
+    fastbn_clear16(a, b);
     for (c = 0; c < full; c += FASTBN_HALF_CHUNK) {
         m = full - c < FASTBN_HALF_CHUNK ? full - c : FASTBN_HALF_CHUNK;
         fastbn_moment_half16(bfloat, x + c, m, k, a, b);
@@ -321,27 +321,28 @@ static inline void fastbn_grad_half16(int bfloat, int relu, const uint16_t *dy,
        does (ReLU: +0.0 where out <= 0), a += g, b += g * (x - center) as one fused
        multiply-add, as grad_lanes compiles. */
     __m256d a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
-    __m256d g0, g1, g2, g3, d0, d1, d2, d3;
+    __m256d g0, g1, d0, d1;
     const __m256 zero = _mm256_setzero_ps();
     Py_ssize_t i;
-    for (i = 0; i < full; i += 32) {
-        __m256 lo = fastbn_load8(bfloat, dy + i), hi = fastbn_load8(bfloat, dy + i + 8);
-        if (relu) {
-            lo = _mm256_and_ps(_mm256_cmp_ps(fastbn_load8(bfloat, out + i), zero, _CMP_NLE_UQ), lo);
-            hi = _mm256_and_ps(_mm256_cmp_ps(fastbn_load8(bfloat, out + i + 8), zero, _CMP_NLE_UQ), hi);
-        }
-        fastbn_widen_lanes(lo, &g0, &g1);
-        fastbn_widen_lanes(hi, &g2, &g3);
+    for (i = 0; i < full; i += 32) {  /* eight values at a time: the sums and four temporaries fit the 16 registers */
+        __m256 v = fastbn_load8(bfloat, dy + i);
+        if (relu)
+            v = _mm256_and_ps(_mm256_cmp_ps(fastbn_load8(bfloat, out + i), zero, _CMP_NLE_UQ), v);
+        fastbn_widen_lanes(v, &g0, &g1);
         fastbn_widen_lanes(fastbn_load8(bfloat, x + i), &d0, &d1);
-        fastbn_widen_lanes(fastbn_load8(bfloat, x + i + 8), &d2, &d3);
         a0 = _mm256_add_pd(a0, g0);
         a1 = _mm256_add_pd(a1, g1);
-        a2 = _mm256_add_pd(a2, g2);
-        a3 = _mm256_add_pd(a3, g3);
         b0 = _mm256_fmadd_pd(g0, _mm256_sub_pd(d0, k), b0);
         b1 = _mm256_fmadd_pd(g1, _mm256_sub_pd(d1, k), b1);
-        b2 = _mm256_fmadd_pd(g2, _mm256_sub_pd(d2, k), b2);
-        b3 = _mm256_fmadd_pd(g3, _mm256_sub_pd(d3, k), b3);
+        v = fastbn_load8(bfloat, dy + i + 8);
+        if (relu)
+            v = _mm256_and_ps(_mm256_cmp_ps(fastbn_load8(bfloat, out + i + 8), zero, _CMP_NLE_UQ), v);
+        fastbn_widen_lanes(v, &g0, &g1);
+        fastbn_widen_lanes(fastbn_load8(bfloat, x + i + 8), &d0, &d1);
+        a2 = _mm256_add_pd(a2, g0);
+        a3 = _mm256_add_pd(a3, g1);
+        b2 = _mm256_fmadd_pd(g0, _mm256_sub_pd(d0, k), b2);
+        b3 = _mm256_fmadd_pd(g1, _mm256_sub_pd(d1, k), b3);
     }
     a[0] = a0; a[1] = a1; a[2] = a2; a[3] = a3;
     b[0] = b0; b[1] = b1; b[2] = b2; b[3] = b3;
@@ -357,8 +358,7 @@ static inline void fastbn_grad_totals_half(int bfloat, int relu, const void *dy,
     __m256d a[8], b[8];
     const __m256d k = _mm256_set1_pd(center);
     Py_ssize_t full = n - n % 32, c, m, j;
-    for (j = 0; j < 8; j++)
-        a[j] = b[j] = _mm256_setzero_pd();
+    fastbn_clear16(a, b);
     for (c = 0; c < full; c += FASTBN_HALF_CHUNK) {  /* (pointers formed only within the run) */
         m = full - c < FASTBN_HALF_CHUNK ? full - c : FASTBN_HALF_CHUNK;
         fastbn_grad_half16(bfloat, relu, g + c, relu ? o + c : o, s + c, m, k, a, b);
@@ -400,7 +400,6 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
 #else
 #define FASTBN_TOTALS_SIMD 0
 #define FASTBN_HALF_TOTALS 0
-#define FASTBN_HALF_GRAD_MIN_RUN 0
 #define FASTBN_TOTALS_MAX_RUN 0
 #define FASTBN_GRAD_TOTALS_MAX_RUN 0
 /* Never called (FASTBN_TOTALS_SIMD): moment_totals and grad_lanes run as compiled. */
