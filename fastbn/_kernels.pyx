@@ -15,14 +15,16 @@ Map of the engine (each file says its job; a layer calls only the ones above it)
 _engine/geometry.pxi    layouts (planar, columns), work items, threads, tuning constants
 _engine/storage.pxi     storage types (float32, float64, float16, bfloat16) and conversion
 _engine/loops.pxi       inner loops on runs and rows of the compute type; the activation
-_engine/staging.pxi     those loops over stored data: half data widened in blocks on the stack
+_engine/staging.pxi     those loops over stored data: half data converted in registers
+                        (simd/) or widened in blocks on the stack
 _engine/statistics.pxi  moments of work items and their merge in a fixed order
 _engine/call.pxi        what one call carries: data, per-channel arrays, statistics, scalars
 _engine/forward.pxi     coefficients, the normalisation pass, eval and training forwards
 _engine/backward.pxi    gradient sums, grad_input, eval and training backwards
 _engine/dispatch.pxi    (job, storage, activation) -> the specialisation that runs
 _engine/simd/*.h        the C written by hand, by job: convert.h (half <-> float32), affine.h
-                        (the half affine map), reduce.h (lane sums in registers), bits.h
+                        (elementwise maps of half runs, streaming stores), reduce.h (lane
+                        sums in registers, of float32 and half runs), bits.h
                         (prefetch, masking), copy.h (the bench's streaming-store copy); each
                         names the Cython loop whose bits it gives
 this file               the Python entry points: validate the contract, fill a Call, dispatch
@@ -66,8 +68,9 @@ Numerics
   with a large offset, where the one-FMA form x * scale + (bias - mean * scale) loses
   |mean| / std ulps to cancellation (and so, for float64 data, does a float64 two-pass
   computation).  The backward's elementwise pass uses the same split.
-* Half data is computed in float32 through small blocks (staging.pxi): every half result is
-  the float32 result on the widened data, rounded to nearest even.
+* Half data is computed in float32, converted in registers or through small blocks
+  (staging.pxi): every half result is the float32 result on the widened data, rounded to
+  nearest even.
 """
 
 from cython.parallel cimport prange

@@ -116,6 +116,16 @@ def default_fused_channel_bytes():
     return LARGE_FUSED_CHANNEL_BYTES if fastbn_cpu_is_intel() else SMALL_FUSED_CHANNEL_BYTES
 
 
+def current_fused_channel_bytes():
+    """The largest planar channel (bytes per array) now processed whole."""
+    return channel_bytes_limit
+
+
+def fusion_is_enabled():
+    """Whether the channel- and tile-fused passes may run now (see set_fusion)."""
+    return fusion_enabled
+
+
 def set_fused_channel_bytes(nbytes):
     """Set the largest planar channel (bytes per array) that is processed whole; None restores
     this CPU's default."""

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import fastbn
 from fastbn import bench
 from fastbn.__main__ import main
 
@@ -220,3 +221,31 @@ def test_compare_builds_times_both_builds_row_by_row(capsys):
         assert float(cells[4]) > 0 and float(cells[5]) > 0 and float(cells[6].split()[0]) > 0
     with pytest.raises(SystemExit, match="no _kernels"):
         compare_builds.load_kernels(os.path.join(root, "tests"), "nowhere", "_kernels")
+
+
+def test_fusion_grid_times_fused_and_unfused_and_restores_the_switches(capsys):
+    """benchmarks/fusion_grid.py times every (dtype, channel size, segments) case fused and
+    unfused and leaves fusion, the channel limit and the thread count as they were."""
+    import importlib.util
+    import os
+    from fastbn import _tuning
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "fusion_grid", os.path.join(root, "benchmarks", "fusion_grid.py"))
+    fusion_grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fusion_grid)
+    assert _tuning.fusion_is_enabled()
+    threads = fastbn.get_num_threads()
+    fusion_grid.main(["--threads", "1", "--total-kib", "8", "--rounds", "1", "--dtypes", "float32"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if " KiB in " in line]
+    expected = [(kib, segments) for kib in fusion_grid.KIB for segments in fusion_grid.SEGMENTS
+                if kib * 1024 // (segments * 4) >= fusion_grid.MIN_RUN]
+    assert len(rows) == len(expected)
+    for row, (kib, segments) in zip(rows, expected):
+        words = row.split()
+        assert words[2] == str(kib) and words[5] == str(segments)
+        assert float(words[words.index("forward") + 1]) > 0
+        assert float(words[words.index("backward") + 1]) > 0
+    assert _tuning.fusion_is_enabled()
+    assert _tuning.current_fused_channel_bytes() == _tuning.default_fused_channel_bytes()
+    assert fastbn.get_num_threads() == threads

@@ -1,9 +1,12 @@
-# The loops of loops.pxi over stored data.  float32 and float64 data go to them as they are;
-# half data (float16, bfloat16) is widened block by block into float32 buffers on the stack,
-# fed to the same loops, and their results narrowed back.  The blocks are cut where the loops
-# can resume in the same order (multiples of LANES along a run, of four rows down a tile), so
-# a half result is the float32 path's on the widened data, rounded, bit for bit; and no pass
-# ever holds more of a half tensor in float32 than a few kilobytes.
+# The loops of loops.pxi over stored data.  float32 and float64 data go to them as they are.
+# Half data (float16, bfloat16) goes, where the build has them, to the intrinsics of
+# _engine/simd/ that convert in registers and repeat those loops' arithmetic in their order
+# (a planar run's moments, gradient sums and grad_input, its affine map); otherwise it is
+# widened block by block into float32 buffers on the stack, fed to the same loops, and their
+# results narrowed back.  The blocks are cut where the loops can resume in the same order
+# (multiples of LANES along a run, of four rows down a tile).  Either way a half result is the
+# float32 path's on the widened data, rounded, bit for bit, and no pass ever holds more of a
+# half tensor in float32 than a few kilobytes.
 
 cdef inline void segment_moments(const storage* x, Py_ssize_t n, double* shift_out,
                                  double* offset, double* m2) noexcept nogil:

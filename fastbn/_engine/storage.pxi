@@ -1,8 +1,9 @@
 # Storage types and conversion.  Data is stored as float32, float64, float16 or bfloat16; it is
 # computed in `real`, float32 for all but float64.  Half storages (float16, bfloat16) are never
-# copied whole into float32: the passes widen small blocks into buffers on the stack, run the
-# float32 loops on them and narrow their results (see staging.pxi), so every half result is
-# the float32 path's on the widened data, rounded to nearest even.
+# copied whole into float32: the passes convert in registers (the intrinsics declared here) or
+# widen small blocks into buffers on the stack, run the float32 loops on them and narrow their
+# results (see staging.pxi), so every half result is the float32 path's on the widened data,
+# rounded to nearest even.
 
 from libc.stdint cimport uint16_t
 

@@ -10,7 +10,7 @@
  *   fastbn_widen_half / fastbn_narrow_half        float16 <-> float32 over a run (storage.pxi:
  *                                                 widen, narrow)
  *   fastbn_widen_bfloat / fastbn_narrow_bfloat    bfloat16 <-> float32 over a run
- *   fastbn_load8/16, fastbn_store8/16              eight or sixteen values converted in
+ *   fastbn_load8/16, fastbn_store8/16/8x2          eight or sixteen values converted in
  *                                                 registers, for affine.h and reduce.h
  *   fastbn_widen1, fastbn_narrow1                  one value (the ends of runs)
  *   fastbn_load8_part                              the first few of eight, zero-padded
@@ -171,17 +171,27 @@ static inline __m256i fastbn_bfloat_round16(__m512i x) {
 }
 #endif
 #if defined(__AVX2__)
-/* 8 float32 bit patterns rounded to bfloat16. */
-static inline __m128i fastbn_bfloat_round8(__m256i x) {
+/* 8 float32 bit patterns rounded to bfloat16, each in the low half of its 32-bit lane. */
+static inline __m256i fastbn_bfloat_round_lanes8(__m256i x) {
     __m256i high = _mm256_srli_epi32(x, 16);
     __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)),
                                                          _mm256_and_si256(high, _mm256_set1_epi32(1))), 16);
-    /* (magnitudes are non-negative as int32: a signed compare is the unsigned one) */
-    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7fffffff)),
-                                     _mm256_set1_epi32(0x7f800000));
-    __m256i r = _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+    /* NaN: unordered with itself (one compare where a magnitude test takes two) */
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(x), _mm256_castsi256_ps(x),
+                                                    _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+}
+/* 8 float32 bit patterns rounded to bfloat16. */
+static inline __m128i fastbn_bfloat_round8(__m256i x) {
+    __m256i r = fastbn_bfloat_round_lanes8(x);
     /* each lane < 2**16: packing with unsigned saturation keeps it */
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+/* 16 float32 bit patterns (two vectors) rounded to bfloat16: one pack and one permute for
+   the sixteen, where two vectors of eight take two packs and two extracts. */
+static inline __m256i fastbn_bfloat_round16x2(__m256i x0, __m256i x1) {
+    __m256i packed = _mm256_packus_epi32(fastbn_bfloat_round_lanes8(x0), fastbn_bfloat_round_lanes8(x1));
+    return _mm256_permute4x64_epi64(packed, 0xD8);  /* (the pack works within 128-bit halves) */
 }
 #endif
 static inline void fastbn_widen_bfloat(const void *src, float *dst, Py_ssize_t n) {
@@ -212,6 +222,10 @@ static inline void fastbn_narrow_bfloat(const float *src, void *dst, Py_ssize_t 
         _mm256_storeu_si256((__m256i *)(d + i), fastbn_bfloat_round16(_mm512_loadu_si512((const void *)(src + i))));
 #endif
 #if defined(__AVX2__)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(d + i),
+                            fastbn_bfloat_round16x2(_mm256_loadu_si256((const __m256i *)(src + i)),
+                                                    _mm256_loadu_si256((const __m256i *)(src + i + 8))));
     for (; i + 8 <= n; i += 8)
         _mm_storeu_si128((__m128i *)(d + i), fastbn_bfloat_round8(_mm256_loadu_si256((const __m256i *)(src + i))));
 #endif
@@ -255,6 +269,16 @@ static inline __m256 fastbn_load8(int bfloat, const uint16_t *s) {
 }
 static inline void fastbn_store8(int bfloat, uint16_t *d, __m256 v) {
     _mm_storeu_si128((__m128i *)d, fastbn_narrow8(bfloat, v));
+}
+static inline void fastbn_store8x2(int bfloat, uint16_t *d, __m256 v0, __m256 v1) {
+    /* sixteen values, d[0..7] from v0 and d[8..15] from v1 */
+    if (bfloat) {
+        _mm256_storeu_si256((__m256i *)d, fastbn_bfloat_round16x2(_mm256_castps_si256(v0),
+                                                                   _mm256_castps_si256(v1)));
+    } else {
+        _mm_storeu_si128((__m128i *)d, _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128((__m128i *)(d + 8), _mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT));
+    }
 }
 /* One value (the ends of runs), with the functions above' bits, in a few instructions: the
    run functions, called for one value, stop being inlined once they have many callers. */
