@@ -6,10 +6,11 @@
 The largest planar channel that is processed whole (statistics, then normalisation while it is
 in cache) is a per-CPU default in fastbn/_tuning.pyx.  This grid is the measurement behind such
 a default: for channels of 1 to 32 KiB per array, contiguous (N = 1) or cut into 8 or 32
-segments (one per sample), in tensors of about --total-kib, it times the training forward and
-the training backward with fusion allowed (every size: the limit is lifted) and with it off,
-alternating which goes first, in one process on the same arrays, and prints unfused / fused
-(above 1: fusion pays).  Both give the same bits; only the time differs.  Nothing here asserts
+segments (one per sample), in tensors of about --total-kib, in the planar layout (forced:
+segments of 64-320 values would otherwise go down columns, where tile fusion applies), it times
+the training forward and the training backward with fusion allowed (every size: the limit is
+lifted) and with it off, alternating which goes first, in one process on the same arrays, and
+prints unfused / fused (above 1: fusion pays).  The switches it sets are restored afterwards.  Both give the same bits; only the time differs.  Nothing here asserts
 a timing.
 """
 
@@ -24,7 +25,7 @@ from fastbn import _tuning
 
 KIB = (1, 2, 4, 8, 16, 32)
 SEGMENTS = (1, 8, 32)
-MIN_RUN = 64  # values per segment below which the shape would take the columns layout
+MIN_RUN = 64  # values per segment below which a case is skipped (a columns-layout shape)
 
 
 def per_call(bn, x, gy, fused, op, calls):
@@ -46,11 +47,14 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="float32,float16")
     args = parser.parse_args(argv)
     threads_before = fastbn.get_num_threads()
+    fusion_before = _tuning.fusion_is_enabled()
+    limit_before = _tuning.current_fused_channel_bytes()
     fastbn.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"threads {args.threads}, about {args.total_kib} KiB per array; unfused / fused time "
           f"(above 1: fusion pays), median of {args.rounds} alternating rounds")
     try:
+        _tuning.force_layout("planar")
         _tuning.set_fused_channel_bytes(1 << 40)
         for name, kib, segments in itertools.product(args.dtypes.split(","), KIB, SEGMENTS):
             dtype = np.dtype(name)
@@ -74,8 +78,9 @@ def main(argv=None):
             print(f"{name:8s} channel {kib:3d} KiB in {segments:2d} segments {str(shape):18s} "
                   f"forward {ratios[0]:.2f}  backward {ratios[1]:.2f}", flush=True)
     finally:
-        _tuning.set_fusion(True)
-        _tuning.set_fused_channel_bytes(None)
+        _tuning.force_layout(None)
+        _tuning.set_fusion(fusion_before)
+        _tuning.set_fused_channel_bytes(limit_before)
         fastbn.set_num_threads(threads_before)
 
 

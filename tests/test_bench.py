@@ -234,9 +234,14 @@ def test_fusion_grid_times_fused_and_unfused_and_restores_the_switches(capsys):
         "fusion_grid", os.path.join(root, "benchmarks", "fusion_grid.py"))
     fusion_grid = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fusion_grid)
-    assert _tuning.fusion_is_enabled()
     threads = fastbn.get_num_threads()
-    fusion_grid.main(["--threads", "1", "--total-kib", "8", "--rounds", "1", "--dtypes", "float32"])
+    _tuning.set_fused_channel_bytes(12345)  # (not the default: the grid must restore this value)
+    try:
+        fusion_grid.main(["--threads", "1", "--total-kib", "8", "--rounds", "1",
+                          "--dtypes", "float32"])
+        assert _tuning.current_fused_channel_bytes() == 12345
+    finally:
+        _tuning.set_fused_channel_bytes(None)
     rows = [line for line in capsys.readouterr().out.splitlines() if " KiB in " in line]
     expected = [(kib, segments) for kib in fusion_grid.KIB for segments in fusion_grid.SEGMENTS
                 if kib * 1024 // (segments * 4) >= fusion_grid.MIN_RUN]
@@ -247,5 +252,4 @@ def test_fusion_grid_times_fused_and_unfused_and_restores_the_switches(capsys):
         assert float(words[words.index("forward") + 1]) > 0
         assert float(words[words.index("backward") + 1]) > 0
     assert _tuning.fusion_is_enabled()
-    assert _tuning.current_fused_channel_bytes() == _tuning.default_fused_channel_bytes()
     assert fastbn.get_num_threads() == threads

@@ -133,9 +133,11 @@ def test_every_kernel_gives_the_float32_kernels_bits_rounded(level, storage, sha
 @pytest.mark.parametrize("level", kernel_levels())
 def test_run_reductions_give_the_compiled_lanes_bits_at_every_length(level, storage, length, rng):
     """A float32 run's moments and gradient sums go through reduce.h's intrinsics where the
-    build has them (runs up to FASTBN_TOTALS_MAX_RUN), a half run's through the compiled lane
-    loops: on the same values, the same bits, whatever the remainder of 32 and on either side
-    of the run-length limit -- with ReLU, a NaN and an infinity in the data and the gradient."""
+    build has them (runs up to FASTBN_TOTALS_MAX_RUN), a half run's through its half
+    intrinsics (swept in chunks of FASTBN_HALF_CHUNK) or the compiled lane loops on staged
+    blocks: on the same values, the same bits, whatever the remainder of 32 and on either side
+    of the run-length and chunk limits -- with ReLU, a NaN and an infinity in the data and the
+    gradient."""
     kernels, dtype = kernels_of(level), storage_dtype(storage)
     x = make_input((2, 3, length), dtype, rng, offset=20.0)
     # Channel 0 over many decades, either sign: its float64 sums round, so they depend on the

@@ -1,7 +1,8 @@
 # Inner loops over contiguous runs and rows of the compute type `real` (float32 or float64),
 # the arithmetic helpers of the statistics, and the activation applied in the same pass.
 # Nothing here knows about storage types: storage.pxi and staging.pxi feed these loops, from
-# the data itself (float32, float64) or from blocks widened on the stack (halves).  Of the work
+# the data itself (float32, float64) or from blocks widened on the stack (halves, where the
+# build has no intrinsics for the pass: see _engine/simd/).  Of the work
 # items they know only a column tile's extent (Tile, from geometry.pxi), which the column
 # loops walk.
 

@@ -11,7 +11,8 @@
  *                                                 widen, narrow)
  *   fastbn_widen_bfloat / fastbn_narrow_bfloat    bfloat16 <-> float32 over a run
  *   fastbn_load8/16, fastbn_store8/16/8x2          eight or sixteen values converted in
- *                                                 registers, for affine.h and reduce.h
+ *   (fastbn_widen8, fastbn_narrow8)                registers, for affine.h and reduce.h
+ *   fastbn_bfloat_round_lanes8, _round8, _round16x2  bfloat16 rounding of 8 or 16 values
  *   fastbn_widen1, fastbn_narrow1                  one value (the ends of runs)
  *   fastbn_load8_part                              the first few of eight, zero-padded
  */
@@ -237,7 +238,7 @@ static inline void fastbn_narrow_bfloat(const float *src, void *dst, Py_ssize_t 
 }
 
 /* Eight (AVX2) or sixteen (AVX-512) half values widened into, or narrowed from, a float32
-   register with the functions above' bits: for the passes that keep half data in registers
+   register with the bits of the run functions above: for the passes that keep half data in registers
    (affine.h, reduce.h), in the builds where those run. */
 #if defined(__FMA__) && (defined(__AVX2__) || defined(__AVX512F__))
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -280,7 +281,7 @@ static inline void fastbn_store8x2(int bfloat, uint16_t *d, __m256 v0, __m256 v1
         _mm_storeu_si128((__m128i *)(d + 8), _mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT));
     }
 }
-/* One value (the ends of runs), with the functions above' bits, in a few instructions: the
+/* One value (the ends of runs), with the run functions' bits, in a few instructions: the
    run functions, called for one value, stop being inlined once they have many callers. */
 static inline float fastbn_widen1(int bfloat, uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;

@@ -388,7 +388,7 @@ static inline void fastbn_grad_totals_half(int bfloat, int relu, const void *dy,
     *t1 = fastbn_fold32_halves(a, a + 4);
     *t2 = fastbn_fold32_halves(b, b + 4);
 }
-/* The gradient sums stay on the compiled loop in AVX2: written this way (half the lanes per
+/* The gradient sums of float32 runs stay on the compiled loop in AVX2: written this way (half the lanes per
    sweep over three arrays, the remainder blended from padded copies) they were 0.70x its
    speed on 49-value runs and 0.85x on 784-value ones, and faster only on runs of whole
    sweeps; FASTBN_GRAD_TOTALS_MAX_RUN 0 keeps this stub from being called. */
@@ -402,7 +402,8 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
 #define FASTBN_HALF_TOTALS 0
 #define FASTBN_TOTALS_MAX_RUN 0
 #define FASTBN_GRAD_TOTALS_MAX_RUN 0
-/* Never called (FASTBN_TOTALS_SIMD): moment_totals and grad_lanes run as compiled. */
+/* Never called (FASTBN_TOTALS_SIMD, FASTBN_HALF_TOTALS): moment_totals and grad_lanes run
+   as compiled, half runs staged. */
 static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, double shift,
                                               double *t1, double *t2) {
     (void)x; (void)n; (void)shift; (void)t1; (void)t2;
