@@ -30,15 +30,11 @@ cdef inline void segment_moments(const storage* x, Py_ssize_t n, double* shift_o
     else:
         clear(s1, LANES)
         clear(s2, LANES)
-        if HALF_LANES:
-            # converted in registers, the same sums (see fastbn_moment_lanes_half)
-            moment_lanes_half(storage is bfloat, x, n, shift, s1, s2)
-        else:
-            while j < n:
-                m = min(<Py_ssize_t>STAGE_READ, n - j)
-                widen(x + j, xs, m)
-                moment_lanes(xs, m, shift, s1, s2)
-                j += m
+        while j < n:
+            m = min(<Py_ssize_t>STAGE_READ, n - j)
+            widen(x + j, xs, m)
+            moment_lanes(xs, m, shift, s1, s2)
+            j += m
         t1 = fold_lanes(s1)
         t2 = fold_lanes(s2)
     shift_out[0] = shift

@@ -42,11 +42,6 @@ cdef enum:
 
 
 cdef extern from "_engine/simd/reduce.h":
-    # moment_lanes (loops.pxi) of a half run, converted in registers; HALF_LANES: built here
-    bint HALF_LANES "FASTBN_HALF_LANES"
-    void moment_lanes_half "fastbn_moment_lanes_half"(int bfloat, const void* src, Py_ssize_t n,
-                                                      double shift, double* s1,
-                                                      double* s2) noexcept nogil
     # moment_lanes + fold_lanes and grad_lanes + fold_lanes (no dx) of a half run, converted
     # in registers; HALF_TOTALS: built here
     bint HALF_TOTALS "FASTBN_HALF_TOTALS"

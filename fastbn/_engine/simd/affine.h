@@ -28,7 +28,7 @@
    (tests/test_bfloat16.py checks it at every level); elsewhere the run is staged. */
 #if defined(__FMA__) && (defined(__AVX2__) || defined(__AVX512F__))
 #define FASTBN_HALF_AFFINE 1
-static inline void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
+FASTBN_RUN_FUNCTION void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
                                       Py_ssize_t n, float factor, float center, float scale,
                                       float shift) {
     const uint16_t *s = (const uint16_t *)src;
@@ -78,7 +78,7 @@ static inline void fastbn_affine_half(int bfloat, int relu, const void *src, voi
    the FMA builds compile to t = fma(x, factor, -center), u = fma(t, scale, g), then
    gain * (u + shift): the same operations here, so the float32 loop's bits on the widened
    run, each rounded to the half type (the half tests compare the two at every level). */
-static inline void fastbn_grad_input_half(int bfloat, int relu, const void *dy, const void *out,
+FASTBN_RUN_FUNCTION void fastbn_grad_input_half(int bfloat, int relu, const void *dy, const void *out,
                                           const void *x, void *dx, Py_ssize_t n, float gain,
                                           float factor, float center, float scale, float shift) {
     const uint16_t *g = (const uint16_t *)dy, *o = (const uint16_t *)out, *s = (const uint16_t *)x;
@@ -114,13 +114,13 @@ static inline void fastbn_grad_input_half(int bfloat, int relu, const void *dy, 
 #else
 #define FASTBN_HALF_AFFINE 0
 /* Never called: FASTBN_HALF_AFFINE tells the caller to stage the run. */
-static inline void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
+FASTBN_RUN_FUNCTION void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
                                       Py_ssize_t n, float factor, float center, float scale,
                                       float shift) {
     (void)bfloat; (void)relu; (void)src; (void)dst; (void)n;
     (void)factor; (void)center; (void)scale; (void)shift;
 }
-static inline void fastbn_grad_input_half(int bfloat, int relu, const void *dy, const void *out,
+FASTBN_RUN_FUNCTION void fastbn_grad_input_half(int bfloat, int relu, const void *dy, const void *out,
                                           const void *x, void *dx, Py_ssize_t n, float gain,
                                           float factor, float center, float scale, float shift) {
     (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)dx; (void)n;

@@ -5,8 +5,6 @@
  * Each function must give the bits of a Cython loop -- the same float64 arithmetic, lane for
  * lane, in the same order -- so that a result never depends on which path ran:
  *
- *   fastbn_moment_lanes_half     moment_lanes (loops.pxi) on a half run widened to float32;
- *                                FASTBN_HALF_LANES says whether this build has it
  *   fastbn_moment_totals_float   moment_totals (loops.pxi) of a float32 run, and its fold
  *   fastbn_grad_totals_float     grad_lanes + fold_lanes (loops.pxi) of a float32 run;
  *                                FASTBN_TOTALS_SIMD says whether this build has them, for
@@ -17,7 +15,7 @@
  *   fastbn_moment_totals_half    moment_lanes + fold_lanes of a half run widened to float32,
  *   fastbn_grad_totals_half      and grad_lanes + fold_lanes (no dx), conversions in
  *                                registers; FASTBN_HALF_TOTALS says whether this build has
- *                                them (the AVX2 ones; AVX-512 has fastbn_moment_lanes_half)
+ *                                them (the AVX2 and AVX-512 ones)
  *
  * tests/test_kernels.py and the SIMD-level tests compare every level's results bit for bit.
  */
@@ -25,60 +23,6 @@
 #define FASTBN_SIMD_REDUCE_H
 
 #include "convert.h"
-
-/* (AVX-512BW for the 16-value conversions of convert.h; FMA, which the FMA builds contract
-   the compiled loop's d * d into) */
-#if defined(__FMA__) && defined(__AVX512F__) && defined(__AVX512BW__)
-/* The lane sums of a run of half data, conversions in registers: moment_lanes' arithmetic
-   (d = x - shift in float64; s1 += d; s2 += d * d, which the FMA builds compile to one
-   fused multiply-add) in its order, value i into lane i % 32, so the same bits. */
-#define FASTBN_HALF_LANES 1
-static inline void fastbn_moment_lanes_half(int bfloat, const void *src, Py_ssize_t n,
-                                            double shift, double *s1, double *s2) {
-    const uint16_t *s = (const uint16_t *)src;
-    __m512d a[4], b[4];
-    const __m512d k = _mm512_set1_pd(shift);
-    Py_ssize_t i = 0, full = n - n % 32, j;
-    for (j = 0; j < 4; j++) {
-        a[j] = _mm512_loadu_pd(s1 + 8 * j);
-        b[j] = _mm512_loadu_pd(s2 + 8 * j);
-    }
-    for (; i < full; i += 32) {
-        __m512 lo = fastbn_load16(bfloat, s + i), hi = fastbn_load16(bfloat, s + i + 16);
-        __m512d d[4];
-        d[0] = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(lo)), k);
-        d[1] = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lo), 1))), k);
-        d[2] = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(hi)), k);
-        d[3] = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(hi), 1))), k);
-        for (j = 0; j < 4; j++) {
-            a[j] = _mm512_add_pd(a[j], d[j]);
-            b[j] = _mm512_fmadd_pd(d[j], d[j], b[j]);
-        }
-    }
-    for (j = 0; j < 4; j++) {
-        _mm512_storeu_pd(s1 + 8 * j, a[j]);
-        _mm512_storeu_pd(s2 + 8 * j, b[j]);
-    }
-    for (j = 0; i + j < n; j++) {
-        float v;
-        double d;
-        if (bfloat)
-            fastbn_widen_bfloat(s + i + j, &v, 1);
-        else
-            fastbn_widen_half(s + i + j, &v, 1);
-        d = (double)v - shift;
-        s1[j] += d;
-        s2[j] = fma(d, d, s2[j]);
-    }
-}
-#else
-#define FASTBN_HALF_LANES 0
-/* Never called: FASTBN_HALF_LANES tells the caller to stage the run. */
-static inline void fastbn_moment_lanes_half(int bfloat, const void *src, Py_ssize_t n,
-                                            double shift, double *s1, double *s2) {
-    (void)bfloat; (void)src; (void)n; (void)shift; (void)s1; (void)s2;
-}
-#endif
 
 /* GCC and clang only: the compiled loops these reproduce contract s2 += a * b into a fused
    multiply-add there (-ffp-contract=fast, their default for C), which is what the
@@ -169,18 +113,115 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
     *t1 = fastbn_fold32(a);
     *t2 = fastbn_fold32(b);
 }
-/* (the half runs: fastbn_moment_lanes_half above, and the gradient sums staged) */
+/* The half runs, conversions in registers (AVX-512BW for the 16-value loads of convert.h):
+   the same lanes, arithmetic and fold as the float32 functions above on the run widened to
+   float32, which is what the staged path feeds moment_lanes and grad_lanes. */
+#if defined(__FMA__) && defined(__AVX512BW__)
+#define FASTBN_HALF_TOTALS 1
+static inline __mmask16 fastbn_first16(Py_ssize_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u));
+}
+static inline __m512 fastbn_load16_part(int bfloat, const uint16_t *s, Py_ssize_t left) {
+    /* The first `left` of sixteen values (all sixteen from 16 on, none from 0 down), zeros
+       after them: a masked load, which reads nothing past the run. */
+    __m256i h = _mm256_maskz_loadu_epi16(fastbn_first16(left), s);
+    if (bfloat)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+static inline __m256 fastbn_low8(__m512 v) { return _mm512_castps512_ps256(v); }
+static inline __m256 fastbn_high8(__m512 v) {
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+static inline void fastbn_moment_wide8(__m256 v, __mmask8 m, __m512d k, __m512d *a, __m512d *b) {
+    /* fastbn_moment_lanes8 on eight values already in a register */
+    __m512d d = _mm512_maskz_sub_pd(m, _mm512_cvtps_pd(v), k);
+    *a = _mm512_add_pd(*a, d);
+    *b = _mm512_fmadd_pd(d, d, *b);
+}
+FASTBN_RUN_FUNCTION void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
+                                             double shift, double *t1, double *t2) {
+    const uint16_t *x = (const uint16_t *)src;
+    __m512d a[4], b[4];
+    const __m512d k = _mm512_set1_pd(shift);
+    Py_ssize_t i = 0, full = n - n % 32;
+    a[0] = a[1] = a[2] = a[3] = b[0] = b[1] = b[2] = b[3] = _mm512_setzero_pd();
+    for (; i < full; i += 32) {
+        __m512 lo = fastbn_load16(bfloat, x + i), hi = fastbn_load16(bfloat, x + i + 16);
+        fastbn_moment_wide8(fastbn_low8(lo), 0xFF, k, &a[0], &b[0]);
+        fastbn_moment_wide8(fastbn_high8(lo), 0xFF, k, &a[1], &b[1]);
+        fastbn_moment_wide8(fastbn_low8(hi), 0xFF, k, &a[2], &b[2]);
+        fastbn_moment_wide8(fastbn_high8(hi), 0xFF, k, &a[3], &b[3]);
+    }
+    if (i < n) {  /* the last, partial sweep: absent lanes add d = +0.0, as in the float32 one */
+        __m512 lo = fastbn_load16_part(bfloat, x + i, n - i);
+        __m512 hi = fastbn_load16_part(bfloat, x + i + 16, n - i - 16);
+        fastbn_moment_wide8(fastbn_low8(lo), fastbn_first(n - i), k, &a[0], &b[0]);
+        fastbn_moment_wide8(fastbn_high8(lo), fastbn_first(n - i - 8), k, &a[1], &b[1]);
+        fastbn_moment_wide8(fastbn_low8(hi), fastbn_first(n - i - 16), k, &a[2], &b[2]);
+        fastbn_moment_wide8(fastbn_high8(hi), fastbn_first(n - i - 24), k, &a[3], &b[3]);
+    }
+    *t1 = fastbn_fold32(a);
+    *t2 = fastbn_fold32(b);
+}
+static inline void fastbn_grad_wide16(int relu, __m512 g, __m512 o, __m512 x, __mmask16 m,
+                                      __m512d k, __m512d *a, __m512d *b) {
+    /* fastbn_grad_lanes8 on sixteen values already in registers (lanes a[0], a[1]): g gated
+       as gate does (ReLU: +0.0 where out <= 0), then a += g and b += g * (x - center), one
+       fused multiply-add, in the lanes present (m) */
+    __m512d g0, g1;
+    if (relu)
+        g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(o, _mm512_setzero_ps(), _CMP_NLE_UQ), g);
+    g0 = _mm512_cvtps_pd(fastbn_low8(g));
+    g1 = _mm512_cvtps_pd(fastbn_high8(g));
+    a[0] = _mm512_mask_add_pd(a[0], (__mmask8)m, a[0], g0);
+    a[1] = _mm512_mask_add_pd(a[1], (__mmask8)(m >> 8), a[1], g1);
+    b[0] = _mm512_mask3_fmadd_pd(g0, _mm512_sub_pd(_mm512_cvtps_pd(fastbn_low8(x)), k), b[0], (__mmask8)m);
+    b[1] = _mm512_mask3_fmadd_pd(g1, _mm512_sub_pd(_mm512_cvtps_pd(fastbn_high8(x)), k), b[1],
+                                 (__mmask8)(m >> 8));
+}
+FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
+                                           const void *x, Py_ssize_t n, double center,
+                                           double *t1, double *t2) {
+    const uint16_t *g = (const uint16_t *)dy, *o = (const uint16_t *)out, *s = (const uint16_t *)x;
+    const __m512 none = _mm512_setzero_ps();
+    __m512d a[4], b[4];
+    const __m512d k = _mm512_set1_pd(center);
+    Py_ssize_t i = 0, full = n - n % 32;
+    a[0] = a[1] = a[2] = a[3] = b[0] = b[1] = b[2] = b[3] = _mm512_setzero_pd();
+    for (; i < full; i += 32) {  /* (out is read only for ReLU, and may be NULL otherwise) */
+        fastbn_grad_wide16(relu, fastbn_load16(bfloat, g + i), relu ? fastbn_load16(bfloat, o + i) : none,
+                           fastbn_load16(bfloat, s + i), 0xFFFF, k, a, b);
+        fastbn_grad_wide16(relu, fastbn_load16(bfloat, g + i + 16),
+                           relu ? fastbn_load16(bfloat, o + i + 16) : none,
+                           fastbn_load16(bfloat, s + i + 16), 0xFFFF, k, a + 2, b + 2);
+    }
+    if (i < n) {  /* the last, partial sweep: the absent lanes keep their sums (the padded zeros
+                     could make g * (x - center) NaN where the center is infinite) */
+        fastbn_grad_wide16(relu, fastbn_load16_part(bfloat, g + i, n - i),
+                           relu ? fastbn_load16_part(bfloat, o + i, n - i) : none,
+                           fastbn_load16_part(bfloat, s + i, n - i), fastbn_first16(n - i), k, a, b);
+        fastbn_grad_wide16(relu, fastbn_load16_part(bfloat, g + i + 16, n - i - 16),
+                           relu ? fastbn_load16_part(bfloat, o + i + 16, n - i - 16) : none,
+                           fastbn_load16_part(bfloat, s + i + 16, n - i - 16),
+                           fastbn_first16(n - i - 16), k, a + 2, b + 2);
+    }
+    *t1 = fastbn_fold32(a);
+    *t2 = fastbn_fold32(b);
+}
+#else
 #define FASTBN_HALF_TOTALS 0
-static inline void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
+FASTBN_RUN_FUNCTION void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
                                              double shift, double *t1, double *t2) {
     (void)bfloat; (void)src; (void)n; (void)shift; (void)t1; (void)t2;
 }
-static inline void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
+FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
                                            const void *x, Py_ssize_t n, double center,
                                            double *t1, double *t2) {
     (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center;
     (void)t1; (void)t2;
 }
+#endif
 #elif (defined(__GNUC__) || defined(__clang__)) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define FASTBN_TOTALS_SIMD 1
@@ -292,7 +333,7 @@ static inline void fastbn_moment_half16(int bfloat, const uint16_t *x, Py_ssize_
 }
 /* The moments of a half run: the last, partial sweep widened into a copy padded with the
    shift (a half value, so exact in float32), as fastbn_moment_totals_float pads it. */
-static inline void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
+FASTBN_RUN_FUNCTION void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
                                              double shift, double *t1, double *t2) {
     const uint16_t *x = (const uint16_t *)src;
     __m256d a[8], b[8];
@@ -351,7 +392,7 @@ static inline void fastbn_grad_half16(int bfloat, int relu, const uint16_t *dy,
    with zeros and added under a mask (the lanes past the run keep their sums: a padded value
    could make g * (x - center) NaN where the center is infinite), so its lanes add what
    grad_lanes adds to them. */
-static inline void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
+FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
                                            const void *x, Py_ssize_t n, double center,
                                            double *t1, double *t2) {
     const uint16_t *g = (const uint16_t *)dy, *o = (const uint16_t *)out, *s = (const uint16_t *)x;
@@ -413,11 +454,11 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
                                             double *t1, double *t2) {
     (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center; (void)t1; (void)t2;
 }
-static inline void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
+FASTBN_RUN_FUNCTION void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
                                              double shift, double *t1, double *t2) {
     (void)bfloat; (void)src; (void)n; (void)shift; (void)t1; (void)t2;
 }
-static inline void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
+FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
                                            const void *x, Py_ssize_t n, double center,
                                            double *t1, double *t2) {
     (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center;
