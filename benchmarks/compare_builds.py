@@ -13,8 +13,9 @@ and 5.5 us in the next, and whole-suite runs disagreed by up to 2x).  Each row g
 median time per call of each build and the median, and 25th to 75th percentile, of the
 per-block ratios before / after (above 1: after is faster).
 
-Only the kernels are compared (eval forward, training forward, training backward, through
-the kernel modules' entry points, which both builds must share); the Python layer above them
+Only the kernels are compared (eval forward, training forward, training backward, and the
+eval backward with the parameters' gradients, which fine-tuning under frozen statistics runs,
+through the kernel modules' entry points, which both builds must share); the Python layer above them
 is the same code in one process.  The rest of the package (its tuning switches included) is
 this checkout's.  Nothing here asserts a timing.
 """
@@ -32,7 +33,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (64, 32, 32, 32), (256, 512, 7, 7), (16, 3, 224, 224),
           (128, 2048, 1, 1), (4096, 1024), (512, 256), (64, 128), (64, 256, 32), (16, 64, 50),
           (1, 64, 56, 56), (1, 512, 7, 7), (4, 64, 8, 8), (1, 2, 3, 4)]
-OPS = ("eval", "train", "backward")
+OPS = ("eval", "train", "backward", "eval-backward")
 
 
 def load_kernels(checkout, tag, module_name):
@@ -83,8 +84,13 @@ def calls(kernels, x, dy, threads, out):
     def backward():
         kernels.backward(dy, x, dx, w, mean, invstd, grad_w, grad_b, True, threads)
 
+    def eval_backward():
+        kernels.backward(dy, x, dx, w, out["save"], out["save_invstd"], grad_w, grad_b, False,
+                         threads)
+
     train()  # (the statistics the backward uses)
-    return {"eval": evaluate, "train": train, "backward": backward}
+    evaluate()  # (and those the eval backward uses)
+    return {"eval": evaluate, "train": train, "backward": backward, "eval-backward": eval_backward}
 
 
 def compare(fns, rounds, block_seconds=0.01):

@@ -128,16 +128,18 @@ def test_every_kernel_gives_the_float32_kernels_bits_rounded(level, storage, sha
         assert_chain_is_float32_rounded(half, ref, dtype, where, x)
 
 
-@pytest.mark.parametrize("length", [1, 16, 17, 31, 32, 33, 49, 64, 95, 2047, 2048, 2049, 4100])
+@pytest.mark.parametrize("length", [1, 16, 17, 31, 32, 33, 40, 41, 47, 49, 56, 57, 64, 95, 2047,
+                                    2048, 2049, 4100])
 @pytest.mark.parametrize("storage", HALVES)
 @pytest.mark.parametrize("level", kernel_levels())
 def test_run_reductions_give_the_compiled_lanes_bits_at_every_length(level, storage, length, rng):
     """A float32 run's moments and gradient sums go through reduce.h's intrinsics where the
     build has them (runs up to FASTBN_TOTALS_MAX_RUN), a half run's through its half
-    intrinsics (swept in chunks of FASTBN_HALF_CHUNK) or the compiled lane loops on staged
-    blocks: on the same values, the same bits, whatever the remainder of 32 and on either side
-    of the run-length and chunk limits -- with ReLU, a NaN and an infinity in the data and the
-    gradient."""
+    intrinsics (AVX2: swept in chunks of FASTBN_HALF_CHUNK; AVX-512: one sweep, the last one
+    under masks of eight lanes each) or the compiled lane loops on staged blocks: on the same
+    values, the same bits, whatever the remainder of 32 (every eight-lane mask: remainders 1,
+    8, 9, 15, 16, 17, 24, 25, 31) and on either side of the run-length and chunk limits --
+    with ReLU, a NaN and an infinity in the data and the gradient."""
     kernels, dtype = kernels_of(level), storage_dtype(storage)
     x = make_input((2, 3, length), dtype, rng, offset=20.0)
     # Channel 0 over many decades, either sign: its float64 sums round, so they depend on the
@@ -158,6 +160,53 @@ def test_run_reductions_give_the_compiled_lanes_bits_at_every_length(level, stor
             half = kernel_chain(kernels, x, dy, params, training, relu, 1)
             ref = kernel_chain(kernels, widen(x), widen(dy), params, training, relu, 1,
                                gate=widen(half["y"]))
+        assert_chain_is_float32_rounded(half, ref, dtype, where, x)
+
+
+@pytest.mark.parametrize("length", [1, 17, 32, 33, 49, 95])
+@pytest.mark.parametrize("storage", HALVES)
+@pytest.mark.parametrize("level", kernel_levels())
+def test_eval_backward_sums_keep_an_infinite_running_mean_out_of_absent_lanes(level, storage,
+                                                                              length, rng):
+    """The eval backward's sums (which also write grad_input) centre on the running mean, which
+    may be infinite: with dy of one sign, sum(dy * (x - inf)) is -inf, and a lane past the run
+    that added its padding (0 * (0 - inf), NaN) would make it NaN.  Runs that end mid-sweep,
+    with and without ReLU; the half chain is the float32 chain rounded."""
+    kernels, dtype = kernels_of(level), storage_dtype(storage)
+    x = make_input((2, 2, length), dtype, rng)
+    dy = narrow(np.abs(widen(make_input((2, 2, length), dtype, rng))) + 0.5, dtype)
+    w, b, rm, rv = per_channel(rng, 2)
+    rm[0] = np.inf
+    for relu in (False, True):
+        where = f"{level} {storage}, runs of {length}, infinite running mean: relu={relu}"
+        with forced_layout("planar"):
+            half = kernel_chain(kernels, x, dy, (w, b, rm, rv), False, relu, 1)
+            ref = kernel_chain(kernels, widen(x), widen(dy), (w, b, rm, rv), False, relu, 1,
+                               gate=widen(half["y"]))
+        assert_chain_is_float32_rounded(half, ref, dtype, where, x)
+        if not relu:  # (with ReLU the output is NaN or -inf, and g 0 or dy)
+            assert ref["grad_weight"][0] == -np.inf, f"{where}: the data no longer tests it"
+
+
+@pytest.mark.parametrize("layout, shape", [("planar", (16, 8, 8192)), ("columns", (4096, 256))])
+@pytest.mark.parametrize("storage", HALVES)
+@pytest.mark.parametrize("level", kernel_levels())
+def test_elementwise_maps_round_the_float32_maps_on_a_million_values(level, storage, layout,
+                                                                      shape, rng):
+    """The elementwise maps converted in registers (the forward's affine map, the backward's
+    grad_input) must do the float32 loops' operations exactly -- the same fused multiply-adds,
+    not a multiply then an add.  A float32 result one ulp off changes its rounding to the half
+    type only next to a tie (about one value in 10^4 for float16, fewer for bfloat16), so each
+    map here covers a million values, in both layouts."""
+    kernels, dtype = kernels_of(level), storage_dtype(storage)
+    x = make_input(shape, dtype, rng, offset=3.0)
+    dy = make_input(shape, dtype, rng)
+    params = per_channel(rng, shape[1], 3.0)
+    for training in (True, False):
+        where = f"{level} {storage}, {layout} {shape}: training={training}"
+        with forced_layout(layout):
+            half = kernel_chain(kernels, x, dy, params, training, False, 2)
+            ref = kernel_chain(kernels, widen(x), widen(dy), params, training, False, 2)
         assert_chain_is_float32_rounded(half, ref, dtype, where, x)
 
 

@@ -87,6 +87,11 @@ cdef inline void segment_grad_sums(const activation* act, const storage* dy, con
         grad_totals_half(storage is bfloat, activation is ReLU, dy, out, x, n, center, sum_dy,
                          sum_dy_xc)
         return
+    if (storage is half or storage is bfloat) and HALF_GRAD_DX:
+        # the same, dx written from registers too (see fastbn_grad_totals_half_dx)
+        grad_totals_half_dx(storage is bfloat, activation is ReLU, dy, out, x, n, center,
+                            <float>scale, dx, sum_dy, sum_dy_xc)
+        return
     clear(s1, LANES)
     clear(s2, LANES)
     if storage is float or storage is double:
@@ -168,6 +173,12 @@ cdef inline void span_affine(const activation* act, const storage* x, storage* y
         # one channel's run, converted in registers (the same bits: see fastbn_affine_half)
         affine_half(storage is bfloat, activation is ReLU, x, y, n, k[FACTOR][at],
                     k[CENTER][at], k[SCALE][at], k[SHIFT][at])
+    elif HALF_AFFINE:
+        # a row's columns, converted in registers (the same bits: see fastbn_affine_half_row)
+        affine_half_row(storage is bfloat, activation is ReLU, x, y, n,
+                        <const float*>k[FACTOR] + at if k[FACTOR] != NULL else <const float*>NULL,
+                        <const float*>k[CENTER] + at, <const float*>k[SCALE] + at,
+                        <const float*>k[SHIFT] + at)
     else:
         while j < n:
             m = min(<Py_ssize_t>STAGE, n - j)
@@ -201,6 +212,14 @@ cdef inline void span_grad_input(const activation* act, const storage* dy, const
         # one channel's run, converted in registers (the same bits: see fastbn_grad_input_half)
         grad_input_half(storage is bfloat, activation is ReLU, dy, out, x, dx, n, k[GAIN][at],
                         k[FACTOR][at], k[CENTER][at], k[SCALE][at], k[SHIFT][at])
+    elif HALF_AFFINE:
+        # a row's columns, converted in registers (the same bits: see
+        # fastbn_grad_input_half_row)
+        grad_input_half_row(storage is bfloat, activation is ReLU, dy, out, x, dx, n,
+                            <const float*>k[GAIN] + at,
+                            <const float*>k[FACTOR] + at if k[FACTOR] != NULL else <const float*>NULL,
+                            <const float*>k[CENTER] + at, <const float*>k[SCALE] + at,
+                            <const float*>k[SHIFT] + at)
     else:
         while j < n:
             m = min(<Py_ssize_t>STAGE, n - j)

@@ -52,6 +52,13 @@ cdef extern from "_engine/simd/reduce.h":
                                                     const void* out, const void* x,
                                                     Py_ssize_t n, double center, double* t1,
                                                     double* t2) noexcept nogil
+    # the same with dx = scale * g written in the half type; HALF_GRAD_DX: built here
+    bint HALF_GRAD_DX "FASTBN_HALF_GRAD_DX"
+    void grad_totals_half_dx "fastbn_grad_totals_half_dx"(int bfloat, int relu, const void* dy,
+                                                          const void* out, const void* x,
+                                                          Py_ssize_t n, double center,
+                                                          float scale, void* dx, double* t1,
+                                                          double* t2) noexcept nogil
 
 cdef extern from "_engine/simd/affine.h":
     # affine_run (loops.pxi) of a half run, converted in registers; HALF_AFFINE: built here
@@ -64,6 +71,20 @@ cdef extern from "_engine/simd/affine.h":
     void affine_half "fastbn_affine_half"(int bfloat, int relu, const void* src, void* dst,
                                           Py_ssize_t n, float factor, float center, float scale,
                                           float shift) noexcept nogil
+    # affine_row (loops.pxi) of a row of half data, converted in registers; built with
+    # affine_half (factor NULL: all ones)
+    void affine_half_row "fastbn_affine_half_row"(int bfloat, int relu, const void* src,
+                                                  void* dst, Py_ssize_t n, const float* factor,
+                                                  const float* center, const float* scale,
+                                                  const float* shift) noexcept nogil
+    # grad_input_row (loops.pxi) of a row of half data, converted in registers; built with
+    # affine_half (factor NULL: all ones)
+    void grad_input_half_row "fastbn_grad_input_half_row"(int bfloat, int relu, const void* dy,
+                                                          const void* out, const void* x,
+                                                          void* dx, Py_ssize_t n,
+                                                          const float* gain, const float* factor,
+                                                          const float* center, const float* scale,
+                                                          const float* shift) noexcept nogil
     # grad_input_run (loops.pxi) of a half run, converted in registers; built with affine_half
     void grad_input_half "fastbn_grad_input_half"(int bfloat, int relu, const void* dy,
                                                   const void* out, const void* x, void* dx,

@@ -15,6 +15,9 @@
  *   fastbn_grad_input_half  the backward's map, dx = gain * (g + (x * factor - center) *
  *                           scale + shift) with g the gated gradient, over a half run
  *                           (grad_input_run's bits), in the builds of fastbn_affine_half
+ *   fastbn_affine_half_row  the forward's map over a row of half data, every column with its
+ *                           own coefficients (affine_row's bits), in the same builds
+ *   fastbn_grad_input_half_row  the backward's map over such a row (grad_input_row's bits)
  */
 #ifndef FASTBN_SIMD_AFFINE_H
 #define FASTBN_SIMD_AFFINE_H
@@ -72,6 +75,62 @@ FASTBN_RUN_FUNCTION void fastbn_affine_half(int bfloat, int relu, const void *sr
         d[i] = fastbn_narrow1(bfloat, z);
     }
 }
+/* affine_row (fastbn/_engine/loops.pxi) on a row of half data whose columns have coefficients
+   of their own (the columns layout), conversions in registers: the compiled loop's operations,
+   which the FMA builds contract into t = fma(x, factor, -center) -- t = x - center where
+   factor is NULL (all ones), which that fma with a factor of 1 would give exactly -- then
+   fma(t, scale, shift), so the float32 loop's bits, each rounded to the half type. */
+static inline __m256 fastbn_affine_row8(int relu, __m256 x, const float *factor,
+                                        const float *center, const float *scale,
+                                        const float *shift) {
+    /* eight columns (the pointers at the first) */
+    const __m256 c = _mm256_loadu_ps(center), zero = _mm256_setzero_ps();
+    __m256 t = factor != NULL ? _mm256_fmsub_ps(x, _mm256_loadu_ps(factor), c) : _mm256_sub_ps(x, c);
+    __m256 z = _mm256_fmadd_ps(t, _mm256_loadu_ps(scale), _mm256_loadu_ps(shift));
+    return relu ? _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ)) : z;
+}
+FASTBN_RUN_FUNCTION void fastbn_affine_half_row(int bfloat, int relu, const void *src, void *dst,
+                                                Py_ssize_t n, const float *factor,
+                                                const float *center, const float *scale,
+                                                const float *shift) {
+    const uint16_t *s = (const uint16_t *)src;
+    uint16_t *d = (uint16_t *)dst;
+    Py_ssize_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    {
+        const __m512 zero = _mm512_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+            const __m512 x = fastbn_load16(bfloat, s + i), c = _mm512_loadu_ps(center + i);
+            __m512 t = factor != NULL ? _mm512_fmsub_ps(x, _mm512_loadu_ps(factor + i), c)
+                                      : _mm512_sub_ps(x, c);
+            __m512 z = _mm512_fmadd_ps(t, _mm512_loadu_ps(scale + i), _mm512_loadu_ps(shift + i));
+            if (relu)  /* torch's ReLU: 0 where z < 0; NaN and -0.0 pass */
+                z = _mm512_mask_mov_ps(z, _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ), zero);
+            fastbn_store16(bfloat, d + i, z);
+        }
+    }
+#endif
+    for (; i + 16 <= n; i += 16)  /* (sixteen a step: bfloat16 packs them at once) */
+        fastbn_store8x2(bfloat, d + i,
+                        fastbn_affine_row8(relu, fastbn_load8(bfloat, s + i),
+                                           factor != NULL ? factor + i : NULL, center + i,
+                                           scale + i, shift + i),
+                        fastbn_affine_row8(relu, fastbn_load8(bfloat, s + i + 8),
+                                           factor != NULL ? factor + i + 8 : NULL, center + i + 8,
+                                           scale + i + 8, shift + i + 8));
+    for (; i + 8 <= n; i += 8)
+        fastbn_store8(bfloat, d + i, fastbn_affine_row8(relu, fastbn_load8(bfloat, s + i),
+                                                        factor != NULL ? factor + i : NULL,
+                                                        center + i, scale + i, shift + i));
+    for (; i < n; i++) {
+        float x = fastbn_widen1(bfloat, s[i]);
+        float z = fmaf(factor != NULL ? fmaf(x, factor[i], -center[i]) : x - center[i], scale[i],
+                       shift[i]);
+        if (relu && z < 0.0f)
+            z = 0.0f;
+        d[i] = fastbn_narrow1(bfloat, z);
+    }
+}
 /* grad_input_run (fastbn/_engine/loops.pxi) on a half run with one channel's coefficients,
    conversions in registers: dx = gain * ((g + (x * factor - center) * scale) + shift), g being
    dy gated by the activation (ReLU: dy where out is not <= 0, else +0.0, as gate does), which
@@ -111,18 +170,88 @@ FASTBN_RUN_FUNCTION void fastbn_grad_input_half(int bfloat, int relu, const void
         d[i] = fastbn_narrow1(bfloat, gain * (fmaf(fmaf(fastbn_widen1(bfloat, s[i]), factor, -center), scale, v) + shift));
     }
 }
+/* grad_input_row (fastbn/_engine/loops.pxi) on a row of half data whose columns have
+   coefficients of their own, conversions in registers: fastbn_grad_input_half's operations
+   (t as in fastbn_affine_half_row), so the float32 loop's bits, each rounded. */
+static inline __m256 fastbn_grad_input_row8(int relu, __m256 g, __m256 o, __m256 x,
+                                            const float *gain, const float *factor,
+                                            const float *center, const float *scale,
+                                            const float *shift) {
+    /* eight columns (the pointers at the first); o is read only for ReLU */
+    const __m256 c = _mm256_loadu_ps(center);
+    __m256 t = factor != NULL ? _mm256_fmsub_ps(x, _mm256_loadu_ps(factor), c) : _mm256_sub_ps(x, c);
+    if (relu)  /* (not out <= 0: NaN outputs pass their gradient, as torch's do) */
+        g = _mm256_and_ps(_mm256_cmp_ps(o, _mm256_setzero_ps(), _CMP_NLE_UQ), g);
+    return _mm256_mul_ps(_mm256_loadu_ps(gain),
+                         _mm256_add_ps(_mm256_fmadd_ps(t, _mm256_loadu_ps(scale), g),
+                                       _mm256_loadu_ps(shift)));
+}
+FASTBN_RUN_FUNCTION void fastbn_grad_input_half_row(int bfloat, int relu, const void *dy,
+                                                    const void *out, const void *x, void *dx,
+                                                    Py_ssize_t n, const float *gain,
+                                                    const float *factor, const float *center,
+                                                    const float *scale, const float *shift) {
+    const uint16_t *g = (const uint16_t *)dy, *o = (const uint16_t *)out, *s = (const uint16_t *)x;
+    uint16_t *d = (uint16_t *)dx;
+    const __m256 unused_out = _mm256_setzero_ps();
+    Py_ssize_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    for (; i + 16 <= n; i += 16) {
+        const __m512 c = _mm512_loadu_ps(center + i), v = fastbn_load16(bfloat, s + i);
+        __m512 t = factor != NULL ? _mm512_fmsub_ps(v, _mm512_loadu_ps(factor + i), c)
+                                  : _mm512_sub_ps(v, c);
+        __m512 w = fastbn_load16(bfloat, g + i);
+        if (relu)
+            w = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(fastbn_load16(bfloat, o + i),
+                                                       _mm512_setzero_ps(), _CMP_NLE_UQ), w);
+        fastbn_store16(bfloat, d + i,
+                       _mm512_mul_ps(_mm512_loadu_ps(gain + i),
+                                     _mm512_add_ps(_mm512_fmadd_ps(t, _mm512_loadu_ps(scale + i), w),
+                                                   _mm512_loadu_ps(shift + i))));
+    }
+#endif
+    for (; i + 8 <= n; i += 8)
+        fastbn_store8(bfloat, d + i,
+                      fastbn_grad_input_row8(relu, fastbn_load8(bfloat, g + i),
+                                             relu ? fastbn_load8(bfloat, o + i) : unused_out,
+                                             fastbn_load8(bfloat, s + i), gain + i,
+                                             factor != NULL ? factor + i : NULL, center + i,
+                                             scale + i, shift + i));
+    for (; i < n; i++) {
+        float v = fastbn_widen1(bfloat, g[i]), w = fastbn_widen1(bfloat, s[i]);
+        if (relu && fastbn_widen1(bfloat, o[i]) <= 0.0f)  /* (+0.0, as gate gives) */
+            v = 0.0f;
+        d[i] = fastbn_narrow1(bfloat, gain[i] * (fmaf(factor != NULL ? fmaf(w, factor[i], -center[i])
+                                                                     : w - center[i],
+                                                      scale[i], v) + shift[i]));
+    }
+}
 #else
 #define FASTBN_HALF_AFFINE 0
 /* Never called: FASTBN_HALF_AFFINE tells the caller to stage the run. */
-FASTBN_RUN_FUNCTION void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
+static inline void fastbn_affine_half(int bfloat, int relu, const void *src, void *dst,
                                       Py_ssize_t n, float factor, float center, float scale,
                                       float shift) {
     (void)bfloat; (void)relu; (void)src; (void)dst; (void)n;
     (void)factor; (void)center; (void)scale; (void)shift;
 }
-FASTBN_RUN_FUNCTION void fastbn_grad_input_half(int bfloat, int relu, const void *dy, const void *out,
+static inline void fastbn_grad_input_half(int bfloat, int relu, const void *dy, const void *out,
                                           const void *x, void *dx, Py_ssize_t n, float gain,
                                           float factor, float center, float scale, float shift) {
+    (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)dx; (void)n;
+    (void)gain; (void)factor; (void)center; (void)scale; (void)shift;
+}
+static inline void fastbn_affine_half_row(int bfloat, int relu, const void *src, void *dst,
+                                          Py_ssize_t n, const float *factor, const float *center,
+                                          const float *scale, const float *shift) {
+    (void)bfloat; (void)relu; (void)src; (void)dst; (void)n;
+    (void)factor; (void)center; (void)scale; (void)shift;
+}
+static inline void fastbn_grad_input_half_row(int bfloat, int relu, const void *dy,
+                                              const void *out, const void *x, void *dx,
+                                              Py_ssize_t n, const float *gain,
+                                              const float *factor, const float *center,
+                                              const float *scale, const float *shift) {
     (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)dx; (void)n;
     (void)gain; (void)factor; (void)center; (void)scale; (void)shift;
 }

@@ -15,6 +15,8 @@
  *   fastbn_bfloat_round_lanes8, _round8, _round16x2  bfloat16 rounding of 8 or 16 values
  *   fastbn_widen1, fastbn_narrow1                  one value (the ends of runs)
  *   fastbn_load8_part                              the first few of eight, zero-padded
+ *   FASTBN_RUN_FUNCTION                            how affine.h and reduce.h declare their
+ *                                                  run functions (always inlined on AVX-512)
  */
 #ifndef FASTBN_SIMD_CONVERT_H
 #define FASTBN_SIMD_CONVERT_H

@@ -16,6 +16,10 @@
  *   fastbn_grad_totals_half      and grad_lanes + fold_lanes (no dx), conversions in
  *                                registers; FASTBN_HALF_TOTALS says whether this build has
  *                                them (the AVX2 and AVX-512 ones)
+ *   fastbn_grad_totals_half_dx   grad_lanes + fold_lanes with dx, narrowed to the half type;
+ *                                FASTBN_HALF_GRAD_DX says whether this build has it (AVX2,
+ *                                AVX-512)
+ *   (fastbn_load16_part, fastbn_store16_part: the masked last sweep of a half run, AVX-512)
  *
  * tests/test_kernels.py and the SIMD-level tests compare every level's results bit for bit.
  */
@@ -113,18 +117,20 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
     *t1 = fastbn_fold32(a);
     *t2 = fastbn_fold32(b);
 }
-/* The half runs, conversions in registers (AVX-512BW for the 16-value loads of convert.h):
-   the same lanes, arithmetic and fold as the float32 functions above on the run widened to
-   float32, which is what the staged path feeds moment_lanes and grad_lanes. */
+/* The half runs, conversions in registers (AVX-512BW for the 16-value conversions of
+   convert.h, which has them in its FMA builds): the same lanes, arithmetic and fold as the
+   float32 functions above on the run widened to float32, which is what the staged path feeds
+   moment_lanes and grad_lanes. */
 #if defined(__FMA__) && defined(__AVX512BW__)
 #define FASTBN_HALF_TOTALS 1
 static inline __mmask16 fastbn_first16(Py_ssize_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u));
 }
-static inline __m512 fastbn_load16_part(int bfloat, const uint16_t *s, Py_ssize_t left) {
-    /* The first `left` of sixteen values (all sixteen from 16 on, none from 0 down), zeros
-       after them: a masked load, which reads nothing past the run. */
-    __m256i h = _mm256_maskz_loadu_epi16(fastbn_first16(left), s);
+static inline __m512 fastbn_load16_part(int bfloat, const uint16_t *s, Py_ssize_t at,
+                                        Py_ssize_t n) {
+    /* s[at:at + 16] as far as it lies below s[n], zeros after: a masked load, which reads
+       nothing past the run (and no pointer past it is formed: at >= n loads nothing from s) */
+    __m256i h = _mm256_maskz_loadu_epi16(fastbn_first16(n - at), s + (at < n ? at : 0));
     if (bfloat)
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return _mm512_cvtph_ps(h);
@@ -133,7 +139,7 @@ static inline __m256 fastbn_low8(__m512 v) { return _mm512_castps512_ps256(v); }
 static inline __m256 fastbn_high8(__m512 v) {
     return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
 }
-static inline void fastbn_moment_wide8(__m256 v, __mmask8 m, __m512d k, __m512d *a, __m512d *b) {
+static inline void fastbn_moment_lanes8_reg(__m256 v, __mmask8 m, __m512d k, __m512d *a, __m512d *b) {
     /* fastbn_moment_lanes8 on eight values already in a register */
     __m512d d = _mm512_maskz_sub_pd(m, _mm512_cvtps_pd(v), k);
     *a = _mm512_add_pd(*a, d);
@@ -148,27 +154,27 @@ FASTBN_RUN_FUNCTION void fastbn_moment_totals_half(int bfloat, const void *src, 
     a[0] = a[1] = a[2] = a[3] = b[0] = b[1] = b[2] = b[3] = _mm512_setzero_pd();
     for (; i < full; i += 32) {
         __m512 lo = fastbn_load16(bfloat, x + i), hi = fastbn_load16(bfloat, x + i + 16);
-        fastbn_moment_wide8(fastbn_low8(lo), 0xFF, k, &a[0], &b[0]);
-        fastbn_moment_wide8(fastbn_high8(lo), 0xFF, k, &a[1], &b[1]);
-        fastbn_moment_wide8(fastbn_low8(hi), 0xFF, k, &a[2], &b[2]);
-        fastbn_moment_wide8(fastbn_high8(hi), 0xFF, k, &a[3], &b[3]);
+        fastbn_moment_lanes8_reg(fastbn_low8(lo), 0xFF, k, &a[0], &b[0]);
+        fastbn_moment_lanes8_reg(fastbn_high8(lo), 0xFF, k, &a[1], &b[1]);
+        fastbn_moment_lanes8_reg(fastbn_low8(hi), 0xFF, k, &a[2], &b[2]);
+        fastbn_moment_lanes8_reg(fastbn_high8(hi), 0xFF, k, &a[3], &b[3]);
     }
     if (i < n) {  /* the last, partial sweep: absent lanes add d = +0.0, as in the float32 one */
-        __m512 lo = fastbn_load16_part(bfloat, x + i, n - i);
-        __m512 hi = fastbn_load16_part(bfloat, x + i + 16, n - i - 16);
-        fastbn_moment_wide8(fastbn_low8(lo), fastbn_first(n - i), k, &a[0], &b[0]);
-        fastbn_moment_wide8(fastbn_high8(lo), fastbn_first(n - i - 8), k, &a[1], &b[1]);
-        fastbn_moment_wide8(fastbn_low8(hi), fastbn_first(n - i - 16), k, &a[2], &b[2]);
-        fastbn_moment_wide8(fastbn_high8(hi), fastbn_first(n - i - 24), k, &a[3], &b[3]);
+        __m512 lo = fastbn_load16_part(bfloat, x, i, n);
+        __m512 hi = fastbn_load16_part(bfloat, x, i + 16, n);
+        fastbn_moment_lanes8_reg(fastbn_low8(lo), fastbn_first(n - i), k, &a[0], &b[0]);
+        fastbn_moment_lanes8_reg(fastbn_high8(lo), fastbn_first(n - i - 8), k, &a[1], &b[1]);
+        fastbn_moment_lanes8_reg(fastbn_low8(hi), fastbn_first(n - i - 16), k, &a[2], &b[2]);
+        fastbn_moment_lanes8_reg(fastbn_high8(hi), fastbn_first(n - i - 24), k, &a[3], &b[3]);
     }
     *t1 = fastbn_fold32(a);
     *t2 = fastbn_fold32(b);
 }
-static inline void fastbn_grad_wide16(int relu, __m512 g, __m512 o, __m512 x, __mmask16 m,
-                                      __m512d k, __m512d *a, __m512d *b) {
+static inline __m512 fastbn_grad_lanes16_reg(int relu, __m512 g, __m512 o, __m512 x, __mmask16 m,
+                                        __m512d k, __m512d *a, __m512d *b) {
     /* fastbn_grad_lanes8 on sixteen values already in registers (lanes a[0], a[1]): g gated
        as gate does (ReLU: +0.0 where out <= 0), then a += g and b += g * (x - center), one
-       fused multiply-add, in the lanes present (m) */
+       fused multiply-add, in the lanes present (m); returns the gated g */
     __m512d g0, g1;
     if (relu)
         g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(o, _mm512_setzero_ps(), _CMP_NLE_UQ), g);
@@ -179,43 +185,75 @@ static inline void fastbn_grad_wide16(int relu, __m512 g, __m512 o, __m512 x, __
     b[0] = _mm512_mask3_fmadd_pd(g0, _mm512_sub_pd(_mm512_cvtps_pd(fastbn_low8(x)), k), b[0], (__mmask8)m);
     b[1] = _mm512_mask3_fmadd_pd(g1, _mm512_sub_pd(_mm512_cvtps_pd(fastbn_high8(x)), k), b[1],
                                  (__mmask8)(m >> 8));
+    return g;
 }
-FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
-                                           const void *x, Py_ssize_t n, double center,
-                                           double *t1, double *t2) {
+static inline void fastbn_store16_part(int bfloat, uint16_t *d, __m512 v, Py_ssize_t at,
+                                       Py_ssize_t n) {
+    /* v narrowed (fastbn_store16's bits) into d[at:at + 16] as far as it lies below d[n]: a
+       masked store, which writes nothing past the run */
+    __m256i h = bfloat ? fastbn_bfloat_round16(_mm512_castps_si512(v))
+                       : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    _mm256_mask_storeu_epi16(d + (at < n ? at : 0), fastbn_first16(n - at), h);
+}
+/* grad_lanes + fold_lanes of a half run, and with dx (not NULL) grad_lanes' dx = scale * g,
+   narrowed to the half type as the staged path narrows it (the eval backward's pass).  The
+   last, partial sweep is loaded and stored under masks; its absent lanes keep their sums (the
+   padded zeros could make g * (x - center) NaN where the center -- a running mean there -- is
+   infinite). */
+FASTBN_RUN_FUNCTION void fastbn_grad_totals_half_dx(int bfloat, int relu, const void *dy,
+                                                    const void *out, const void *x, Py_ssize_t n,
+                                                    double center, float scale, void *dx,
+                                                    double *t1, double *t2) {
     const uint16_t *g = (const uint16_t *)dy, *o = (const uint16_t *)out, *s = (const uint16_t *)x;
-    const __m512 none = _mm512_setzero_ps();
+    uint16_t *d = (uint16_t *)dx;
+    const __m512 unused_out = _mm512_setzero_ps(), factor = _mm512_set1_ps(scale);
     __m512d a[4], b[4];
     const __m512d k = _mm512_set1_pd(center);
     Py_ssize_t i = 0, full = n - n % 32;
+    __m512 v;
     a[0] = a[1] = a[2] = a[3] = b[0] = b[1] = b[2] = b[3] = _mm512_setzero_pd();
     for (; i < full; i += 32) {  /* (out is read only for ReLU, and may be NULL otherwise) */
-        fastbn_grad_wide16(relu, fastbn_load16(bfloat, g + i), relu ? fastbn_load16(bfloat, o + i) : none,
-                           fastbn_load16(bfloat, s + i), 0xFFFF, k, a, b);
-        fastbn_grad_wide16(relu, fastbn_load16(bfloat, g + i + 16),
-                           relu ? fastbn_load16(bfloat, o + i + 16) : none,
-                           fastbn_load16(bfloat, s + i + 16), 0xFFFF, k, a + 2, b + 2);
+        v = fastbn_grad_lanes16_reg(relu, fastbn_load16(bfloat, g + i),
+                                    relu ? fastbn_load16(bfloat, o + i) : unused_out,
+                                    fastbn_load16(bfloat, s + i), 0xFFFF, k, a, b);
+        if (d != NULL)
+            fastbn_store16(bfloat, d + i, _mm512_mul_ps(factor, v));
+        v = fastbn_grad_lanes16_reg(relu, fastbn_load16(bfloat, g + i + 16),
+                                    relu ? fastbn_load16(bfloat, o + i + 16) : unused_out,
+                                    fastbn_load16(bfloat, s + i + 16), 0xFFFF, k, a + 2, b + 2);
+        if (d != NULL)
+            fastbn_store16(bfloat, d + i + 16, _mm512_mul_ps(factor, v));
     }
-    if (i < n) {  /* the last, partial sweep: the absent lanes keep their sums (the padded zeros
-                     could make g * (x - center) NaN where the center is infinite) */
-        fastbn_grad_wide16(relu, fastbn_load16_part(bfloat, g + i, n - i),
-                           relu ? fastbn_load16_part(bfloat, o + i, n - i) : none,
-                           fastbn_load16_part(bfloat, s + i, n - i), fastbn_first16(n - i), k, a, b);
-        fastbn_grad_wide16(relu, fastbn_load16_part(bfloat, g + i + 16, n - i - 16),
-                           relu ? fastbn_load16_part(bfloat, o + i + 16, n - i - 16) : none,
-                           fastbn_load16_part(bfloat, s + i + 16, n - i - 16),
-                           fastbn_first16(n - i - 16), k, a + 2, b + 2);
+    if (i < n) {
+        v = fastbn_grad_lanes16_reg(relu, fastbn_load16_part(bfloat, g, i, n),
+                                    relu ? fastbn_load16_part(bfloat, o, i, n) : unused_out,
+                                    fastbn_load16_part(bfloat, s, i, n), fastbn_first16(n - i),
+                                    k, a, b);
+        if (d != NULL)
+            fastbn_store16_part(bfloat, d, _mm512_mul_ps(factor, v), i, n);
+        v = fastbn_grad_lanes16_reg(relu, fastbn_load16_part(bfloat, g, i + 16, n),
+                                    relu ? fastbn_load16_part(bfloat, o, i + 16, n) : unused_out,
+                                    fastbn_load16_part(bfloat, s, i + 16, n),
+                                    fastbn_first16(n - i - 16), k, a + 2, b + 2);
+        if (d != NULL)
+            fastbn_store16_part(bfloat, d, _mm512_mul_ps(factor, v), i + 16, n);
     }
     *t1 = fastbn_fold32(a);
     *t2 = fastbn_fold32(b);
 }
+FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
+                                           const void *x, Py_ssize_t n, double center,
+                                           double *t1, double *t2) {
+    fastbn_grad_totals_half_dx(bfloat, relu, dy, out, x, n, center, 0.0f, NULL, t1, t2);
+}
+#define FASTBN_HALF_GRAD_DX 1
 #else
 #define FASTBN_HALF_TOTALS 0
-FASTBN_RUN_FUNCTION void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
+static inline void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
                                              double shift, double *t1, double *t2) {
     (void)bfloat; (void)src; (void)n; (void)shift; (void)t1; (void)t2;
 }
-FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
+static inline void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
                                            const void *x, Py_ssize_t n, double center,
                                            double *t1, double *t2) {
     (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center;
@@ -357,10 +395,11 @@ FASTBN_RUN_FUNCTION void fastbn_moment_totals_half(int bfloat, const void *src, 
 }
 static inline void fastbn_grad_half16(int bfloat, int relu, const uint16_t *dy,
                                       const uint16_t *out, const uint16_t *x, Py_ssize_t full,
-                                      __m256d k, __m256d *a, __m256d *b) {
+                                      __m256d k, float scale, uint16_t *dx, __m256d *a,
+                                      __m256d *b) {
     /* Sixteen lanes (the pointers at the first) of every 32-value sweep: g = dy gated as gate
        does (ReLU: +0.0 where out <= 0), a += g, b += g * (x - center) as one fused
-       multiply-add, as grad_lanes compiles. */
+       multiply-add, as grad_lanes compiles; with dx (not NULL), dx = scale * g narrowed. */
     __m256d a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
     __m256d g0, g1, d0, d1;
     const __m256 zero = _mm256_setzero_ps();
@@ -369,6 +408,8 @@ static inline void fastbn_grad_half16(int bfloat, int relu, const uint16_t *dy,
         __m256 v = fastbn_load8(bfloat, dy + i);
         if (relu)
             v = _mm256_and_ps(_mm256_cmp_ps(fastbn_load8(bfloat, out + i), zero, _CMP_NLE_UQ), v);
+        if (dx != NULL)
+            fastbn_store8(bfloat, dx + i, _mm256_mul_ps(_mm256_set1_ps(scale), v));
         fastbn_widen_lanes(v, &g0, &g1);
         fastbn_widen_lanes(fastbn_load8(bfloat, x + i), &d0, &d1);
         a0 = _mm256_add_pd(a0, g0);
@@ -378,6 +419,8 @@ static inline void fastbn_grad_half16(int bfloat, int relu, const uint16_t *dy,
         v = fastbn_load8(bfloat, dy + i + 8);
         if (relu)
             v = _mm256_and_ps(_mm256_cmp_ps(fastbn_load8(bfloat, out + i + 8), zero, _CMP_NLE_UQ), v);
+        if (dx != NULL)
+            fastbn_store8(bfloat, dx + i + 8, _mm256_mul_ps(_mm256_set1_ps(scale), v));
         fastbn_widen_lanes(v, &g0, &g1);
         fastbn_widen_lanes(fastbn_load8(bfloat, x + i + 8), &d0, &d1);
         a2 = _mm256_add_pd(a2, g0);
@@ -388,23 +431,29 @@ static inline void fastbn_grad_half16(int bfloat, int relu, const uint16_t *dy,
     a[0] = a0; a[1] = a1; a[2] = a2; a[3] = a3;
     b[0] = b0; b[1] = b1; b[2] = b2; b[3] = b3;
 }
-/* grad_lanes + fold_lanes of a half run (no dx).  The last, partial sweep is loaded padded
-   with zeros and added under a mask (the lanes past the run keep their sums: a padded value
-   could make g * (x - center) NaN where the center is infinite), so its lanes add what
-   grad_lanes adds to them. */
-FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
-                                           const void *x, Py_ssize_t n, double center,
-                                           double *t1, double *t2) {
+/* grad_lanes + fold_lanes of a half run, and with dx (not NULL) grad_lanes' dx = scale * g,
+   narrowed to the half type as the staged path narrows it (the eval backward's pass).  The
+   last, partial sweep is loaded padded with zeros and added under a mask (the lanes past the
+   run keep their sums: a padded value could make g * (x - center) NaN where the center -- a
+   running mean in the eval backward -- is infinite), so its lanes add what grad_lanes adds to
+   them; its dx goes through a copy on the stack, only the values of the run stored. */
+FASTBN_RUN_FUNCTION void fastbn_grad_totals_half_dx(int bfloat, int relu, const void *dy,
+                                                    const void *out, const void *x, Py_ssize_t n,
+                                                    double center, float scale, void *dx,
+                                                    double *t1, double *t2) {
     const uint16_t *g = (const uint16_t *)dy, *o = (const uint16_t *)out, *s = (const uint16_t *)x;
+    uint16_t *d = (uint16_t *)dx;
+    uint16_t narrowed[8];
     __m256d a[8], b[8];
     const __m256d k = _mm256_set1_pd(center);
     Py_ssize_t full = n - n % 32, c, m, j;
     fastbn_clear16(a, b);
     for (c = 0; c < full; c += FASTBN_HALF_CHUNK) {  /* (pointers formed only within the run) */
         m = full - c < FASTBN_HALF_CHUNK ? full - c : FASTBN_HALF_CHUNK;
-        fastbn_grad_half16(bfloat, relu, g + c, relu ? o + c : o, s + c, m, k, a, b);
+        fastbn_grad_half16(bfloat, relu, g + c, relu ? o + c : o, s + c, m, k, scale,
+                           d != NULL ? d + c : d, a, b);
         fastbn_grad_half16(bfloat, relu, g + c + 16, relu ? o + c + 16 : o, s + c + 16, m, k,
-                           a + 4, b + 4);
+                           scale, d != NULL ? d + c + 16 : d, a + 4, b + 4);
     }
     for (j = 0; full + 8 * j < n; j++) {  /* the last sweep, eight values (two vectors) a step */
         const Py_ssize_t at = full + 8 * j, count = n - at < 8 ? n - at : 8;
@@ -415,6 +464,11 @@ FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const voi
         if (relu)
             v = _mm256_and_ps(_mm256_cmp_ps(fastbn_load8_part(bfloat, o + at, count),
                                             _mm256_setzero_ps(), _CMP_NLE_UQ), v);
+        if (d != NULL) {
+            _mm_storeu_si128((__m128i *)narrowed,
+                             fastbn_narrow8(bfloat, _mm256_mul_ps(_mm256_set1_ps(scale), v)));
+            memcpy(d + at, narrowed, (size_t)count * sizeof narrowed[0]);
+        }
         fastbn_widen_lanes(v, &v0, &v1);
         fastbn_widen_lanes(fastbn_load8_part(bfloat, s + at, count), &d0, &d1);
         d0 = _mm256_sub_pd(d0, k);
@@ -429,6 +483,12 @@ FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const voi
     *t1 = fastbn_fold32_halves(a, a + 4);
     *t2 = fastbn_fold32_halves(b, b + 4);
 }
+FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
+                                           const void *x, Py_ssize_t n, double center,
+                                           double *t1, double *t2) {
+    fastbn_grad_totals_half_dx(bfloat, relu, dy, out, x, n, center, 0.0f, NULL, t1, t2);
+}
+#define FASTBN_HALF_GRAD_DX 1
 /* The gradient sums of float32 runs stay on the compiled loop in AVX2: written this way (half the lanes per
    sweep over three arrays, the remainder blended from padded copies) they were 0.70x its
    speed on 49-value runs and 0.85x on 784-value ones, and faster only on runs of whole
@@ -454,15 +514,28 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
                                             double *t1, double *t2) {
     (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center; (void)t1; (void)t2;
 }
-FASTBN_RUN_FUNCTION void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
+static inline void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
                                              double shift, double *t1, double *t2) {
     (void)bfloat; (void)src; (void)n; (void)shift; (void)t1; (void)t2;
 }
-FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
+static inline void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
                                            const void *x, Py_ssize_t n, double center,
                                            double *t1, double *t2) {
     (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center;
     (void)t1; (void)t2;
+}
+#endif
+
+#ifndef FASTBN_HALF_GRAD_DX
+/* Never called: FASTBN_HALF_GRAD_DX tells the caller to stage a half run whose sums also
+   write dx (the AVX2 and AVX-512 builds have the functions above). */
+#define FASTBN_HALF_GRAD_DX 0
+static inline void fastbn_grad_totals_half_dx(int bfloat, int relu, const void *dy,
+                                              const void *out, const void *x, Py_ssize_t n,
+                                              double center, float scale, void *dx,
+                                              double *t1, double *t2) {
+    (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center;
+    (void)scale; (void)dx; (void)t1; (void)t2;
 }
 #endif
 
