@@ -23,7 +23,7 @@ _engine/forward.pxi     coefficients, the normalisation pass, eval and training 
 _engine/backward.pxi    gradient sums, grad_input, eval and training backwards
 _engine/dispatch.pxi    (job, storage, activation) -> the specialisation that runs
 _engine/simd/*.h        the C written by hand, by job: convert.h (half <-> float32), affine.h
-                        (elementwise maps of half runs, streaming stores), reduce.h (lane
+                        (elementwise maps of half runs and rows, streaming stores), reduce.h (lane
                         sums in registers, of float32 and half runs), bits.h
                         (prefetch, masking), copy.h (the bench's streaming-store copy); each
                         names the Cython loop whose bits it gives

@@ -215,6 +215,8 @@ def test_compare_builds_times_both_builds_row_by_row(capsys):
                          "--shapes", "4,3,5;1,6", "--dtypes", "float32,float16,float64"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
     assert len(rows) == 3 * 2 * len(compare_builds.OPS)  # dtypes x threads x operations, (1, 6) skipped
+    assert {row.split("|")[3].strip() for row in rows} == {"eval", "train", "backward",
+                                                           "eval-backward"}
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[0] == "(4, 3, 5)" and cells[2] in compare_builds.OPS

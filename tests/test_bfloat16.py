@@ -91,6 +91,16 @@ def kernel_chain(kernels, x, dy, params, training, relu, threads, gate=None):
     return out
 
 
+def half_and_float32_chains(kernels, x, dy, params, training, relu, threads, layout):
+    """kernel_chain on half data and on its widened copy (the float32 run gated by the half
+    run's output, as the half backward is), in one layout."""
+    with forced_layout(layout):
+        half = kernel_chain(kernels, x, dy, params, training, relu, threads)
+        ref = kernel_chain(kernels, widen(x), widen(dy), params, training, relu, threads,
+                           gate=widen(half["y"]))
+    return half, ref
+
+
 def assert_chain_is_float32_rounded(half, ref, dtype, where, x):
     assert half.keys() == ref.keys()
     for name, want in ref.items():
@@ -128,8 +138,8 @@ def test_every_kernel_gives_the_float32_kernels_bits_rounded(level, storage, sha
         assert_chain_is_float32_rounded(half, ref, dtype, where, x)
 
 
-@pytest.mark.parametrize("length", [1, 16, 17, 31, 32, 33, 40, 41, 47, 49, 56, 57, 64, 95, 2047,
-                                    2048, 2049, 4100])
+@pytest.mark.parametrize("length", [1, 16, 17, 31, 32, 33, 34, 35, 37, 38, 40, 41, 47, 49, 56, 57,
+                                    64, 95, 2047, 2048, 2049, 4100])
 @pytest.mark.parametrize("storage", HALVES)
 @pytest.mark.parametrize("level", kernel_levels())
 def test_run_reductions_give_the_compiled_lanes_bits_at_every_length(level, storage, length, rng):
@@ -137,8 +147,9 @@ def test_run_reductions_give_the_compiled_lanes_bits_at_every_length(level, stor
     build has them (runs up to FASTBN_TOTALS_MAX_RUN), a half run's through its half
     intrinsics (AVX2: swept in chunks of FASTBN_HALF_CHUNK; AVX-512: one sweep, the last one
     under masks of eight lanes each) or the compiled lane loops on staged blocks: on the same
-    values, the same bits, whatever the remainder of 32 (every eight-lane mask: remainders 1,
-    8, 9, 15, 16, 17, 24, 25, 31) and on either side of the run-length and chunk limits --
+    values, the same bits, whatever the remainder of 32 (every eight-lane group of the last
+    sweep, full, empty or holding 1 to 7 values) and on either side of the run-length and
+    chunk limits --
     with ReLU, a NaN and an infinity in the data and the gradient."""
     kernels, dtype = kernels_of(level), storage_dtype(storage)
     x = make_input((2, 3, length), dtype, rng, offset=20.0)
@@ -156,10 +167,8 @@ def test_run_reductions_give_the_compiled_lanes_bits_at_every_length(level, stor
     params = per_channel(rng, 3, 20.0)
     for relu, training in itertools.product([False, True], [True, False]):
         where = f"{level} {storage}, runs of {length}: relu={relu} training={training}"
-        with forced_layout("planar"):
-            half = kernel_chain(kernels, x, dy, params, training, relu, 1)
-            ref = kernel_chain(kernels, widen(x), widen(dy), params, training, relu, 1,
-                               gate=widen(half["y"]))
+        half, ref = half_and_float32_chains(kernels, x, dy, params, training, relu,
+                                            1, "planar")
         assert_chain_is_float32_rounded(half, ref, dtype, where, x)
 
 
@@ -179,13 +188,11 @@ def test_eval_backward_sums_keep_an_infinite_running_mean_out_of_absent_lanes(le
     rm[0] = np.inf
     for relu in (False, True):
         where = f"{level} {storage}, runs of {length}, infinite running mean: relu={relu}"
-        with forced_layout("planar"):
-            half = kernel_chain(kernels, x, dy, (w, b, rm, rv), False, relu, 1)
-            ref = kernel_chain(kernels, widen(x), widen(dy), (w, b, rm, rv), False, relu, 1,
-                               gate=widen(half["y"]))
+        half, ref = half_and_float32_chains(kernels, x, dy, (w, b, rm, rv), False, relu,
+                                            1, "planar")
         assert_chain_is_float32_rounded(half, ref, dtype, where, x)
-        if not relu:  # (with ReLU the output is NaN or -inf, and g 0 or dy)
-            assert ref["grad_weight"][0] == -np.inf, f"{where}: the data no longer tests it"
+        # (with ReLU too: the output is NaN there, which passes the gradient)
+        assert ref["grad_weight"][0] == -np.inf, f"{where}: the data no longer tests it"
 
 
 @pytest.mark.parametrize("layout, shape", [("planar", (16, 8, 8192)), ("columns", (4096, 256))])
@@ -204,10 +211,71 @@ def test_elementwise_maps_round_the_float32_maps_on_a_million_values(level, stor
     params = per_channel(rng, shape[1], 3.0)
     for training in (True, False):
         where = f"{level} {storage}, {layout} {shape}: training={training}"
-        with forced_layout(layout):
-            half = kernel_chain(kernels, x, dy, params, training, False, 2)
-            ref = kernel_chain(kernels, widen(x), widen(dy), params, training, False, 2)
+        half, ref = half_and_float32_chains(kernels, x, dy, params, training, False,
+                                            2, layout)
         assert_chain_is_float32_rounded(half, ref, dtype, where, x)
+
+
+@pytest.mark.parametrize("width", [40, 45])
+@pytest.mark.parametrize("level", kernel_levels())
+def test_row_maps_apply_the_factor_of_a_huge_mean(level, width, rng):
+    """A column whose mean lies near float32's largest value gets factor 1/2 in split_center
+    (x - center could overflow), so the rows of its column tiles carry a FACTOR row, which the
+    half row maps must apply as affine_row and grad_input_row do: bfloat16 (float16 cannot
+    hold such values), in training (the batch mean) and eval (the running mean), with widths
+    that reach the 16-, 8-wide and one-value steps."""
+    kernels = kernels_of(level)
+    x32 = widen(make_input((64, width), BFLOAT16, rng))
+    x32[:, 3] = 1e36 * (1 + 0.01 * rng.standard_normal(64))
+    x, dy = narrow(x32.astype(np.float32), BFLOAT16), make_input((64, width), BFLOAT16, rng)
+    w, b, rm, rv = per_channel(rng, width)
+    rm[3] = 1e36
+    for relu, training in itertools.product([False, True], [True, False]):
+        where = f"{level} bfloat16, huge mean, width {width}: relu={relu} training={training}"
+        half, ref = half_and_float32_chains(kernels, x, dy, (w, b, rm, rv), training, relu,
+                                            1, "columns")
+        assert_chain_is_float32_rounded(half, ref, BFLOAT16, where, x)
+        assert np.isfinite(ref["y"][:, 3]).all(), f"{where}: the data no longer tests it"
+
+
+SENTINEL = 0x3F81  # (1.0078125 in bfloat16, 1.876 in float16: a value no pass writes here)
+
+
+def front_of(shape, dtype, spare=64):
+    """An array of `shape` that is the front of a larger buffer, and the buffer (its tail full
+    of SENTINEL)."""
+    size = int(np.prod(shape))
+    buffer = np.full(size + spare, SENTINEL, np.uint16).view(dtype)
+    return buffer[:size].reshape(shape), buffer
+
+
+@pytest.mark.parametrize("storage", HALVES)
+@pytest.mark.parametrize("level", kernel_levels())
+def test_half_passes_write_nothing_past_their_arrays(level, storage, rng):
+    """The half passes store the last values of a run under a mask or through a copy: outputs
+    that are the front of a larger buffer leave its tail as it was, in every pass that writes
+    (forwards, both backwards), in both layouts, on runs and rows that end mid-sweep."""
+    kernels, dtype = kernels_of(level), storage_dtype(storage)
+    for layout, shape in [("planar", (2, 3, 37)), ("columns", (37, 45))]:
+        c = shape[1]
+        x, dy = make_input(shape, dtype, rng), make_input(shape, dtype, rng)
+        w, b, rm, rv = per_channel(rng, c)
+        for training, relu in itertools.product([True, False], [False, True]):
+            where = f"{level} {storage}, {layout} {shape}: training={training} relu={relu}"
+            y, y_buffer = front_of(shape, dtype)
+            dx, dx_buffer = front_of(shape, dtype)
+            mean, invstd = np.empty(c), np.empty(c)
+            with forced_layout(layout):
+                if training:
+                    kernels.forward_train(x, y, w, b, rm.copy(), rv.copy(), MOMENTUM, EPS, mean,
+                                          invstd, 1, relu)
+                else:
+                    kernels.forward_eval(x, y, w, b, rm, rv, EPS, mean, invstd, 1, relu)
+                kernels.backward(dy, x, dx, w, mean, invstd, np.zeros(c, np.float32),
+                                 np.zeros(c, np.float32), training, 1, y if relu else None)
+            for name, buffer in (("y", y_buffer), ("dx", dx_buffer)):
+                tail = buffer[y.size:].view(np.uint16)
+                assert (tail == SENTINEL).all(), f"{where}: {name} written past its end"
 
 
 def non_finite_data(dtype):
@@ -235,10 +303,8 @@ def test_non_finite_values_pass_as_in_the_float32_kernels(level, storage):
               np.full(4, 1e-6, np.float32))
     for layout, relu, training in itertools.product(["planar", "columns"], [False, True], [True, False]):
         where = f"{level} {storage}, non-finite data: layout={layout} relu={relu} training={training}"
-        with forced_layout(layout):
-            half = kernel_chain(kernels, x, dy, params, training, relu, 2)
-            ref = kernel_chain(kernels, widen(x), widen(dy), params, training, relu, 2,
-                               gate=widen(half["y"]))
+        half, ref = half_and_float32_chains(kernels, x, dy, params, training, relu,
+                                            2, layout)
         assert_chain_is_float32_rounded(half, ref, dtype, where, x)
         assert np.isnan(ref["y"]).any() and not np.isfinite(ref["dx"]).all(), \
             f"{where}: the data no longer produces non-finite results"

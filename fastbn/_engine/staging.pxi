@@ -1,7 +1,8 @@
 # The loops of loops.pxi over stored data.  float32 and float64 data go to them as they are.
 # Half data (float16, bfloat16) goes, where the build has them, to the intrinsics of
 # _engine/simd/ that convert in registers and repeat those loops' arithmetic in their order
-# (a planar run's moments, gradient sums and grad_input, its affine map); otherwise it is
+# (a planar run's moments, gradient sums and grad_input, its affine map, and a column tile
+# row's affine map and grad_input); otherwise it is
 # widened block by block into float32 buffers on the stack, fed to the same loops, and their
 # results narrowed back.  The blocks are cut where the loops can resume in the same order
 # (multiples of LANES along a run, of four rows down a tile).  Either way a half result is the

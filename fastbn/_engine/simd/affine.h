@@ -1,9 +1,10 @@
-/* The elementwise affine maps written with intrinsics: the forward's over half runs and over
- * float32 runs with streaming stores, and the backward's over half runs.
+/* The elementwise affine maps written with intrinsics: the forward's over half runs and rows
+ * and over float32 runs with streaming stores, and the backward's over half runs and rows.
  *
  * Part of fastbn's kernels (declared to Cython in fastbn/_engine/storage.pxi).  Each must give
- * the bits of a Cython loop of fastbn/_engine/loops.pxi (affine_run, grad_input_run) on the
- * widened run, each value rounded to the half type: tests/test_float16.py,
+ * the bits of a Cython loop of fastbn/_engine/loops.pxi (affine_run, grad_input_run,
+ * affine_row, grad_input_row) on the widened data, each value rounded to the half type:
+ * tests/test_float16.py,
  * tests/test_bfloat16.py and tests/test_kernels.py check it at every SIMD level this CPU runs.
  *
  *   fastbn_affine_half      y = act((x * factor - center) * scale + shift) over a half run;
@@ -210,6 +211,18 @@ FASTBN_RUN_FUNCTION void fastbn_grad_input_half_row(int bfloat, int relu, const 
                                                    _mm512_loadu_ps(shift + i))));
     }
 #endif
+    for (; i + 16 <= n; i += 16)  /* (sixteen a step: bfloat16 packs them at once) */
+        fastbn_store8x2(bfloat, d + i,
+                        fastbn_grad_input_row8(relu, fastbn_load8(bfloat, g + i),
+                                               relu ? fastbn_load8(bfloat, o + i) : unused_out,
+                                               fastbn_load8(bfloat, s + i), gain + i,
+                                               factor != NULL ? factor + i : NULL, center + i,
+                                               scale + i, shift + i),
+                        fastbn_grad_input_row8(relu, fastbn_load8(bfloat, g + i + 8),
+                                               relu ? fastbn_load8(bfloat, o + i + 8) : unused_out,
+                                               fastbn_load8(bfloat, s + i + 8), gain + i + 8,
+                                               factor != NULL ? factor + i + 8 : NULL,
+                                               center + i + 8, scale + i + 8, shift + i + 8));
     for (; i + 8 <= n; i += 8)
         fastbn_store8(bfloat, d + i,
                       fastbn_grad_input_row8(relu, fastbn_load8(bfloat, g + i),

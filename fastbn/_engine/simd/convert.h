@@ -15,8 +15,9 @@
  *   fastbn_bfloat_round_lanes8, _round8, _round16x2  bfloat16 rounding of 8 or 16 values
  *   fastbn_widen1, fastbn_narrow1                  one value (the ends of runs)
  *   fastbn_load8_part                              the first few of eight, zero-padded
- *   FASTBN_RUN_FUNCTION                            how affine.h and reduce.h declare their
+ *   FASTBN_RUN_FUNCTION, FASTBN_ALWAYS_INLINE      how affine.h and reduce.h declare their
  *                                                  run functions (always inlined on AVX-512)
+ *                                                  and the bodies they share
  */
 #ifndef FASTBN_SIMD_CONVERT_H
 #define FASTBN_SIMD_CONVERT_H
@@ -52,8 +53,13 @@
    paid for the call: 0.92-0.95x on runs of 32 and 50 values, where inlined they are 1.04-1.5x.
    The AVX2 builds leave it to the compiler: forced there, the larger AVX2 functions made
    bfloat16 runs of 49 values 0.84-0.89x. */
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512F__)
-#define FASTBN_RUN_FUNCTION static inline __attribute__((always_inline))
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTBN_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define FASTBN_ALWAYS_INLINE static inline
+#endif
+#if defined(__AVX512F__)
+#define FASTBN_RUN_FUNCTION FASTBN_ALWAYS_INLINE
 #else
 #define FASTBN_RUN_FUNCTION static inline
 #endif

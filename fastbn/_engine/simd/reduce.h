@@ -393,7 +393,7 @@ FASTBN_RUN_FUNCTION void fastbn_moment_totals_half(int bfloat, const void *src, 
     *t1 = fastbn_fold32_halves(a, a + 4);
     *t2 = fastbn_fold32_halves(b, b + 4);
 }
-static inline void fastbn_grad_half16(int bfloat, int relu, const uint16_t *dy,
+FASTBN_ALWAYS_INLINE void fastbn_grad_half16(int bfloat, int relu, const uint16_t *dy,
                                       const uint16_t *out, const uint16_t *x, Py_ssize_t full,
                                       __m256d k, float scale, uint16_t *dx, __m256d *a,
                                       __m256d *b) {
@@ -436,11 +436,14 @@ static inline void fastbn_grad_half16(int bfloat, int relu, const uint16_t *dy,
    last, partial sweep is loaded padded with zeros and added under a mask (the lanes past the
    run keep their sums: a padded value could make g * (x - center) NaN where the center -- a
    running mean in the eval backward -- is infinite), so its lanes add what grad_lanes adds to
-   them; its dx goes through a copy on the stack, only the values of the run stored. */
-FASTBN_RUN_FUNCTION void fastbn_grad_totals_half_dx(int bfloat, int relu, const void *dy,
-                                                    const void *out, const void *x, Py_ssize_t n,
-                                                    double center, float scale, void *dx,
-                                                    double *t1, double *t2) {
+   them; its dx goes through a copy on the stack, only the values of the run stored.  (The
+   body of both functions below, inlined into each, so that the sums alone -- the training
+   backward's -- get a copy without dx: sharing one, the bfloat16 rounding constants took
+   registers there too and two lane sums went to the stack.) */
+FASTBN_ALWAYS_INLINE void fastbn_grad_sweeps_half(int bfloat, int relu, const void *dy,
+                                                  const void *out, const void *x, Py_ssize_t n,
+                                                  double center, float scale, void *dx,
+                                                  double *t1, double *t2) {
     const uint16_t *g = (const uint16_t *)dy, *o = (const uint16_t *)out, *s = (const uint16_t *)x;
     uint16_t *d = (uint16_t *)dx;
     uint16_t narrowed[8];
@@ -483,10 +486,16 @@ FASTBN_RUN_FUNCTION void fastbn_grad_totals_half_dx(int bfloat, int relu, const 
     *t1 = fastbn_fold32_halves(a, a + 4);
     *t2 = fastbn_fold32_halves(b, b + 4);
 }
+FASTBN_RUN_FUNCTION void fastbn_grad_totals_half_dx(int bfloat, int relu, const void *dy,
+                                                    const void *out, const void *x, Py_ssize_t n,
+                                                    double center, float scale, void *dx,
+                                                    double *t1, double *t2) {
+    fastbn_grad_sweeps_half(bfloat, relu, dy, out, x, n, center, scale, dx, t1, t2);
+}
 FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
                                            const void *x, Py_ssize_t n, double center,
                                            double *t1, double *t2) {
-    fastbn_grad_totals_half_dx(bfloat, relu, dy, out, x, n, center, 0.0f, NULL, t1, t2);
+    fastbn_grad_sweeps_half(bfloat, relu, dy, out, x, n, center, 0.0f, NULL, t1, t2);
 }
 #define FASTBN_HALF_GRAD_DX 1
 /* The gradient sums of float32 runs stay on the compiled loop in AVX2: written this way (half the lanes per
