@@ -83,15 +83,15 @@ cdef inline void segment_grad_sums(const activation* act, const storage* dy, con
         # the same totals (see loops.pxi)
         grad_totals_float(activation is ReLU, dy, out, x, n, center, sum_dy, sum_dy_xc)
         return
-    if (storage is half or storage is bfloat) and HALF_TOTALS and dx == NULL:
-        # converted in registers, the same sums (see fastbn_grad_totals_half)
-        grad_totals_half(storage is bfloat, activation is ReLU, dy, out, x, n, center, sum_dy,
-                         sum_dy_xc)
-        return
-    if (storage is half or storage is bfloat) and HALF_GRAD_DX:
-        # the same, dx written from registers too (see fastbn_grad_totals_half_dx)
-        grad_totals_half_dx(storage is bfloat, activation is ReLU, dy, out, x, n, center,
-                            <float>scale, dx, sum_dy, sum_dy_xc)
+    if (storage is half or storage is bfloat) and HALF_TOTALS:
+        # converted in registers, the same sums (see fastbn_grad_totals_half); a function of
+        # their own without dx, which the training backward's sums take
+        if dx == NULL:
+            grad_totals_half(storage is bfloat, activation is ReLU, dy, out, x, n, center,
+                             sum_dy, sum_dy_xc)
+        else:
+            grad_totals_half_dx(storage is bfloat, activation is ReLU, dy, out, x, n, center,
+                                <float>scale, dx, sum_dy, sum_dy_xc)
         return
     clear(s1, LANES)
     clear(s2, LANES)

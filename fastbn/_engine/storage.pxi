@@ -42,8 +42,8 @@ cdef enum:
 
 
 cdef extern from "_engine/simd/reduce.h":
-    # moment_lanes + fold_lanes and grad_lanes + fold_lanes (no dx) of a half run, converted
-    # in registers; HALF_TOTALS: built here
+    # moment_lanes + fold_lanes and grad_lanes + fold_lanes (without dx, and with dx = scale *
+    # g written in the half type) of a half run, converted in registers; HALF_TOTALS: built here
     bint HALF_TOTALS "FASTBN_HALF_TOTALS"
     void moment_totals_half "fastbn_moment_totals_half"(int bfloat, const void* src,
                                                         Py_ssize_t n, double shift, double* t1,
@@ -52,8 +52,6 @@ cdef extern from "_engine/simd/reduce.h":
                                                     const void* out, const void* x,
                                                     Py_ssize_t n, double center, double* t1,
                                                     double* t2) noexcept nogil
-    # the same with dx = scale * g written in the half type; HALF_GRAD_DX: built here
-    bint HALF_GRAD_DX "FASTBN_HALF_GRAD_DX"
     void grad_totals_half_dx "fastbn_grad_totals_half_dx"(int bfloat, int relu, const void* dy,
                                                           const void* out, const void* x,
                                                           Py_ssize_t n, double center,

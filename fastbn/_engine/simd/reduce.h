@@ -13,12 +13,10 @@
  *                                32 lanes in registers, any run; the AVX2 ones: the moments
  *                                of short runs, half the lanes per sweep)
  *   fastbn_moment_totals_half    moment_lanes + fold_lanes of a half run widened to float32,
- *   fastbn_grad_totals_half      and grad_lanes + fold_lanes (no dx), conversions in
- *                                registers; FASTBN_HALF_TOTALS says whether this build has
- *                                them (the AVX2 and AVX-512 ones)
- *   fastbn_grad_totals_half_dx   grad_lanes + fold_lanes with dx, narrowed to the half type;
- *                                FASTBN_HALF_GRAD_DX says whether this build has it (AVX2,
- *                                AVX-512)
+ *   fastbn_grad_totals_half      grad_lanes + fold_lanes (no dx) and the same with dx
+ *   fastbn_grad_totals_half_dx   narrowed to the half type, conversions in registers;
+ *                                FASTBN_HALF_TOTALS says whether this build has the three
+ *                                (the AVX2 and AVX-512BW ones)
  *   (fastbn_load16_part, fastbn_store16_part: the masked last sweep of a half run, AVX-512)
  *
  * tests/test_kernels.py and the SIMD-level tests compare every level's results bit for bit.
@@ -53,12 +51,17 @@ static inline __mmask8 fastbn_first(Py_ssize_t left) {
    bits.  The last partial sweep loads under a mask, its absent lanes adding d = +0.0 (see
    moment_totals), so the lanes never leave the registers, as they must through the
    compiled loop's remainder. */
-static inline void fastbn_moment_lanes8(const float *x, __mmask8 m, __m512d k, __m512d *a,
-                                        __m512d *b) {
-    /* Eight lanes of a sweep (m: the lanes present; all eight but in the last sweep). */
-    __m512d d = _mm512_maskz_sub_pd(m, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x)), k);
+static inline void fastbn_moment_lanes8_reg(__m256 v, __mmask8 m, __m512d k, __m512d *a,
+                                            __m512d *b) {
+    /* Eight lanes of a sweep, their values in v (m: the lanes present; all eight but in the
+       last sweep, whose absent lanes add d = +0.0). */
+    __m512d d = _mm512_maskz_sub_pd(m, _mm512_cvtps_pd(v), k);
     *a = _mm512_add_pd(*a, d);
     *b = _mm512_fmadd_pd(d, d, *b);
+}
+static inline void fastbn_moment_lanes8(const float *x, __mmask8 m, __m512d k, __m512d *a,
+                                        __m512d *b) {
+    fastbn_moment_lanes8_reg(_mm256_maskz_loadu_ps(m, x), m, k, a, b);
 }
 static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, double shift,
                                               double *t1, double *t2) {
@@ -138,12 +141,6 @@ static inline __m512 fastbn_load16_part(int bfloat, const uint16_t *s, Py_ssize_
 static inline __m256 fastbn_low8(__m512 v) { return _mm512_castps512_ps256(v); }
 static inline __m256 fastbn_high8(__m512 v) {
     return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-}
-static inline void fastbn_moment_lanes8_reg(__m256 v, __mmask8 m, __m512d k, __m512d *a, __m512d *b) {
-    /* fastbn_moment_lanes8 on eight values already in a register */
-    __m512d d = _mm512_maskz_sub_pd(m, _mm512_cvtps_pd(v), k);
-    *a = _mm512_add_pd(*a, d);
-    *b = _mm512_fmadd_pd(d, d, *b);
 }
 FASTBN_RUN_FUNCTION void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
                                              double shift, double *t1, double *t2) {
@@ -245,19 +242,6 @@ FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const voi
                                            const void *x, Py_ssize_t n, double center,
                                            double *t1, double *t2) {
     fastbn_grad_totals_half_dx(bfloat, relu, dy, out, x, n, center, 0.0f, NULL, t1, t2);
-}
-#define FASTBN_HALF_GRAD_DX 1
-#else
-#define FASTBN_HALF_TOTALS 0
-static inline void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
-                                             double shift, double *t1, double *t2) {
-    (void)bfloat; (void)src; (void)n; (void)shift; (void)t1; (void)t2;
-}
-static inline void fastbn_grad_totals_half(int bfloat, int relu, const void *dy, const void *out,
-                                           const void *x, Py_ssize_t n, double center,
-                                           double *t1, double *t2) {
-    (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center;
-    (void)t1; (void)t2;
 }
 #endif
 #elif (defined(__GNUC__) || defined(__clang__)) && defined(__AVX2__) && defined(__FMA__)
@@ -497,7 +481,6 @@ FASTBN_RUN_FUNCTION void fastbn_grad_totals_half(int bfloat, int relu, const voi
                                            double *t1, double *t2) {
     fastbn_grad_sweeps_half(bfloat, relu, dy, out, x, n, center, 0.0f, NULL, t1, t2);
 }
-#define FASTBN_HALF_GRAD_DX 1
 /* The gradient sums of float32 runs stay on the compiled loop in AVX2: written this way (half the lanes per
    sweep over three arrays, the remainder blended from padded copies) they were 0.70x its
    speed on 49-value runs and 0.85x on 784-value ones, and faster only on runs of whole
@@ -509,11 +492,9 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
 }
 #else
 #define FASTBN_TOTALS_SIMD 0
-#define FASTBN_HALF_TOTALS 0
 #define FASTBN_TOTALS_MAX_RUN 0
 #define FASTBN_GRAD_TOTALS_MAX_RUN 0
-/* Never called (FASTBN_TOTALS_SIMD, FASTBN_HALF_TOTALS): moment_totals and grad_lanes run
-   as compiled, half runs staged. */
+/* Never called (FASTBN_TOTALS_SIMD): moment_totals and grad_lanes run as compiled. */
 static inline void fastbn_moment_totals_float(const float *x, Py_ssize_t n, double shift,
                                               double *t1, double *t2) {
     (void)x; (void)n; (void)shift; (void)t1; (void)t2;
@@ -523,6 +504,12 @@ static inline void fastbn_grad_totals_float(int relu, const float *dy, const flo
                                             double *t1, double *t2) {
     (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center; (void)t1; (void)t2;
 }
+#endif
+
+#ifndef FASTBN_HALF_TOTALS
+/* Never called: FASTBN_HALF_TOTALS tells the caller to stage half runs (the AVX2 and
+   AVX-512BW builds have the functions above; the others, these). */
+#define FASTBN_HALF_TOTALS 0
 static inline void fastbn_moment_totals_half(int bfloat, const void *src, Py_ssize_t n,
                                              double shift, double *t1, double *t2) {
     (void)bfloat; (void)src; (void)n; (void)shift; (void)t1; (void)t2;
@@ -533,12 +520,6 @@ static inline void fastbn_grad_totals_half(int bfloat, int relu, const void *dy,
     (void)bfloat; (void)relu; (void)dy; (void)out; (void)x; (void)n; (void)center;
     (void)t1; (void)t2;
 }
-#endif
-
-#ifndef FASTBN_HALF_GRAD_DX
-/* Never called: FASTBN_HALF_GRAD_DX tells the caller to stage a half run whose sums also
-   write dx (the AVX2 and AVX-512 builds have the functions above). */
-#define FASTBN_HALF_GRAD_DX 0
 static inline void fastbn_grad_totals_half_dx(int bfloat, int relu, const void *dy,
                                               const void *out, const void *x, Py_ssize_t n,
                                               double center, float scale, void *dx,
