@@ -286,12 +286,15 @@ def test_wide_rows_go_by_chunks_with_the_bits_of_whole_rows(level, dtype, shape,
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("shape", [(3, 5, 37, 29), (2, 3, 1000), (4, 2, 8, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 37, 29), (2, 3, 1000), (4, 2, 8, 64), (4, 64, 300),
+                                   (3, 7, 3200)], ids=str)
 @pytest.mark.parametrize("relu", [False, True])
 def test_streamed_outputs_have_the_bits_of_ordinary_stores(level, shape, relu, rng):
     """A float32 output at least _tuning.stream_min_bytes long is written with streaming stores
     (past the caches): the same values as the compiled loop's, whatever the run's alignment,
-    in eval, in training and through the functional elementwise pass, on 1 and 2 threads."""
+    in eval, in training and through the functional elementwise pass, on 1 and 2 threads
+    (the last two shapes are large enough for two, each taking a share of the runs, 128 and
+    10 or 11, fenced once at its end)."""
     from fastbn import _tuning
     for bad in (-1, 1.5, "1", True):
         with pytest.raises(ValueError):

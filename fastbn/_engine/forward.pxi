@@ -172,14 +172,21 @@ cdef int affine_pass(const activation* act, const Geometry* g, const storage* x,
     # it is walked in runs: the planar layout's (see affine_item).
     cdef bint stream = (storage is float and STREAM_AFFINE and g.planar
                         and g.total * <Py_ssize_t>sizeof(float) >= stream_min_bytes())
+    cdef int t
     if stream:
         note_streamed_pass()
-    if nt == 1:
+        # Each thread takes one contiguous share of the items, as schedule="static" deals
+        # them, and fences once after it (see fastbn_affine_stream).
+        for t in prange(nt, num_threads=nt, schedule="static"):
+            for item in range(t * items // nt, (t + 1) * items // nt):
+                affine_item(act, g, x, y, columns, item, True)
+            stream_fence()
+    elif nt == 1:
         for item in range(items):
-            affine_item(act, g, x, y, columns, item, stream)
+            affine_item(act, g, x, y, columns, item, False)
     else:
         for item in prange(items, num_threads=nt, schedule="static"):
-            affine_item(act, g, x, y, columns, item, stream)
+            affine_item(act, g, x, y, columns, item, False)
     free(work)
     return 0
 

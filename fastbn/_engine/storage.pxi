@@ -66,6 +66,8 @@ cdef extern from "_engine/simd/affine.h":
     void affine_stream "fastbn_affine_stream"(int relu, const float* x, float* y, Py_ssize_t n,
                                               float factor, float center, float scale,
                                               float shift) noexcept nogil
+    # orders a thread's streaming stores before whatever it writes next (ends its share)
+    void stream_fence "fastbn_stream_fence"() noexcept nogil
     void affine_half "fastbn_affine_half"(int bfloat, int relu, const void* src, void* dst,
                                           Py_ssize_t n, float factor, float center, float scale,
                                           float shift) noexcept nogil

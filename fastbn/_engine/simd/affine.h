@@ -12,7 +12,8 @@
  *                           caller stages the run through float32 blocks)
  *   fastbn_affine_stream    the same map over a float32 run, written with streaming stores
  *                           (past the caches) for outputs too large to stay in them;
- *                           FASTBN_STREAM_AFFINE says whether this build has it
+ *                           FASTBN_STREAM_AFFINE says whether this build has it; each
+ *                           thread's share of runs ends with fastbn_stream_fence
  *   fastbn_grad_input_half  the backward's map, dx = gain * (g + (x * factor - center) *
  *                           scale + shift) with g the gated gradient, over a half run
  *                           (grad_input_run's bits), in the builds of fastbn_affine_half
@@ -275,8 +276,10 @@ static inline void fastbn_grad_input_half_row(int bfloat, int relu, const void *
    same bits (tests/test_kernels.py compares the two), in 256-bit vectors in the AVX2 and
    AVX-512 builds alike.  A store that bypasses the caches saves the read of the destination
    line that an ordinary store makes (read for ownership): worth it where the output would not
-   stay in cache anyway (see _tuning.stream_min_bytes).  Ends with a store fence, so the
-   values are visible to whatever runs next on any thread. */
+   stay in cache anyway (see _tuning.stream_min_bytes).  Streaming stores are weakly ordered:
+   the caller ends each thread's share of runs with fastbn_stream_fence, so the values are
+   visible to whatever runs next on any thread.  (A fence after every run drained the
+   write-combining buffers each time: runs of 512 B went 5x slower than ordinary stores.) */
 #if defined(__FMA__) && defined(__AVX2__)
 #define FASTBN_STREAM_AFFINE 1
 static inline float fastbn_affine_one(int relu, float x, float factor, float center, float scale,
@@ -289,16 +292,27 @@ static inline void fastbn_affine_stream(int relu, const float *x, float *y, Py_s
     Py_ssize_t i = 0;
     const __m256 f = _mm256_set1_ps(factor), c = _mm256_set1_ps(center);
     const __m256 k = _mm256_set1_ps(scale), b = _mm256_set1_ps(shift), zero = _mm256_setzero_ps();
-    for (; i < n && ((uintptr_t)(y + i) & 31u) != 0; i++)  /* to a 32-byte boundary */
+    __m256 z0, z1;
+    for (; i < n && ((uintptr_t)(y + i) & 63u) != 0; i++)  /* to a cache line's start */
         y[i] = fastbn_affine_one(relu, x[i], factor, center, scale, shift);
-    for (; i + 8 <= n; i += 8) {
-        __m256 z = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_loadu_ps(x + i), f, c), k, b);
-        if (relu)
-            z = _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
-        _mm256_stream_ps(y + i, z);
+    /* Whole cache lines only: a line that a run shares with its neighbour (or another
+       thread's share) is written with ordinary stores by both, never half streamed -- a
+       line streamed in part is flushed as a partial write, and runs of 1,028 B went 3x
+       slower than with ordinary stores when their lines were split at 32 bytes. */
+    for (; i + 16 <= n; i += 16) {
+        z0 = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_loadu_ps(x + i), f, c), k, b);
+        z1 = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_loadu_ps(x + i + 8), f, c), k, b);
+        if (relu) {
+            z0 = _mm256_blendv_ps(z0, zero, _mm256_cmp_ps(z0, zero, _CMP_LT_OQ));
+            z1 = _mm256_blendv_ps(z1, zero, _mm256_cmp_ps(z1, zero, _CMP_LT_OQ));
+        }
+        _mm256_stream_ps(y + i, z0);
+        _mm256_stream_ps(y + i + 8, z1);
     }
     for (; i < n; i++)
         y[i] = fastbn_affine_one(relu, x[i], factor, center, scale, shift);
+}
+static inline void fastbn_stream_fence(void) {
     _mm_sfence();
 }
 #else
@@ -307,6 +321,8 @@ static inline void fastbn_affine_stream(int relu, const float *x, float *y, Py_s
 static inline void fastbn_affine_stream(int relu, const float *x, float *y, Py_ssize_t n,
                                         float factor, float center, float scale, float shift) {
     (void)relu; (void)x; (void)y; (void)n; (void)factor; (void)center; (void)scale; (void)shift;
+}
+static inline void fastbn_stream_fence(void) {
 }
 #endif
 
