@@ -81,8 +81,8 @@ from libc.string cimport memcmp, memcpy, memset
 
 cimport numpy as cnp
 
-from fastbn._tuning cimport (fused_channel_bytes, fusion_allowed, layout_override, note_streamed_pass,
-                             stream_min_bytes)
+from fastbn._tuning cimport (FusionLimits, fusion_allowed, fusion_limits, layout_override,
+                             note_streamed_pass, stream_min_bytes)
 from fastbn import _tuning
 
 cnp.import_array()
@@ -326,8 +326,11 @@ def _set_fusion(enabled):
     _tuning.set_fusion(enabled)
 
 
-def describe_layout(shape):
-    """How the kernels walk an input of this shape: a dict of the geometry (for tests and bench)."""
+def describe_layout(shape, int itemsize=4, int threads=1):
+    """How the kernels walk an input of this shape: a dict of the geometry (for tests and
+    bench), with `fused`: how a training pass on values of `itemsize` bytes and up to
+    `threads` threads goes over memory ('channels', 'tiles', or None for separate passes),
+    under the fusion switches now in force (fastbn._tuning)."""
     cdef Geometry g
     cdef cnp.npy_intp dims[32]
     cdef int i, ndim = len(shape)
@@ -337,10 +340,15 @@ def describe_layout(shape):
         if shape[i] < 0:
             raise ValueError(f"describe_layout: expected sizes of at least 0, got {shape!r}")
         dims[i] = shape[i]
+    if itemsize not in (2, 4, 8) or threads < 1:
+        raise ValueError(f"describe_layout: expected an itemsize of 2, 4 or 8 and threads of at "
+                         f"least 1, got {itemsize!r} and {threads!r}")
     set_geometry(&g, dims, ndim)
+    fused = fused_pass(&g, itemsize, threads) if g.total else NOT_FUSED
     return dict(layout="planar" if g.planar else "columns", n=g.n, c=g.c, s=g.s,
                 segments=g.segs, segment_length=g.seg_len, group=g.group, period=g.period,
-                rows=g.rows, tail=g.tail, tile=g.tile, block=g.block, tiles=g.tiles, items=g.items)
+                rows=g.rows, tail=g.tail, tile=g.tile, block=g.block, tiles=g.tiles, items=g.items,
+                fused={FUSED_CHANNELS: "channels", FUSED_TILES: "tiles"}.get(fused))
 
 
 def moments(cnp.ndarray x not None, cnp.ndarray mean not None, cnp.ndarray m2 not None,

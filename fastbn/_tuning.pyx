@@ -1,5 +1,5 @@
-"""Process-wide switches that tests and tuning set on the kernels: a forced layout, fusion, the
-largest planar channel that is fused, and the smallest output written with streaming stores.
+"""Process-wide switches that tests and tuning set on the kernels: a forced layout, fusion and
+its limits per CPU, and the smallest output written with streaming stores.
 
 The kernels are compiled once per SIMD level (setup.py), but these switches live here, once,
 so that every variant reads the same state and none holds mutable state of its own.  They are
@@ -7,13 +7,39 @@ not for production use: a switch affects every call in the process while it is s
 results must not depend on it (both layouts give the same results to rounding; fused and
 unfused passes give the same bits).
 
-The one default that depends on the machine is how large a planar channel may be and still be
-processed whole (statistics, then normalisation from cache; see _engine/geometry.pxi).  It
-was measured on two CPUs: on an Intel Xeon (2 MiB L2) channels of up to 1 MiB were faster
-fused -- training forwards at 0.77-0.93 of the three-pass floor, which separate passes cannot
-reach -- while on an AMD EPYC (Zen 4, 1 MiB L2) channels of 25 KB-1 MB went 1.1-2x slower fused
-than streaming through separate passes, and only those of 1-16 KiB gained.  So Intel CPUs fuse
-up to 1 MiB, others up to 16 KiB.  This module is compiled without ISA flags, like _cpu.
+The defaults that depend on the machine say which training passes are fused: processed piece
+by piece, statistics then normalisation (or gradient sums then grad_input) while the piece is
+in cache (_engine/geometry.pxi).  The limits, all in bytes per array (FusionLimits):
+
+* channel_bytes: the largest planar channel fused (from FUSE_CHANNEL_MIN_BYTES, 1 KiB);
+* short_piece_bytes, short_pieces_array_bytes: a channel of several samples whose pieces (one
+  per sample, far apart) are shorter than short_piece_bytes is fused only on two threads or
+  more, and only in an array smaller than short_pieces_array_bytes;
+* tile_bytes: the largest column tile fused (all its rows; the columns layout's (N, C));
+* serial_tile_bytes, serial_tile_array_bytes: on one thread, a tile among several (its rows
+  then pieces of rows, far apart) larger than serial_tile_bytes is fused only in an array of
+  at least serial_tile_array_bytes.
+
+They live in INTEL_FUSION and OTHER_FUSION below, measured with benchmarks/fusion_grid.py and
+benchmarks/compare_builds.py (benchmarks/RESULTS.md has the tables):
+
+* Intel Xeon (2 MiB L2): planar channels of up to 1 MiB were faster fused -- training forwards
+  at 0.77-0.93 of the three-pass floor, which separate passes cannot reach.  Its tiles keep
+  the 1 MiB first set on a Zen 4 from (128, 2048, 1, 1) alone; neither was measured there by
+  pieces, array sizes or thread counts, so nothing is held back by them.
+* AMD EPYC, Zen 4 (1 MiB L2, 32 MiB L3): channels of 25 KB-1 MB went 1.1-2x slower fused.
+  Channels of pieces under 2 KiB were faster unfused on one thread (1.02-1.18x on 0.3-2 MiB
+  arrays, one backward at 0.93; 1.1-1.8x on 4.5-48 MiB ones) and on two threads in arrays of
+  4.5 MiB or more (1.1-1.7x); on two threads in smaller arrays the fused forward, one
+  parallel region instead of two, won or tied (1.0-1.26x) and the backward was mixed
+  (0.88-1.11), so they stay fused there.  Pieces of 2 KiB or more gained fused.  Column tiles
+  of up to 128 KiB mostly gained fused (0.96-2.1x at 3 MiB; at 24 MiB the forwards 1.2-3.5x,
+  the backwards of 8-16 KiB half tiles 0.69-0.94); on one thread, larger tiles among several
+  lost in arrays under 8 MiB (0.72-0.95 on (256, 1024) to (1024, 1024) and (256, 8192)) and
+  gained from 8 MiB of half data or 24 MiB of float32 (1.02-1.3x), 16 MiB of float32 being
+  even.  Its L3 feeds these compute-bound loops about as fast as its L2, so a
+  second pass over an array that stays in L3 costs little and the fused passes' own costs (a
+  channel's pieces, a tile's rows far apart) show; beyond the L3 fusion pays again.
 
 The elementwise pass writes a float32 planar output of at least STREAM_MIN_BYTES with
 streaming stores (past the caches; _engine/simd/affine.h), the same values either way.
@@ -46,10 +72,13 @@ cdef extern from *:
     """
     int fastbn_cpu_is_intel() noexcept nogil
 
-#: Largest planar channel (bytes per array) fused on CPUs where that was measured to pay, and
-#: elsewhere (see the module's docstring).
-LARGE_FUSED_CHANNEL_BYTES = 1024 * 1024
-SMALL_FUSED_CHANNEL_BYTES = 16 * 1024
+#: The fusion limits of each CPU family (see the module's docstring), the one place they live;
+#: every one in bytes per array.
+INTEL_FUSION = {"channel_bytes": 1 << 20, "short_piece_bytes": 0, "short_pieces_array_bytes": 0,
+                "tile_bytes": 1 << 20, "serial_tile_bytes": 1 << 20, "serial_tile_array_bytes": 0}
+OTHER_FUSION = {"channel_bytes": 16 << 10, "short_piece_bytes": 2 << 10,
+                "short_pieces_array_bytes": 4 << 20, "tile_bytes": 1 << 20,
+                "serial_tile_bytes": 128 << 10, "serial_tile_array_bytes": 8 << 20}
 
 #: The smallest float32 output (bytes) the elementwise pass writes with streaming stores.
 STREAM_MIN_BYTES = 16 * 1024 * 1024
@@ -57,8 +86,8 @@ STREAM_MIN_BYTES = 16 * 1024 * 1024
 # 0: choose the layout by shape, 1: planar, 2: columns.
 cdef int forced_layout = 0
 cdef bint fusion_enabled = True
-cdef Py_ssize_t channel_bytes_limit = (LARGE_FUSED_CHANNEL_BYTES if fastbn_cpu_is_intel()
-                                       else SMALL_FUSED_CHANNEL_BYTES)
+# The fusion limits now in force (set_fusion_limits), this CPU's defaults from import on.
+cdef FusionLimits limits_now
 cdef Py_ssize_t stream_bytes_limit = STREAM_MIN_BYTES
 # Elementwise passes that wrote their output with streaming stores, for bench to tell which
 # floor a pass is held to (a count, not a switch: the kernels only add to it).
@@ -77,9 +106,15 @@ cdef bint fusion_allowed() noexcept nogil:
     return fusion_enabled
 
 
+cdef const FusionLimits* fusion_limits() noexcept nogil:
+    """The fusion limits now in force."""
+    return &limits_now
+
+
 cdef Py_ssize_t fused_channel_bytes() noexcept nogil:
-    """The largest planar channel (bytes per array) that is processed whole."""
-    return channel_bytes_limit
+    """The largest planar channel (bytes per array) that is processed whole.  (The kernels
+    of older builds read this one: benchmarks/compare_builds.py loads them beside these.)"""
+    return limits_now.channel_bytes
 
 
 cdef Py_ssize_t stream_min_bytes() noexcept nogil:
@@ -111,30 +146,41 @@ def set_stream_min_bytes(nbytes):
     stream_bytes_limit = nbytes
 
 
-def default_fused_channel_bytes():
-    """This CPU's default largest fused planar channel, in bytes per array."""
-    return LARGE_FUSED_CHANNEL_BYTES if fastbn_cpu_is_intel() else SMALL_FUSED_CHANNEL_BYTES
+def default_fusion_limits():
+    """This CPU's fusion limits (a new dict: see INTEL_FUSION and the module's docstring)."""
+    return dict(INTEL_FUSION if fastbn_cpu_is_intel() else OTHER_FUSION)
 
 
-def current_fused_channel_bytes():
-    """The largest planar channel (bytes per array) now processed whole."""
-    return channel_bytes_limit
+def current_fusion_limits():
+    """The fusion limits now in force, as a dict like default_fusion_limits()'s."""
+    return dict(limits_now)
+
+
+def set_fusion_limits(limits=None):
+    """Set the fusion limits: a dict with some or all of default_fusion_limits()'s keys (the
+    others keep their current values), or None for this CPU's defaults.  Checked whole
+    before any of them changes."""
+    global limits_now
+    merged = current_fusion_limits() if limits is not None else default_fusion_limits()
+    if limits is not None:
+        if not isinstance(limits, dict):
+            raise TypeError(f"limits must be a dict or None, got {type(limits).__name__}")
+        unknown = sorted(set(limits) - set(merged))
+        if unknown:
+            raise ValueError(f"unknown fusion limits {unknown}; known: {sorted(merged)}")
+        merged.update(limits)
+    for key, value in merged.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 62:
+            raise ValueError(f"{key} must be an int from 0 to 2**62, got {value!r}")
+    limits_now = merged
+
+
+set_fusion_limits(None)
 
 
 def fusion_is_enabled():
     """Whether the channel- and tile-fused passes may run now (see set_fusion)."""
     return fusion_enabled
-
-
-def set_fused_channel_bytes(nbytes):
-    """Set the largest planar channel (bytes per array) that is processed whole; None restores
-    this CPU's default."""
-    global channel_bytes_limit
-    if nbytes is None:
-        nbytes = default_fused_channel_bytes()
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"nbytes must be a non-negative int or None, got {nbytes!r}")
-    channel_bytes_limit = nbytes
 
 
 def force_layout(name):

@@ -191,18 +191,18 @@ def forced_layout(name):
 @contextlib.contextmanager
 def forced_fusion(enabled):
     """Allow (True, the default) or forbid (False) the channel- and tile-fused passes in the
-    kernels of every SIMD level; True also fuses planar channels as large as any CPU does
-    (1 MiB), so that the fused paths run whatever this CPU's default.  Process-wide while it
-    lasts."""
+    kernels of every SIMD level; True also sets the largest fusion limits any CPU has
+    (INTEL_FUSION: planar channels and column tiles of up to 1 MiB at any thread count), so
+    that the fused paths run whatever this CPU's defaults.  Process-wide while it lasts."""
     from fastbn import _tuning
     modules = every_kernel_module()
     for module in modules:
         module._set_fusion(enabled)
     if enabled:
-        _tuning.set_fused_channel_bytes(_tuning.LARGE_FUSED_CHANNEL_BYTES)
+        _tuning.set_fusion_limits(_tuning.INTEL_FUSION)
     try:
         yield
     finally:
         for module in modules:
             module._set_fusion(True)
-        _tuning.set_fused_channel_bytes(None)
+        _tuning.set_fusion_limits(None)

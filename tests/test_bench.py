@@ -226,8 +226,9 @@ def test_compare_builds_times_both_builds_row_by_row(capsys):
 
 
 def test_fusion_grid_times_fused_and_unfused_and_restores_the_switches(capsys):
-    """benchmarks/fusion_grid.py times every (dtype, channel size, segments) case fused and
-    unfused and leaves fusion, the channel limit and the thread count as they were."""
+    """benchmarks/fusion_grid.py times every (dtype, channel size, segments) case and every
+    tile size fused and unfused and leaves fusion, the fusion limits and the thread count as
+    they were."""
     import importlib.util
     import os
     from fastbn import _tuning
@@ -237,20 +238,31 @@ def test_fusion_grid_times_fused_and_unfused_and_restores_the_switches(capsys):
     fusion_grid = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fusion_grid)
     threads = fastbn.get_num_threads()
-    _tuning.set_fused_channel_bytes(12345)  # (not the default: the grid must restore this value)
+    odd = {"channel_bytes": 12345, "short_piece_bytes": 678, "short_pieces_array_bytes": 91,
+           "tile_bytes": 54321, "serial_tile_bytes": 9012, "serial_tile_array_bytes": 345}  # (not a default: the grid must restore these values)
+    _tuning.set_fusion_limits(odd)
     try:
         fusion_grid.main(["--threads", "1", "--total-kib", "8", "--rounds", "1",
                           "--dtypes", "float32"])
-        assert _tuning.current_fused_channel_bytes() == 12345
+        assert _tuning.current_fusion_limits() == odd
     finally:
-        _tuning.set_fused_channel_bytes(None)
-    rows = [line for line in capsys.readouterr().out.splitlines() if " KiB in " in line]
+        _tuning.set_fusion_limits(None)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if " KiB in " in line]
     expected = [(kib, segments) for kib in fusion_grid.KIB for segments in fusion_grid.SEGMENTS
                 if kib * 1024 // (segments * 4) >= fusion_grid.MIN_RUN]
     assert len(rows) == len(expected)
     for row, (kib, segments) in zip(rows, expected):
         words = row.split()
         assert words[2] == str(kib) and words[5] == str(segments)
+        assert float(words[words.index("forward") + 1]) > 0
+        assert float(words[words.index("backward") + 1]) > 0
+    tiles = [line for line in lines if " KiB of " in line]
+    assert len(tiles) == len(fusion_grid.TILE_ROWS)
+    for row, n_rows in zip(tiles, fusion_grid.TILE_ROWS):
+        words = row.split()
+        assert words[1] == "tile" and words[2] == str(n_rows * fusion_grid.TILE * 4 // 1024)
+        assert words[5] == str(n_rows)
         assert float(words[words.index("forward") + 1]) > 0
         assert float(words[words.index("backward") + 1]) > 0
     assert _tuning.fusion_is_enabled()

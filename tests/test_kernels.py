@@ -231,28 +231,98 @@ def test_simd_levels_agree(dtype, shape, rng):
         assert_close(mean, outputs[0][2], dtype, f"mean of {level} vs {outputs[0][0]}", scale=1e-1)
 
 
-def test_the_largest_fused_channel_is_a_checked_process_wide_switch():
+def test_the_fusion_limits_are_a_checked_process_wide_switch():
     from fastbn import _tuning
-    default = _tuning.default_fused_channel_bytes()
-    assert default in (_tuning.LARGE_FUSED_CHANNEL_BYTES, _tuning.SMALL_FUSED_CHANNEL_BYTES)
-    for bad in (-1, 1.5, "1", True):
-        with pytest.raises(ValueError):
-            _tuning.set_fused_channel_bytes(bad)
+    default = _tuning.default_fusion_limits()
+    assert default in (_tuning.INTEL_FUSION, _tuning.OTHER_FUSION)
+    assert _tuning.current_fusion_limits() == default
+    bad_limits = [{"channel_bytes": bad} for bad in (-1, 1.5, "1", True, None)]
+    bad_limits += [{"tile_bytes": -1}, {"short_piece_bytes": 2.0}, {"serial_tile_bytes": False},
+                   {"serial_tile_array_bytes": 2 ** 62}, {"channel_byte": 1024}]
+    for bad in bad_limits:
+        with pytest.raises(ValueError):  # checked whole: a good key beside a bad one is not set
+            _tuning.set_fusion_limits({"tile_bytes": 77, **bad})
+        assert _tuning.current_fusion_limits() == default
+    with pytest.raises(TypeError):
+        _tuning.set_fusion_limits([("channel_bytes", 1024)])
     x = make_input((8, 4, 64, 64), np.float32, np.random.default_rng(0), offset=3.0)
     results = {level: [] for level in LEVELS}
     try:
-        for limit in (0, _tuning.LARGE_FUSED_CHANNEL_BYTES):  # 128 KiB channels: unfused, fused
-            _tuning.set_fused_channel_bytes(limit)
+        _tuning.set_fusion_limits({"tile_bytes": 77})  # the others keep their values
+        assert _tuning.current_fusion_limits() == {**default, "tile_bytes": 77}
+        # 128 KiB channels of 8 samples: unfused, then fused
+        for limits in ({"channel_bytes": 0}, _tuning.INTEL_FUSION):
+            _tuning.set_fusion_limits(limits)
+            assert describe_layout(x.shape)["fused"] == ("channels" if limits["channel_bytes"]
+                                                         else None)
             for level in LEVELS:
                 y, mean, invstd = np.empty_like(x), np.empty(4), np.empty(4)
                 kernels_of(level).forward_train(x, y, None, None, None, None, 0.1, 1e-5, mean,
                                                 invstd, 1)
                 results[level].append(y)
     finally:
-        _tuning.set_fused_channel_bytes(None)
-    assert _tuning.default_fused_channel_bytes() == default
+        _tuning.set_fusion_limits(None)
+    assert _tuning.current_fusion_limits() == default
     for level, (unfused, fused) in results.items():
         np.testing.assert_array_equal(fused, unfused, err_msg=level)
+
+
+FUSION_CASES = [
+    # shape, itemsize, threads, fused under INTEL_FUSION, fused under OTHER_FUSION
+    ((1, 64, 56, 56), 4, 1, "channels", "channels"),      # 12.25 KiB channels, one sample
+    ((1, 64, 56, 56), 2, 2, "channels", "channels"),
+    ((4, 64, 8, 8), 4, 1, "channels", None),              # 1 KiB channels, 256 B pieces
+    ((4, 64, 8, 8), 4, 2, "channels", None),              # (too small for a second thread)
+    ((8, 256, 16, 16), 4, 1, "channels", None),           # 8 KiB channels, 1 KiB pieces
+    ((8, 256, 16, 16), 4, 2, "channels", "channels"),     # two threads: pieces don't matter
+    ((8, 128, 14, 14), 8, 1, "channels", None),           # float64, 1568 B pieces
+    ((2, 64, 28, 28), 4, 1, "channels", "channels"),      # 3136 B pieces
+    ((2, 128, 1024), 2, 1, "channels", "channels"),       # 2 KiB pieces of 2-byte values
+    ((2, 128, 768), 2, 1, "channels", None),              # 1.5 KiB pieces
+    ((1, 8, 128, 128), 4, 1, "channels", None),           # 64 KiB channels: over 16 KiB
+    ((1, 512, 7, 7), 4, 1, None, None),                   # 196 B channels: under 1 KiB
+    ((4, 64, 300), 4, 2, "channels", "channels"),         # 1200 B pieces, 300 KiB, 2 threads
+    ((8, 2048, 12, 12), 4, 2, "channels", None),          # 576 B pieces in 9 MiB
+    ((128, 2048, 1, 1), 4, 1, "tiles", "tiles"),          # 8 tiles of 128 KiB
+    ((128, 2048), 2, 2, "tiles", "tiles"),                # 8 tiles of 64 KiB on two threads
+    ((256, 1024), 4, 1, "tiles", None),                   # 4 tiles of 256 KiB on one thread
+    ((256, 2048), 4, 2, "tiles", "tiles"),                # 8 of them on two threads
+    ((512, 256), 4, 1, "tiles", "tiles"),                 # one tile of 512 KiB
+    ((1024, 1024), 4, 1, "tiles", None),                  # 1 MiB tiles in 4 MiB
+    ((1024, 1024), 2, 1, "tiles", None),                  # 512 KiB tiles in 2 MiB
+    ((512, 8192), 2, 1, "tiles", "tiles"),                # 256 KiB tiles in 8 MiB
+    ((256, 24576), 4, 1, "tiles", "tiles"),               # 256 KiB tiles in 24 MiB
+    ((2048, 1024), 4, 2, None, None),                     # 2 MiB tiles: over every limit
+    ((64, 32, 7, 7), 4, 1, None, None),                   # channel runs (S > 1): never tiles
+    ((0, 64, 8, 8), 4, 1, None, None),                    # empty
+]
+
+
+@pytest.mark.parametrize("shape, itemsize, threads, intel, other", FUSION_CASES, ids=str)
+def test_each_cpu_family_fuses_what_its_limits_say(shape, itemsize, threads, intel, other):
+    """The fusion limits decide which training passes are fused (describe_layout reports
+    the decision the kernels take): Intel's fuse planar channels and column tiles of up to
+    1 MiB; the others (measured on an AMD EPYC Zen 4) channels of up to 16 KiB and tiles of
+    up to 1 MiB, but channels of pieces under 2 KiB only on two threads in arrays under
+    4 MiB, and on one thread tiles over 128 KiB among several only in arrays of 8 MiB or
+    more; fusion off fuses nothing."""
+    from fastbn import _tuning
+    try:
+        for limits, expected in ((_tuning.INTEL_FUSION, intel), (_tuning.OTHER_FUSION, other)):
+            _tuning.set_fusion_limits(limits)
+            assert describe_layout(shape, itemsize, threads)["fused"] == expected, limits
+            _tuning.set_fusion(False)
+            assert describe_layout(shape, itemsize, threads)["fused"] is None
+            _tuning.set_fusion(True)
+    finally:
+        _tuning.set_fusion(True)
+        _tuning.set_fusion_limits(None)
+
+
+def test_describe_layout_checks_its_itemsize_and_threads():
+    for itemsize, threads in ((3, 1), (4, 0), (16, 1)):
+        with pytest.raises(ValueError, match="itemsize"):
+            describe_layout((4, 8, 16), itemsize, threads)
 
 
 @pytest.mark.parametrize("level", LEVELS)

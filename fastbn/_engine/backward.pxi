@@ -206,8 +206,9 @@ cdef int train_backward(const activation* act, Call* call, const storage* dy,
     cdef int rc = 0
     cdef int nt = threads_for(g, call.n_threads, c)
     cdef int nt_tiles = threads_for(g, call.n_threads, g.tiles)
-    cdef bint channels = fuse_channels(g, sizeof(storage), nt)
-    cdef bint tiles = not channels and fuse_tiles(g, sizeof(storage), nt_tiles, call.n_threads)
+    cdef int fused = fused_pass(g, sizeof(storage), call.n_threads)
+    cdef bint channels = fused == FUSED_CHANNELS
+    cdef bint tiles = fused == FUSED_TILES
     cdef real* k[N_COEFFICIENTS]
     cdef real* block = NULL
     cdef double* center_work = NULL

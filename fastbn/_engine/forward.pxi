@@ -297,14 +297,15 @@ cdef int train_forward(const activation* act, Call* call, const storage* x, stor
         return -1
     call.stats.m2 = work
     call.stats.mean_lo = work + c
-    if fuse_channels(g, sizeof(storage), nt):
+    cdef int fused = fused_pass(g, sizeof(storage), call.n_threads)
+    if fused == FUSED_CHANNELS:
         if nt == 1:
             for ch in range(c):
                 train_planar_channel(act, call, &parts, x, y, p, k, ch)
         else:
             for ch in prange(c, num_threads=nt, schedule="static"):
                 train_planar_channel(act, call, &parts, x, y, p, k, ch)
-    elif fuse_tiles(g, sizeof(storage), nt_tiles, call.n_threads):
+    elif fused == FUSED_TILES:
         if nt_tiles == 1:
             for t in range(g.tiles):
                 if train_columns_tile(act, call, &parts, x, y, p, k, t) != 0:

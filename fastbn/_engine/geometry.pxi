@@ -37,20 +37,17 @@ cdef enum:
     BLOCK_MIN_ROWS = 64
     # Elements per thread under which another thread costs more (fork/join) than it saves.
     GRAIN = 32768
-    # Planar channels of at least FUSE_CHANNEL_MIN_BYTES and at most fused_channel_bytes()
-    # (fastbn._tuning: 1 MiB on Intel CPUs, 16 KiB elsewhere, as measured) per array are
-    # processed one by one, statistics then the elementwise pass while the channel is still in
-    # cache: two passes over memory instead of three in the forward, three instead of five in
-    # the backward.  Below 1 KiB a channel's fixed costs dominate, and the separate passes,
-    # whose per-channel epilogue is one vectorised loop, win (1.15x on (1, 512, 7, 7)).
+    # Planar channels of at least FUSE_CHANNEL_MIN_BYTES, and within fastbn._tuning's fusion
+    # limits for this CPU (their size, their samples' pieces' size), are processed one by
+    # one, statistics then the elementwise pass while the channel is still in cache: two
+    # passes over memory instead of three in the forward, three instead of five in the
+    # backward.  Below 1 KiB a channel's fixed costs dominate, and the separate passes, whose
+    # per-channel epilogue is one vectorised loop, win (1.15x on (1, 512, 7, 7)).
+    # Column tiles within the limits' tile sizes (all rows) are fused likewise, where a row's
+    # columns are its channels (S = 1: BatchNorm1d's (N, C), 1x1 planes).  Tiles of channel
+    # runs (S > 1) went 1.2-1.5x slower on (256, 512, 7, 7): each of their rows is a short
+    # piece far from the next, where the separate passes stream.
     FUSE_CHANNEL_MIN_BYTES = 1024
-    # Column tiles of at most this many bytes per array (all rows) are processed one by one,
-    # statistics then the elementwise pass, while the tile is in cache (L2), where a row's
-    # columns are its channels (S = 1: BatchNorm1d's (N, C), 1x1 planes): measured 1.1-1.4x
-    # faster than separate passes on (128, 2048, 1, 1).  Tiles of channel runs (S > 1) went
-    # 1.2-1.5x slower on (256, 512, 7, 7): each of their rows is a short piece far from the
-    # next, where the separate passes stream.
-    FUSE_TILE_BYTES = 1024 * 1024
 
 
 cdef struct Geometry:
@@ -201,25 +198,56 @@ cdef inline Py_ssize_t elementwise_items(const Geometry* g) noexcept nogil:
 
 
 cdef inline bint fuse_channels(const Geometry* g, Py_ssize_t bytes_per_value, int nt) noexcept nogil:
-    """Whether a pass goes channel by channel with its channels in cache (planar layout,
-    channels of FUSE_CHANNEL_MIN_BYTES to fused_channel_bytes() per array, and enough of them
-    to keep every thread busy)."""
+    """Whether a pass on nt threads goes channel by channel with its channels in cache: planar
+    layout, channels of FUSE_CHANNEL_MIN_BYTES up to the limits' channel_bytes, enough of them
+    to keep every thread busy, and short pieces (several samples' runs under short_piece_bytes)
+    only on two threads or more in an array under short_pieces_array_bytes (fastbn._tuning)."""
+    cdef const FusionLimits* lim = fusion_limits()
     cdef Py_ssize_t channel_bytes = g.n * g.s * bytes_per_value
+    cdef bint short_pieces = g.n > 1 and g.s * bytes_per_value < lim.short_piece_bytes
     return (fusion_allowed() and g.planar and FUSE_CHANNEL_MIN_BYTES <= channel_bytes
-            and channel_bytes <= fused_channel_bytes() and (nt == 1 or g.c >= 4 * nt))
+            and channel_bytes <= lim.channel_bytes
+            and (not short_pieces
+                 or (nt > 1 and g.total * bytes_per_value < lim.short_pieces_array_bytes))
+            and (nt == 1 or g.c >= 4 * nt))
 
 
 cdef inline bint fuse_tiles(const Geometry* g, Py_ssize_t bytes_per_value, int nt,
                             int n_threads) noexcept nogil:
     """Whether a columns-layout pass goes tile by tile over all rows with each tile in cache:
-    rows must be one sample's channels (S = 1, so that a tile holds whole channels), tiles
-    small enough, be numerous enough to keep every thread busy, and give the pass (nt threads)
-    as many threads as its unfused passes would have of n_threads (one tile on one thread is
-    no gain over two threads streaming)."""
+    rows must be one sample's channels (S = 1, so that a tile holds whole channels), tiles up
+    to the limits' tile_bytes (on one thread, a tile among several over serial_tile_bytes
+    only in an array of serial_tile_array_bytes or more; fastbn._tuning) and numerous enough
+    to keep every thread busy, and the pass (nt threads) must get as many threads as its
+    unfused passes would have of n_threads (one tile on one thread is no gain over two
+    threads streaming)."""
+    cdef const FusionLimits* lim = fusion_limits()
+    cdef Py_ssize_t tile_bytes = g.n * g.tile * bytes_per_value
     return (fusion_allowed() and not g.planar and g.group == 1 and g.s == 1
-            and g.n * g.tile * bytes_per_value <= FUSE_TILE_BYTES
+            and tile_bytes <= lim.tile_bytes
+            and (nt > 1 or g.tiles == 1 or tile_bytes <= lim.serial_tile_bytes
+                 or g.total * bytes_per_value >= lim.serial_tile_array_bytes)
             and nt >= threads_for(g, n_threads, g.items)
             and (nt == 1 or g.tiles >= 4 * nt))
+
+
+cdef enum:
+    # How a training pass (forward or backward) goes over memory: see fused_pass.
+    NOT_FUSED = 0
+    FUSED_CHANNELS = 1
+    FUSED_TILES = 2
+
+
+cdef inline int fused_pass(const Geometry* g, Py_ssize_t bytes_per_value,
+                           int n_threads) noexcept nogil:
+    """Whether a training pass on up to n_threads threads goes channel by channel
+    (FUSED_CHANNELS), tile by tile (FUSED_TILES) or in separate passes (NOT_FUSED): the one
+    decision the forward and the backward share."""
+    if fuse_channels(g, bytes_per_value, threads_for(g, n_threads, g.c)):
+        return FUSED_CHANNELS
+    if fuse_tiles(g, bytes_per_value, threads_for(g, n_threads, g.tiles), n_threads):
+        return FUSED_TILES
+    return NOT_FUSED
 
 
 cdef inline void tile_channels(const Geometry* g, Py_ssize_t t, Py_ssize_t* col0,
