@@ -15,7 +15,8 @@ measurement behind them, in tensors of about --total-kib per array:
 
 For each it times the training forward and the training backward with fusion allowed (every
 limit lifted) and with it off, alternating which goes first, in one process on the same
-arrays, and prints unfused / fused (above 1: fusion pays).  The switches it sets are restored
+arrays, and prints unfused / fused (above 1: fusion pays); a case the kernels would not fuse
+even so (fewer than four tiles or channels a thread) says so instead.  The switches it sets are restored
 afterwards.  Both give the same bits; only the time differs.  Nothing here asserts a timing.
 """
 
@@ -27,6 +28,7 @@ import numpy as np
 
 import fastbn
 from fastbn import _tuning
+from fastbn._kernels import describe_layout
 from fastbn.bench import data_dtype
 
 KIB = (1, 2, 4, 8, 16, 32)
@@ -51,7 +53,12 @@ def per_call(bn, x, gy, fused, op, calls):
 
 def unfused_over_fused(rng, dtype, shape, rounds):
     """'forward R  backward R': unfused / fused median time of the training forward and
-    backward of a BatchNorm1d on random data of this shape, alternating which goes first."""
+    backward of a BatchNorm1d on random data of this shape, alternating which goes first --
+    or why not, where the kernels would not fuse it even so (too few tiles or channels for
+    the threads)."""
+    threads = fastbn.get_num_threads()
+    if describe_layout(shape, dtype.itemsize, threads)["fused"] is None:
+        return f"{str(shape):18s} not fused on {threads} thread(s): nothing to compare"
     x = rng.standard_normal(shape).astype(dtype)
     gy = rng.standard_normal(shape).astype(dtype)
     bn = fastbn.BatchNorm1d(shape[1])

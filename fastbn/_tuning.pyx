@@ -30,9 +30,11 @@ benchmarks/compare_builds.py (benchmarks/RESULTS.md has the tables):
 * AMD EPYC, Zen 4 (1 MiB L2, 32 MiB L3): channels of 25 KB-1 MB went 1.1-2x slower fused.
   Channels of pieces under 2 KiB were faster unfused on one thread (1.02-1.18x on 0.3-2 MiB
   arrays, one backward at 0.93; 1.1-1.8x on 4.5-48 MiB ones) and on two threads in arrays of
-  4.5 MiB or more (1.1-1.7x); on two threads in smaller arrays the fused forward, one
-  parallel region instead of two, won or tied (1.0-1.26x) and the backward was mixed
-  (0.88-1.11), so they stay fused there.  Pieces of 2 KiB or more gained fused.  Column tiles
+  4.5 MiB or more (1.1-1.7x); on two threads in smaller arrays both went either way (the
+  fused forward, one parallel region instead of two, 0.92-1.26x against unfused, the
+  backward 0.87-1.11), so they stay fused there, as before.  Channels of one sample, or of
+  pieces of 2 KiB or more, mostly gained fused in float32 (0.88-1.23x) and went either way
+  in float16 (0.84-1.08); they stay fused, as before.  Column tiles
   of up to 128 KiB mostly gained fused (0.96-2.1x at 3 MiB; at 24 MiB the forwards 1.2-3.5x,
   the backwards of 8-16 KiB half tiles 0.69-0.94); on one thread, larger tiles among several
   lost in arrays under 8 MiB (0.72-0.95 on (256, 1024) to (1024, 1024) and (256, 8192)) and
@@ -51,6 +53,9 @@ beyond; fastbn's eval and training forward into a given `out`, ordinary/streamin
 a fresh output, as the modules return, the kernel's zeroing of the new pages costs the same
 either way: 0.93-1.17x, within the noise at 98 MiB.)
 """
+
+from collections.abc import Mapping
+from types import MappingProxyType
 
 cdef extern from *:
     """
@@ -74,11 +79,13 @@ cdef extern from *:
 
 #: The fusion limits of each CPU family (see the module's docstring), the one place they live;
 #: every one in bytes per array.
-INTEL_FUSION = {"channel_bytes": 1 << 20, "short_piece_bytes": 0, "short_pieces_array_bytes": 0,
-                "tile_bytes": 1 << 20, "serial_tile_bytes": 1 << 20, "serial_tile_array_bytes": 0}
-OTHER_FUSION = {"channel_bytes": 16 << 10, "short_piece_bytes": 2 << 10,
-                "short_pieces_array_bytes": 4 << 20, "tile_bytes": 1 << 20,
-                "serial_tile_bytes": 128 << 10, "serial_tile_array_bytes": 8 << 20}
+#: (Read-only: set_fusion_limits changes the limits in force.)
+INTEL_FUSION = MappingProxyType({
+    "channel_bytes": 1 << 20, "short_piece_bytes": 0, "short_pieces_array_bytes": 0,
+    "tile_bytes": 1 << 20, "serial_tile_bytes": 1 << 20, "serial_tile_array_bytes": 0})
+OTHER_FUSION = MappingProxyType({
+    "channel_bytes": 16 << 10, "short_piece_bytes": 2 << 10, "short_pieces_array_bytes": 4 << 20,
+    "tile_bytes": 1 << 20, "serial_tile_bytes": 128 << 10, "serial_tile_array_bytes": 8 << 20})
 
 #: The smallest float32 output (bytes) the elementwise pass writes with streaming stores.
 STREAM_MIN_BYTES = 16 * 1024 * 1024
@@ -157,21 +164,21 @@ def current_fusion_limits():
 
 
 def set_fusion_limits(limits=None):
-    """Set the fusion limits: a dict with some or all of default_fusion_limits()'s keys (the
-    others keep their current values), or None for this CPU's defaults.  Checked whole
+    """Set the fusion limits: a mapping with some or all of default_fusion_limits()'s keys
+    (the others keep their current values), or None for this CPU's defaults.  Checked whole
     before any of them changes."""
     global limits_now
     merged = current_fusion_limits() if limits is not None else default_fusion_limits()
     if limits is not None:
-        if not isinstance(limits, dict):
-            raise TypeError(f"limits must be a dict or None, got {type(limits).__name__}")
+        if not isinstance(limits, Mapping):
+            raise TypeError(f"limits must be a mapping or None, got {type(limits).__name__}")
         unknown = sorted(set(limits) - set(merged))
         if unknown:
             raise ValueError(f"unknown fusion limits {unknown}; known: {sorted(merged)}")
         merged.update(limits)
     for key, value in merged.items():
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 62:
-            raise ValueError(f"{key} must be an int from 0 to 2**62, got {value!r}")
+            raise ValueError(f"{key} must be an int of at least 0 and below 2**62, got {value!r}")
     limits_now = merged
 
 

@@ -238,8 +238,9 @@ def test_fusion_grid_times_fused_and_unfused_and_restores_the_switches(capsys):
     fusion_grid = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fusion_grid)
     threads = fastbn.get_num_threads()
+    # (not a default: the grid must restore these values)
     odd = {"channel_bytes": 12345, "short_piece_bytes": 678, "short_pieces_array_bytes": 91,
-           "tile_bytes": 54321, "serial_tile_bytes": 9012, "serial_tile_array_bytes": 345}  # (not a default: the grid must restore these values)
+           "tile_bytes": 54321, "serial_tile_bytes": 9012, "serial_tile_array_bytes": 345}
     _tuning.set_fusion_limits(odd)
     try:
         fusion_grid.main(["--threads", "1", "--total-kib", "8", "--rounds", "1",
@@ -267,3 +268,14 @@ def test_fusion_grid_times_fused_and_unfused_and_restores_the_switches(capsys):
         assert float(words[words.index("backward") + 1]) > 0
     assert _tuning.fusion_is_enabled()
     assert fastbn.get_num_threads() == threads
+    # a case the kernels would not fuse even with every limit lifted is said, not timed: four
+    # tiles for two threads (fewer than four a thread)
+    fastbn.set_num_threads(2)
+    _tuning.set_fusion_limits(fusion_grid.LIFTED)
+    try:
+        row = fusion_grid.unfused_over_fused(np.random.default_rng(0), np.dtype(np.float32),
+                                             (1024, 1024), 1)
+    finally:
+        _tuning.set_fusion_limits(None)
+        fastbn.set_num_threads(threads)
+    assert "not fused on 2 thread(s)" in row

@@ -245,6 +245,8 @@ def test_the_fusion_limits_are_a_checked_process_wide_switch():
         assert _tuning.current_fusion_limits() == default
     with pytest.raises(TypeError):
         _tuning.set_fusion_limits([("channel_bytes", 1024)])
+    with pytest.raises(TypeError):  # the per-CPU tables are read-only
+        _tuning.OTHER_FUSION["channel_bytes"] = 1
     x = make_input((8, 4, 64, 64), np.float32, np.random.default_rng(0), offset=3.0)
     results = {level: [] for level in LEVELS}
     try:
@@ -364,7 +366,8 @@ def test_streamed_outputs_have_the_bits_of_ordinary_stores(level, shape, relu, r
     (past the caches): the same values as the compiled loop's, whatever the run's alignment,
     in eval, in training and through the functional elementwise pass, on 1 and 2 threads
     (the last two shapes are large enough for two, each taking a share of the runs, 128 and
-    10 or 11, fenced once at its end)."""
+    10 or 11, fenced once at its end).  Fusion is off: a fused training forward normalises
+    channel by channel from cache and never streams."""
     from fastbn import _tuning
     for bad in (-1, 1.5, "1", True):
         with pytest.raises(ValueError):
@@ -379,12 +382,17 @@ def test_streamed_outputs_have_the_bits_of_ordinary_stores(level, shape, relu, r
         for limit in (None, 0):  # the default (no streaming at this size), then every output
             _tuning.set_stream_min_bytes(limit)
             for threads in (1, 2):
+                streamed = _tuning.streamed_passes()
                 mean, invstd, y = np.empty(c), np.empty(c), np.empty_like(x)
                 rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-                K.forward_train(x, y, w, b, rm, rv, 0.1, 1e-5, mean, invstd, threads, relu)
+                with forced_fusion(False):
+                    K.forward_train(x, y, w, b, rm, rv, 0.1, 1e-5, mean, invstd, threads, relu)
                 y_eval = np.empty_like(x)
                 K.forward_eval(x, y_eval, w, b, rm, rv, 1e-5, np.empty(c), np.empty(c), threads, relu)
                 results.append((y, y_eval, rm, rv))
+                # both passes streamed where the build streams and the switch says so
+                expected = 2 if limit == 0 and K.stream_stores() else 0
+                assert _tuning.streamed_passes() - streamed == expected
     finally:
         _tuning.set_stream_min_bytes(None)
     assert _tuning.STREAM_MIN_BYTES >= 1 << 20
