@@ -176,7 +176,9 @@ cdef int affine_pass(const activation* act, const Geometry* g, const storage* x,
     if stream:
         note_streamed_pass()
         # Each thread takes one contiguous share of the items, as schedule="static" deals
-        # them, and fences once after it (see fastbn_affine_stream).
+        # them, and fences once after it (see fastbn_affine_stream).  The loops below pass a
+        # constant False, so the compiler drops affine_item's streaming branch: one loop for
+        # both, with the flag read per item, made (1, 512, 7, 7) eval 1.06x slower.
         for t in prange(nt, num_threads=nt, schedule="static"):
             for item in range(t * items // nt, (t + 1) * items // nt):
                 affine_item(act, g, x, y, columns, item, True)
