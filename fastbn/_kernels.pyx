@@ -23,7 +23,8 @@ _engine/forward.pxi     coefficients, the normalisation pass, eval and training 
 _engine/backward.pxi    gradient sums, grad_input, eval and training backwards
 _engine/dispatch.pxi    (job, storage, activation) -> the specialisation that runs
 _engine/simd/*.h        the C written by hand, by job: convert.h (half <-> float32), affine.h
-                        (elementwise maps of half runs and rows, streaming stores), reduce.h (lane
+                        (elementwise maps of half runs and rows, float32 rows four at a time,
+                        streaming stores), reduce.h (lane
                         sums in registers, of float32 and half runs), bits.h
                         (prefetch, masking), copy.h (the bench's streaming-store copy); each
                         names the Cython loop whose bits it gives
@@ -82,7 +83,7 @@ from libc.string cimport memcmp, memcpy, memset
 cimport numpy as cnp
 
 from fastbn._tuning cimport (FusionLimits, fusion_allowed, fusion_limits, layout_override,
-                             note_streamed_pass, stream_min_bytes)
+                             note_streamed_pass, rows_by_four_max_bytes, stream_min_bytes)
 from fastbn import _tuning
 
 cnp.import_array()
@@ -330,7 +331,9 @@ def describe_layout(shape, int itemsize=4, int threads=1):
     """How the kernels walk an input of this shape: a dict of the geometry (for tests and
     bench), with `fused`: how a training pass on values of `itemsize` bytes and up to
     `threads` threads goes over memory ('channels', 'tiles', or None for separate passes),
-    under the fusion switches now in force (fastbn._tuning)."""
+    under the fusion switches now in force (fastbn._tuning), and `rows_by_four`: whether the
+    forward's row pass (the columns layout's, per-column coefficients) maps four rows at a
+    time in this build (float32 only)."""
     cdef Geometry g
     cdef cnp.npy_intp dims[32]
     cdef int i, ndim = len(shape)
@@ -348,7 +351,9 @@ def describe_layout(shape, int itemsize=4, int threads=1):
     return dict(layout="planar" if g.planar else "columns", n=g.n, c=g.c, s=g.s,
                 segments=g.segs, segment_length=g.seg_len, group=g.group, period=g.period,
                 rows=g.rows, tail=g.tail, tile=g.tile, block=g.block, tiles=g.tiles, items=g.items,
-                fused={FUSED_CHANNELS: "channels", FUSED_TILES: "tiles"}.get(fused))
+                fused={FUSED_CHANNELS: "channels", FUSED_TILES: "tiles"}.get(fused),
+                rows_by_four=bool(g.total and itemsize == 4 and ROWS_AFFINE and by_rows(&g)
+                                  and rows_by_four(&g, itemsize)))
 
 
 def moments(cnp.ndarray x not None, cnp.ndarray mean not None, cnp.ndarray m2 not None,

@@ -14,4 +14,5 @@ cdef struct FusionLimits:
 cdef const FusionLimits* fusion_limits() noexcept nogil
 cdef Py_ssize_t fused_channel_bytes() noexcept nogil
 cdef Py_ssize_t stream_min_bytes() noexcept nogil
+cdef Py_ssize_t rows_by_four_max_bytes() noexcept nogil
 cdef void note_streamed_pass() noexcept nogil

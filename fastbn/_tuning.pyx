@@ -1,5 +1,6 @@
 """Process-wide switches that tests and tuning set on the kernels: a forced layout, fusion and
-its limits per CPU, and the smallest output written with streaming stores.
+its limits per CPU, the smallest output written with streaming stores, and the largest array
+whose row pass goes four rows at a time.
 
 The kernels are compiled once per SIMD level (setup.py), but these switches live here, once,
 so that every variant reads the same state and none holds mutable state of its own.  They are
@@ -52,6 +53,16 @@ beyond; fastbn's eval and training forward into a given `out`, ordinary/streamin
 1.08x at 12 MiB, 1.25x and 1.19x at 24.5 MiB, 1.51x and 1.22x at 98 MiB.  Hence 16 MiB.  (Into
 a fresh output, as the modules return, the kernel's zeroing of the new pages costs the same
 either way: 0.93-1.17x, within the noise at 98 MiB.)
+
+The elementwise pass of the columns layout (rows whose columns have coefficients of their
+own: BatchNorm1d's (N, C), 1x1 planes) maps float32 rows four at a time, each column's
+coefficients loaded once for the four (fastbn_affine_rows4, the same bits), in arrays of up
+to ROWS_BY_FOUR_MAX_BYTES.  Measured on the AMD EPYC (Zen 4), eval forwards against one row
+at a time, alternating, one thread, with y at several distances from x modulo 4 KiB: arrays
+of up to 2 MiB 1.0-1.6x faster ((512, 256) 1.1-1.4x, (2048, 256) 1.2-1.4x, (64, 1024)
+0.98-1.16x); at 4 MiB either way ((4096, 256) 1.1-1.4x, (1024, 1024) 0.7-1.2x); at 16 MiB
+slower ((8192, 512) 0.68-0.79x: four rows are four streams to each array for the hardware
+prefetcher, where one row is one).  Hence 2 MiB.
 """
 
 from collections.abc import Mapping
@@ -90,12 +101,16 @@ OTHER_FUSION = MappingProxyType({
 #: The smallest float32 output (bytes) the elementwise pass writes with streaming stores.
 STREAM_MIN_BYTES = 16 * 1024 * 1024
 
+#: The largest float32 array (bytes) whose row pass maps four rows at a time.
+ROWS_BY_FOUR_MAX_BYTES = 2 * 1024 * 1024
+
 # 0: choose the layout by shape, 1: planar, 2: columns.
 cdef int forced_layout = 0
 cdef bint fusion_enabled = True
 # The fusion limits now in force (set_fusion_limits), this CPU's defaults from import on.
 cdef FusionLimits limits_now
 cdef Py_ssize_t stream_bytes_limit = STREAM_MIN_BYTES
+cdef Py_ssize_t rows_by_four_limit = ROWS_BY_FOUR_MAX_BYTES
 # Elementwise passes that wrote their output with streaming stores, for bench to tell which
 # floor a pass is held to (a count, not a switch: the kernels only add to it).
 cdef Py_ssize_t streamed_count = 0
@@ -129,6 +144,11 @@ cdef Py_ssize_t stream_min_bytes() noexcept nogil:
     return stream_bytes_limit
 
 
+cdef Py_ssize_t rows_by_four_max_bytes() noexcept nogil:
+    """The largest float32 array (bytes) whose row pass maps four rows at a time."""
+    return rows_by_four_limit
+
+
 cdef void note_streamed_pass() noexcept nogil:
     """Count an elementwise pass written with streaming stores (see streamed_passes)."""
     global streamed_count
@@ -151,6 +171,18 @@ def set_stream_min_bytes(nbytes):
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"nbytes must be a non-negative int or None, got {nbytes!r}")
     stream_bytes_limit = nbytes
+
+
+def set_rows_by_four_max_bytes(nbytes):
+    """Set the largest float32 array (bytes) whose row pass maps four rows at a time (0:
+    none, one row at a time everywhere: the same bits); None restores the default,
+    ROWS_BY_FOUR_MAX_BYTES."""
+    global rows_by_four_limit
+    if nbytes is None:
+        nbytes = ROWS_BY_FOUR_MAX_BYTES
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes < 2 ** 62:
+        raise ValueError(f"nbytes must be an int of at least 0 and below 2**62, or None, got {nbytes!r}")
+    rows_by_four_limit = nbytes
 
 
 def default_fusion_limits():

@@ -357,6 +357,92 @@ def test_wide_rows_go_by_chunks_with_the_bits_of_whole_rows(level, dtype, shape,
         np.testing.assert_array_equal(by_rows, planar)
 
 
+def aligned_views(shape, dtype, offsets):
+    """Arrays of `shape` starting `offsets` values past a 4 KiB boundary, one per offset."""
+    n = int(np.prod(shape))
+    item = np.dtype(dtype).itemsize
+    views = []
+    for offset in offsets:
+        raw = np.zeros(n + (8192 + offset * item) // item + 1, dtype)
+        start = (-raw.ctypes.data % 4096) // item + offset
+        views.append(raw[start:start + n].reshape(shape))
+    return views
+
+
+# Shapes whose forward's row pass maps four rows at a time: whole rows of four and a short last
+# group (7 and 13 rows), rows of several samples with a shorter last row ((13, 77, 1, 1): 6
+# rows of 154 columns and one of 77; (13, 5, 3): 9 samples a row), per-column coefficients
+# expanded from channels ((40, 48, 2, 3)), row lengths that leave an eight-column step and
+# single columns after the widest steps (154, 1000, 300), rows chunked for their
+# coefficients ((33, 2100)), and two threads ((130, 1000), (33, 2100)).
+ROWS_BY_FOUR_SHAPES = [(7, 300), (13, 77, 1, 1), (13, 5, 3), (40, 48, 2, 3), (130, 1000),
+                       (33, 2100), (64, 100)]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("shape", ROWS_BY_FOUR_SHAPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_rows_by_four_have_the_bits_of_one_row_at_a_time(level, shape, relu, rng):
+    """The columns layout's forward maps float32 rows four at a time where the build has
+    fastbn_affine_rows4 and _tuning allows it: the same bits as one row at a time, in eval
+    (with split_center's factors of 1/2 for centers near the float32 limit among factors of
+    1) and in training, fused or not, on 1 and 2 threads, with y at distances from x modulo
+    4 KiB that make the columns go up (0, 2400 and 4000 bytes) and down (4, 16 and 64)."""
+    from fastbn import _tuning
+    for bad in (-1, 1.5, "1", True, 2 ** 62):
+        with pytest.raises(ValueError):
+            _tuning.set_rows_by_four_max_bytes(bad)
+    K = kernels_of(level)
+    c = shape[1]
+    ys = aligned_views(shape, np.float32, [0, 1, 4, 16, 600, 1000])
+    x = aligned_views(shape, np.float32, [0])[0]
+    x[...] = make_input(shape, np.float32, rng, offset=3.0)
+    x.reshape(-1)[5:9] = [np.nan, -0.0, np.inf, -np.inf]  # (what ReLU must let through or zero)
+    huge = x.copy()  # channels 0 and 2 centred near the float32 limit: factor 1/2 there
+    huge[:, 0] = huge[:, 0] * 1e29 + 3e32
+    huge[:, 2] = 2e32
+    w, b = per_channel(rng, c, np.float32), per_channel(rng, c, np.float32, -1, 1)
+    rm, rv = per_channel(rng, c, np.float32, -1, 1), per_channel(rng, c, np.float32, 0.5, 2)
+    rm_huge = rm.copy()
+    rm_huge[[0, 2]] = [3e32, 2e32]
+    results = {}
+    try:
+        for limit in (0, None, 2 ** 61):  # one row at a time, the default, four everywhere
+            _tuning.set_rows_by_four_max_bytes(limit)
+            if limit is not None:
+                assert K.describe_layout(shape)["rows_by_four"] == (
+                    limit > 0 and level != "baseline")
+            for threads in (1, 2):
+                for y in ys:
+                    K.forward_eval(x, y, w, b, rm, rv, 1e-5, np.empty(c), np.empty(c), threads,
+                                   relu)
+                    results.setdefault(("eval", threads), []).append(y.copy())
+                    K.forward_eval(huge, y, w, b, rm_huge, rv, 1e-5, np.empty(c), np.empty(c),
+                                   threads, relu)
+                    results.setdefault(("eval, factors", threads), []).append(y.copy())
+                for fused in (False, True):
+                    with forced_fusion(fused):
+                        for y in ys[:3]:
+                            mean, invstd = np.empty(c), np.empty(c)
+                            K.forward_train(x, y, w, b, None, None, 0.1, 1e-5, mean, invstd,
+                                            threads, relu)
+                            results.setdefault(("train", fused, threads), []).append(y.copy())
+    finally:
+        _tuning.set_rows_by_four_max_bytes(None)
+    assert 0 < _tuning.ROWS_BY_FOUR_MAX_BYTES < 1 << 30
+    for case, outputs in results.items():
+        for got in outputs[1:]:
+            np.testing.assert_array_equal(got, outputs[0], err_msg=f"{case}: rows by four differ")
+    # (one row at a time is the compiled loop, held to the reference by the tests above; the
+    # channel centred near the limit, through its factor of 1/2, is held to it here)
+    got = results[("eval, factors", 1)][0][:, 0]
+    want = ((huge[:, 0].astype(np.float64) - np.float64(rm_huge[0])) / np.sqrt(np.float64(rv[0]) + 1e-5)
+            * np.float64(w[0]) + np.float64(b[0]))
+    if relu:
+        want = np.where(want < 0, 0.0, want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.nanmax(np.abs(want)))
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("shape", [(3, 5, 37, 29), (2, 3, 1000), (4, 2, 8, 64), (4, 64, 300),
                                    (3, 7, 3200)], ids=str)

@@ -192,6 +192,25 @@ cdef inline void span_affine(const activation* act, const storage* x, storage* y
             j += m
 
 
+cdef inline void rows_affine(const activation* act, const storage* x, storage* y,
+                            Py_ssize_t stride, Py_ssize_t nrows, Py_ssize_t n, real** k,
+                            Py_ssize_t at, bint by_four) noexcept nogil:
+    """span_affine per column over nrows rows `stride` apart, n columns from column `at` of
+    each; by_four: float32 rows four at a time where the build has fastbn_affine_rows4 (the
+    same bits, each column's coefficients loaded once for the four; see rows_by_four)."""
+    cdef Py_ssize_t r = 0
+    if storage is float and real is float and ROWS_AFFINE and by_four:
+        while r + 4 <= nrows:
+            affine_rows4(activation is ReLU, <const float*>x + r * stride,
+                         <float*>y + r * stride, stride, n,
+                         <const float*>k[FACTOR] + at if k[FACTOR] != NULL else <const float*>NULL,
+                         <const float*>k[CENTER] + at, <const float*>k[SCALE] + at,
+                         <const float*>k[SHIFT] + at)
+            r += 4
+    for r in range(r, nrows):
+        span_affine(act, x + r * stride, y + r * stride, n, k, at, True)
+
+
 cdef inline void span_grad_input(const activation* act, const storage* dy, const storage* out,
                                  const storage* x, storage* dx, Py_ssize_t n, real** k,
                                  Py_ssize_t at, bint per_column) noexcept nogil:

@@ -20,6 +20,9 @@
  *   fastbn_affine_half_row  the forward's map over a row of half data, every column with its
  *                           own coefficients (affine_row's bits), in the same builds
  *   fastbn_grad_input_half_row  the backward's map over such a row (grad_input_row's bits)
+ *   fastbn_affine_rows4     affine_row over four float32 rows at once, each column's
+ *                           coefficients loaded once for the four (FASTBN_ROWS_AFFINE says
+ *                           whether this build has it)
  */
 #ifndef FASTBN_SIMD_AFFINE_H
 #define FASTBN_SIMD_AFFINE_H
@@ -323,6 +326,130 @@ static inline void fastbn_affine_stream(int relu, const float *x, float *y, Py_s
     (void)relu; (void)x; (void)y; (void)n; (void)factor; (void)center; (void)scale; (void)shift;
 }
 static inline void fastbn_stream_fence(void) {
+}
+#endif
+
+/* affine_row (fastbn/_engine/loops.pxi) over four float32 rows `stride` apart, n columns each:
+   the same two fused multiply-adds per value as the FMA builds compile that loop to (t =
+   fma(x, factor, -center), or x - center where factor is NULL, then fma(t, scale, shift)),
+   so the same bits (tests/test_kernels.py compares the two).  A row pass loads three
+   coefficients per value and stores one, which bounds it at about 1.4x a copy of the same
+   bytes in cache; here each column's coefficients are loaded once for four rows.
+
+   The loads of a step come before its stores, and the columns are walked in the direction
+   in which no load follows a recent store to the same address modulo 4 KiB: the core takes
+   such a load for one that depends on the store (4K aliasing) and makes it wait.  Rows are
+   often a multiple of 4 KiB apart, so one store matches four rows' loads; with y a little
+   after x (modulo 4 KiB) an upward walk ran (1024, 1024) 1.5x slower, and a walk downward
+   puts every store behind the loads still to come. */
+#if defined(__FMA__) && defined(__AVX2__)
+#define FASTBN_ROWS_AFFINE 1
+#if defined(__AVX512F__)
+static inline void fastbn_affine4_step16(int relu, const float *x, float *y, Py_ssize_t stride,
+                                         const float *factor, const float *center,
+                                         const float *scale, const float *shift) {
+    /* sixteen columns of the four rows (every pointer at the first column) */
+    const __m512 c = _mm512_loadu_ps(center), k = _mm512_loadu_ps(scale);
+    const __m512 b = _mm512_loadu_ps(shift), zero = _mm512_setzero_ps();
+    __m512 v[4];
+    int r;
+    for (r = 0; r < 4; r++)
+        v[r] = _mm512_loadu_ps(x + r * stride);
+    if (factor != NULL) {
+        const __m512 f = _mm512_loadu_ps(factor);
+        for (r = 0; r < 4; r++)
+            v[r] = _mm512_fmsub_ps(v[r], f, c);
+    } else {
+        for (r = 0; r < 4; r++)
+            v[r] = _mm512_sub_ps(v[r], c);
+    }
+    for (r = 0; r < 4; r++) {
+        __m512 z = _mm512_fmadd_ps(v[r], k, b);
+        if (relu)  /* torch's ReLU: 0 where z < 0; NaN and -0.0 pass */
+            z = _mm512_mask_mov_ps(z, _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ), zero);
+        _mm512_storeu_ps(y + r * stride, z);
+    }
+}
+#endif
+static inline void fastbn_affine4_step8(int relu, const float *x, float *y, Py_ssize_t stride,
+                                        const float *factor, const float *center,
+                                        const float *scale, const float *shift) {
+    /* eight columns of the four rows */
+    const __m256 c = _mm256_loadu_ps(center), k = _mm256_loadu_ps(scale);
+    const __m256 b = _mm256_loadu_ps(shift), zero = _mm256_setzero_ps();
+    __m256 v[4];
+    int r;
+    for (r = 0; r < 4; r++)
+        v[r] = _mm256_loadu_ps(x + r * stride);
+    if (factor != NULL) {
+        const __m256 f = _mm256_loadu_ps(factor);
+        for (r = 0; r < 4; r++)
+            v[r] = _mm256_fmsub_ps(v[r], f, c);
+    } else {
+        for (r = 0; r < 4; r++)
+            v[r] = _mm256_sub_ps(v[r], c);
+    }
+    for (r = 0; r < 4; r++) {
+        __m256 z = _mm256_fmadd_ps(v[r], k, b);
+        if (relu)
+            z = _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
+        _mm256_storeu_ps(y + r * stride, z);
+    }
+}
+static inline void fastbn_affine4_step1(int relu, const float *x, float *y, Py_ssize_t stride,
+                                        const float *factor, const float *center,
+                                        const float *scale, const float *shift) {
+    /* one column of the four rows */
+    int r;
+    for (r = 0; r < 4; r++)
+        y[r * stride] = fastbn_affine_one(relu, x[r * stride], factor != NULL ? *factor : 1.0f,
+                                          *center, *scale, *shift);
+}
+/* the widest step of this build */
+#if defined(__AVX512F__)
+#define FASTBN_AFFINE4_WIDE 16
+#define FASTBN_AFFINE4_WIDE_STEP fastbn_affine4_step16
+#else
+#define FASTBN_AFFINE4_WIDE 8
+#define FASTBN_AFFINE4_WIDE_STEP fastbn_affine4_step8
+#endif
+static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ssize_t stride,
+                                       Py_ssize_t n, const float *factor, const float *center,
+                                       const float *scale, const float *shift) {
+/* (factor NULL stays NULL: a pointer past it is never formed) */
+#define FASTBN_AFFINE4_AT(step, i) \
+    step(relu, x + (i), y + (i), stride, factor != NULL ? factor + (i) : NULL, center + (i), \
+         scale + (i), shift + (i))
+    /* the widest steps cover [0, wide), the eight-column step (AVX-512 builds: at most one)
+       [wide, eight), single columns the rest */
+    const Py_ssize_t wide = n - n % FASTBN_AFFINE4_WIDE, eight = n - n % 8;
+    const uintptr_t apart = ((uintptr_t)y - (uintptr_t)x) & 4095u;
+    Py_ssize_t i;
+    if (apart == 0 || apart >= 2048) {  /* upward: the stores behind, or far ahead */
+        for (i = 0; i < wide; i += FASTBN_AFFINE4_WIDE)
+            FASTBN_AFFINE4_AT(FASTBN_AFFINE4_WIDE_STEP, i);
+        for (i = wide; i < eight; i += 8)
+            FASTBN_AFFINE4_AT(fastbn_affine4_step8, i);
+        for (i = eight; i < n; i++)
+            FASTBN_AFFINE4_AT(fastbn_affine4_step1, i);
+    } else {  /* y a little after x: downward, the same values */
+        for (i = n - 1; i >= eight; i--)
+            FASTBN_AFFINE4_AT(fastbn_affine4_step1, i);
+        for (i = eight - 8; i >= wide; i -= 8)
+            FASTBN_AFFINE4_AT(fastbn_affine4_step8, i);
+        for (i = wide - FASTBN_AFFINE4_WIDE; i >= 0; i -= FASTBN_AFFINE4_WIDE)
+            FASTBN_AFFINE4_AT(FASTBN_AFFINE4_WIDE_STEP, i);
+    }
+#undef FASTBN_AFFINE4_AT
+}
+#else
+#define FASTBN_ROWS_AFFINE 0
+/* Never called (FASTBN_ROWS_AFFINE): the rows go through affine_row one by one. */
+static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ssize_t stride,
+                                       Py_ssize_t n, const float *factor, const float *center,
+                                       const float *scale, const float *shift) {
+    (void)relu; (void)x; (void)y; (void)stride; (void)n; (void)factor; (void)center;
+    (void)scale; (void)shift;
 }
 #endif
 
