@@ -332,8 +332,9 @@ def describe_layout(shape, int itemsize=4, int threads=1):
     bench), with `fused`: how a training pass on values of `itemsize` bytes and up to
     `threads` threads goes over memory ('channels', 'tiles', or None for separate passes),
     under the fusion switches now in force (fastbn._tuning), and `rows_by_four`: whether the
-    forward's row pass (the columns layout's, per-column coefficients) maps four rows at a
-    time in this build (float32 only)."""
+    row passes (the columns layout's, per-column coefficients: the forward's normalisation,
+    the training backward's grad_input) go four rows at a time in this build (float32
+    only)."""
     cdef Geometry g
     cdef cnp.npy_intp dims[32]
     cdef int i, ndim = len(shape)

@@ -383,11 +383,13 @@ ROWS_BY_FOUR_SHAPES = [(7, 300), (13, 77, 1, 1), (13, 5, 3), (40, 48, 2, 3), (13
 @pytest.mark.parametrize("shape", ROWS_BY_FOUR_SHAPES, ids=str)
 @pytest.mark.parametrize("relu", [False, True])
 def test_rows_by_four_have_the_bits_of_one_row_at_a_time(level, shape, relu, rng):
-    """The columns layout's forward maps float32 rows four at a time where the build has
-    fastbn_affine_rows4 and _tuning allows it: the same bits as one row at a time, in eval
-    (with split_center's factors of 1/2 for centers near the float32 limit among factors of
-    1) and in training, fused or not, on 1 and 2 threads, with y at distances from x modulo
-    4 KiB that make the columns go up (0, 2400 and 4000 bytes) and down (4, 16 and 64)."""
+    """The columns layout's row passes go four float32 rows at a time where the build has
+    fastbn_affine_rows4 and fastbn_grad_input_rows4 and _tuning allows it: the same bits as
+    one row at a time, in eval (with split_center's factors of 1/2 for centers near the
+    float32 limit among factors of 1), in training and in the training backward, fused or
+    not, on 1 and 2 threads, with the output at distances from x modulo 4 KiB that make the
+    columns go up (0, 2400 and 4000 bytes) and down (4, 16 and 64; the backward's dx, against
+    x and dy 32 bytes after it, at 64 bytes down, 2400 and 4000 up)."""
     from fastbn import _tuning
     for bad in (-1, 1.5, "1", True, 2 ** 62):
         with pytest.raises(ValueError):
@@ -395,8 +397,9 @@ def test_rows_by_four_have_the_bits_of_one_row_at_a_time(level, shape, relu, rng
     K = kernels_of(level)
     c = shape[1]
     ys = aligned_views(shape, np.float32, [0, 1, 4, 16, 600, 1000])
-    x = aligned_views(shape, np.float32, [0])[0]
+    x, dy = aligned_views(shape, np.float32, [0, 8])
     x[...] = make_input(shape, np.float32, rng, offset=3.0)
+    dy[...] = make_input(shape, np.float32, rng)
     x.reshape(-1)[5:9] = [np.nan, -0.0, np.inf, -np.inf]  # (what ReLU must let through or zero)
     huge = x.copy()  # channels 0 and 2 centred near the float32 limit: factor 1/2 there
     huge[:, 0] = huge[:, 0] * 1e29 + 3e32
@@ -422,11 +425,18 @@ def test_rows_by_four_have_the_bits_of_one_row_at_a_time(level, shape, relu, rng
                     results.setdefault(("eval, factors", threads), []).append(y.copy())
                 for fused in (False, True):
                     with forced_fusion(fused):
-                        for y in ys[:3]:
+                        for y, dx in zip(ys[:3], ys[3:]):
                             mean, invstd = np.empty(c), np.empty(c)
                             K.forward_train(x, y, w, b, None, None, 0.1, 1e-5, mean, invstd,
                                             threads, relu)
                             results.setdefault(("train", fused, threads), []).append(y.copy())
+                            # the training backward's grad_input rows, dx placed against
+                            # dy (y's place) and x both ways
+                            gw, gb = np.empty(c, np.float32), np.empty(c, np.float32)
+                            K.backward(dy, x, dx, w, mean, invstd, gw, gb, True, threads,
+                                       y if relu else None)
+                            results.setdefault(("backward", fused, threads), []).append(
+                                np.concatenate([dx.ravel(), gw, gb]))
     finally:
         _tuning.set_rows_by_four_max_bytes(None)
     assert 0 < _tuning.ROWS_BY_FOUR_MAX_BYTES < 1 << 30

@@ -71,7 +71,7 @@ cdef inline void grad_input_item(const activation* act, const Call* call, const 
                                  const storage* out, const storage* x, storage* dx, real** k,
                                  Py_ssize_t item) noexcept nogil:
     cdef const Geometry* g = &call.g
-    cdef Py_ssize_t off, length, ch, slot, o
+    cdef Py_ssize_t off, length, ch, slot, o, r, r0, r1, full
     if g.planar:
         off = planar_item(g, item, &length, &ch, &slot)
         span_grad_input(act, dy + off, at(out, off), x + off, dx + off, length, k, ch, False)
@@ -81,9 +81,17 @@ cdef inline void grad_input_item(const activation* act, const Call* call, const 
             o = off + ch * g.s
             span_grad_input(act, dy + o, at(out, o), x + o, dx + o, g.s, k, ch, False)
     else:
-        off = item * g.period
-        span_grad_input(act, dy + off, at(out, off), x + off, dx + off, row_length(g, item), k,
-                        0, True)
+        # block `item` of ROW_BLOCK rows: the whole ones, then a short last row
+        r0 = item * ROW_BLOCK
+        r1 = min(r0 + ROW_BLOCK, n_rows(g))
+        full = max(r0, min(r1, g.rows))
+        off = r0 * g.period
+        rows_grad_input(act, dy + off, at(out, off), x + off, dx + off, g.period, full - r0,
+                        g.period, k, 0, rows_by_four(g, sizeof(storage)))
+        for r in range(full, r1):
+            off = r * g.period
+            span_grad_input(act, dy + off, at(out, off), x + off, dx + off, row_length(g, r),
+                            k, 0, True)
 
 
 cdef int grad_input_pass(const activation* act, const Call* call, const storage* dy,
@@ -95,6 +103,8 @@ cdef int grad_input_pass(const activation* act, const Call* call, const storage*
     if g.total == 0:
         return 0
     cdef Py_ssize_t item, items = elementwise_items(g)
+    if by_rows(g):
+        items = ceil_div(items, ROW_BLOCK)  # (blocks of rows: see grad_input_item)
     cdef int nt = threads_for(g, call.n_threads, items)
     cdef real* columns[N_COEFFICIENTS]
     cdef real* work = per_column(g, k, N_COEFFICIENTS, columns)
@@ -186,12 +196,12 @@ cdef inline void backward_columns_tile(const activation* act, const Call* call,
     for ch in range(ch0, ch1):
         backward_channel(call, p, k, ch)
     row_coefficients(k, N_COEFFICIENTS, ch0, ch1 - ch0, row)  # (unit factors skipped, as in grad_input_pass)
-    for r in range(g.rows):
-        off = r * g.period
-        if g.s == 1:
-            o = off + col0
-            span_grad_input(act, dy + o, at(out, o), x + o, dx + o, width, row, ch0, True)
-        else:
+    if g.s == 1:
+        rows_grad_input(act, dy + col0, at(out, col0), x + col0, dx + col0, g.period, g.rows,
+                        width, row, ch0, rows_by_four(g, sizeof(storage)))
+    else:
+        for r in range(g.rows):
+            off = r * g.period
             for ch in range(ch0, ch1):
                 o = off + ch * g.s
                 span_grad_input(act, dy + o, at(out, o), x + o, dx + o, g.s, k, ch, False)

@@ -68,13 +68,19 @@ cdef extern from "_engine/simd/affine.h":
                                               float shift) noexcept nogil
     # orders a thread's streaming stores before whatever it writes next (ends its share)
     void stream_fence "fastbn_stream_fence"() noexcept nogil
-    # affine_row (loops.pxi) of four float32 rows at once (factor NULL: all ones);
-    # ROWS_AFFINE: built here
+    # affine_row and grad_input_row (loops.pxi) of four float32 rows at once (factor NULL:
+    # all ones); ROWS_AFFINE: built here
     bint ROWS_AFFINE "FASTBN_ROWS_AFFINE"
     void affine_rows4 "fastbn_affine_rows4"(int relu, const float* x, float* y,
                                             Py_ssize_t stride, Py_ssize_t n,
                                             const float* factor, const float* center,
                                             const float* scale, const float* shift) noexcept nogil
+    void grad_input_rows4 "fastbn_grad_input_rows4"(int relu, const float* dy, const float* out,
+                                                    const float* x, float* dx,
+                                                    Py_ssize_t stride, Py_ssize_t n,
+                                                    const float* gain, const float* factor,
+                                                    const float* center, const float* scale,
+                                                    const float* shift) noexcept nogil
     void affine_half "fastbn_affine_half"(int bfloat, int relu, const void* src, void* dst,
                                           Py_ssize_t n, float factor, float center, float scale,
                                           float shift) noexcept nogil

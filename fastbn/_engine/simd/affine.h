@@ -21,8 +21,8 @@
  *                           own coefficients (affine_row's bits), in the same builds
  *   fastbn_grad_input_half_row  the backward's map over such a row (grad_input_row's bits)
  *   fastbn_affine_rows4     affine_row over four float32 rows at once, each column's
- *                           coefficients loaded once for the four (FASTBN_ROWS_AFFINE says
- *                           whether this build has it)
+ *   fastbn_grad_input_rows4 coefficients loaded once for the four, and grad_input_row
+ *                           likewise (FASTBN_ROWS_AFFINE says whether this build has them)
  */
 #ifndef FASTBN_SIMD_AFFINE_H
 #define FASTBN_SIMD_AFFINE_H
@@ -396,6 +396,12 @@ static inline void fastbn_affine4_step8(int relu, const float *x, float *y, Py_s
         _mm256_storeu_ps(y + r * stride, z);
     }
 }
+static inline int fastbn_just_behind(const void *store, const void *load) {
+    /* whether `store` lies a little after `load` modulo 4 KiB: walking upward, the loads
+       would meet the stores just made */
+    const uintptr_t apart = ((uintptr_t)store - (uintptr_t)load) & 4095u;
+    return apart != 0 && apart < 2048;
+}
 static inline void fastbn_affine4_step1(int relu, const float *x, float *y, Py_ssize_t stride,
                                         const float *factor, const float *center,
                                         const float *scale, const float *shift) {
@@ -409,9 +415,11 @@ static inline void fastbn_affine4_step1(int relu, const float *x, float *y, Py_s
 #if defined(__AVX512F__)
 #define FASTBN_AFFINE4_WIDE 16
 #define FASTBN_AFFINE4_WIDE_STEP fastbn_affine4_step16
+#define FASTBN_GRAD4_WIDE_STEP fastbn_grad4_step16
 #else
 #define FASTBN_AFFINE4_WIDE 8
 #define FASTBN_AFFINE4_WIDE_STEP fastbn_affine4_step8
+#define FASTBN_GRAD4_WIDE_STEP fastbn_grad4_step8
 #endif
 static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ssize_t stride,
                                        Py_ssize_t n, const float *factor, const float *center,
@@ -423,9 +431,8 @@ static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ss
     /* the widest steps cover [0, wide), the eight-column step (AVX-512 builds: at most one)
        [wide, eight), single columns the rest */
     const Py_ssize_t wide = n - n % FASTBN_AFFINE4_WIDE, eight = n - n % 8;
-    const uintptr_t apart = ((uintptr_t)y - (uintptr_t)x) & 4095u;
     Py_ssize_t i;
-    if (apart == 0 || apart >= 2048) {  /* upward: the stores behind, or far ahead */
+    if (!fastbn_just_behind(y, x)) {  /* upward: the stores behind the loads, or far ahead */
         for (i = 0; i < wide; i += FASTBN_AFFINE4_WIDE)
             FASTBN_AFFINE4_AT(FASTBN_AFFINE4_WIDE_STEP, i);
         for (i = wide; i < eight; i += 8)
@@ -442,9 +449,131 @@ static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ss
     }
 #undef FASTBN_AFFINE4_AT
 }
+/* grad_input_row (fastbn/_engine/loops.pxi) over four float32 rows likewise: t as in
+   fastbn_affine_rows4, then gain * (fma(t, scale, g) + shift), g being dy gated by the
+   activation (ReLU: +0.0 where out <= 0, as gate gives), the operations the FMA builds
+   compile that loop to (see fastbn_grad_input_row8), so the same bits.  Its inputs (dy, x
+   and, with ReLU, out) may each lie anywhere from dx modulo 4 KiB: the columns go the way
+   that leaves the fewer of them just behind dx's stores. */
+#if defined(__AVX512F__)
+static inline void fastbn_grad4_step16(int relu, const float *dy, const float *out,
+                                       const float *x, float *dx, Py_ssize_t stride,
+                                       const float *gain, const float *factor,
+                                       const float *center, const float *scale,
+                                       const float *shift) {
+    /* sixteen columns of the four rows (every pointer at the first column) */
+    const __m512 c = _mm512_loadu_ps(center), k = _mm512_loadu_ps(scale);
+    const __m512 b = _mm512_loadu_ps(shift), a = _mm512_loadu_ps(gain);
+    __m512 t[4], g[4];
+    int r;
+    for (r = 0; r < 4; r++) {
+        t[r] = _mm512_loadu_ps(x + r * stride);
+        g[r] = _mm512_loadu_ps(dy + r * stride);
+        if (relu)  /* (not out <= 0: NaN outputs pass their gradient, as torch's do) */
+            g[r] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(out + r * stride),
+                                                          _mm512_setzero_ps(), _CMP_NLE_UQ), g[r]);
+    }
+    if (factor != NULL) {
+        const __m512 f = _mm512_loadu_ps(factor);
+        for (r = 0; r < 4; r++)
+            t[r] = _mm512_fmsub_ps(t[r], f, c);
+    } else {
+        for (r = 0; r < 4; r++)
+            t[r] = _mm512_sub_ps(t[r], c);
+    }
+    for (r = 0; r < 4; r++)
+        _mm512_storeu_ps(dx + r * stride,
+                         _mm512_mul_ps(a, _mm512_add_ps(_mm512_fmadd_ps(t[r], k, g[r]), b)));
+}
+#endif
+static inline void fastbn_grad4_step8(int relu, const float *dy, const float *out,
+                                      const float *x, float *dx, Py_ssize_t stride,
+                                      const float *gain, const float *factor,
+                                      const float *center, const float *scale,
+                                      const float *shift) {
+    /* eight columns of the four rows */
+    const __m256 c = _mm256_loadu_ps(center), k = _mm256_loadu_ps(scale);
+    const __m256 b = _mm256_loadu_ps(shift), a = _mm256_loadu_ps(gain);
+    __m256 t[4], g[4];
+    int r;
+    for (r = 0; r < 4; r++) {
+        t[r] = _mm256_loadu_ps(x + r * stride);
+        g[r] = _mm256_loadu_ps(dy + r * stride);
+        if (relu)
+            g[r] = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(out + r * stride),
+                                               _mm256_setzero_ps(), _CMP_NLE_UQ), g[r]);
+    }
+    if (factor != NULL) {
+        const __m256 f = _mm256_loadu_ps(factor);
+        for (r = 0; r < 4; r++)
+            t[r] = _mm256_fmsub_ps(t[r], f, c);
+    } else {
+        for (r = 0; r < 4; r++)
+            t[r] = _mm256_sub_ps(t[r], c);
+    }
+    for (r = 0; r < 4; r++)
+        _mm256_storeu_ps(dx + r * stride,
+                         _mm256_mul_ps(a, _mm256_add_ps(_mm256_fmadd_ps(t[r], k, g[r]), b)));
+}
+static inline void fastbn_grad4_step1(int relu, const float *dy, const float *out,
+                                      const float *x, float *dx, Py_ssize_t stride,
+                                      const float *gain, const float *factor,
+                                      const float *center, const float *scale,
+                                      const float *shift) {
+    /* one column of the four rows */
+    int r;
+    for (r = 0; r < 4; r++) {
+        float g = dy[r * stride];
+        float t = factor != NULL ? fmaf(x[r * stride], *factor, -*center) : x[r * stride] - *center;
+        if (relu && out[r * stride] <= 0.0f)  /* (+0.0, as gate gives; NaN outputs pass) */
+            g = 0.0f;
+        dx[r * stride] = *gain * (fmaf(t, *scale, g) + *shift);
+    }
+}
+static inline void fastbn_grad_input_rows4(int relu, const float *dy, const float *out,
+                                           const float *x, float *dx, Py_ssize_t stride,
+                                           Py_ssize_t n, const float *gain,
+                                           const float *factor, const float *center,
+                                           const float *scale, const float *shift) {
+/* (out, read only with ReLU, and factor NULL stay as they are: no pointer past them formed) */
+#define FASTBN_GRAD4_AT(step, i) \
+    step(relu, dy + (i), relu ? out + (i) : out, x + (i), dx + (i), stride, gain + (i), \
+         factor != NULL ? factor + (i) : NULL, center + (i), scale + (i), shift + (i))
+    const Py_ssize_t wide = n - n % FASTBN_AFFINE4_WIDE, eight = n - n % 8;
+    const int upward_waits = fastbn_just_behind(dx, x) + fastbn_just_behind(dx, dy)
+                             + (relu && fastbn_just_behind(dx, out));
+    const int downward_waits = fastbn_just_behind(x, dx) + fastbn_just_behind(dy, dx)
+                               + (relu && fastbn_just_behind(out, dx));
+    Py_ssize_t i;
+    if (upward_waits <= downward_waits) {
+        for (i = 0; i < wide; i += FASTBN_AFFINE4_WIDE)
+            FASTBN_GRAD4_AT(FASTBN_GRAD4_WIDE_STEP, i);
+        for (i = wide; i < eight; i += 8)
+            FASTBN_GRAD4_AT(fastbn_grad4_step8, i);
+        for (i = eight; i < n; i++)
+            FASTBN_GRAD4_AT(fastbn_grad4_step1, i);
+    } else {
+        for (i = n - 1; i >= eight; i--)
+            FASTBN_GRAD4_AT(fastbn_grad4_step1, i);
+        for (i = eight - 8; i >= wide; i -= 8)
+            FASTBN_GRAD4_AT(fastbn_grad4_step8, i);
+        for (i = wide - FASTBN_AFFINE4_WIDE; i >= 0; i -= FASTBN_AFFINE4_WIDE)
+            FASTBN_GRAD4_AT(FASTBN_GRAD4_WIDE_STEP, i);
+    }
+#undef FASTBN_GRAD4_AT
+}
 #else
 #define FASTBN_ROWS_AFFINE 0
-/* Never called (FASTBN_ROWS_AFFINE): the rows go through affine_row one by one. */
+/* Never called (FASTBN_ROWS_AFFINE): the rows go through affine_row and grad_input_row one
+   by one. */
+static inline void fastbn_grad_input_rows4(int relu, const float *dy, const float *out,
+                                           const float *x, float *dx, Py_ssize_t stride,
+                                           Py_ssize_t n, const float *gain,
+                                           const float *factor, const float *center,
+                                           const float *scale, const float *shift) {
+    (void)relu; (void)dy; (void)out; (void)x; (void)dx; (void)stride; (void)n; (void)gain;
+    (void)factor; (void)center; (void)scale; (void)shift;
+}
 static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ssize_t stride,
                                        Py_ssize_t n, const float *factor, const float *center,
                                        const float *scale, const float *shift) {
