@@ -61,8 +61,10 @@ to ROWS_BY_FOUR_MAX_BYTES.  Measured on the AMD EPYC (Zen 4), eval forwards agai
 at a time, alternating, one thread, with y at several distances from x modulo 4 KiB: arrays
 of up to 2 MiB 1.0-1.6x faster ((512, 256) 1.1-1.4x, (2048, 256) 1.2-1.4x, (64, 1024)
 0.98-1.16x); at 4 MiB either way ((4096, 256) 1.1-1.4x, (1024, 1024) 0.7-1.2x); at 16 MiB
-slower ((8192, 512) 0.68-0.79x: four rows are four streams to each array for the hardware
-prefetcher, where one row is one).  Hence 2 MiB.
+slower ((8192, 512) 0.68-0.79x, and 0.77-0.9x in C, benchmarks/column_loops.c, wherever its
+coefficients lay: four rows interleave four streams within each page of x and of y, where
+one row is one, which is the likely cause, unverified).  Hence 2 MiB.  Rows a multiple of
+4 KiB long stay one at a time whatever the size (_engine/geometry.pxi, rows_by_four).
 """
 
 from collections.abc import Mapping

@@ -279,3 +279,37 @@ def test_fusion_grid_times_fused_and_unfused_and_restores_the_switches(capsys):
         _tuning.set_fusion_limits(None)
         fastbn.set_num_threads(threads)
     assert "not fused on 2 thread(s)" in row
+
+
+def test_column_loops_builds_and_measures(tmp_path):
+    # benchmarks/column_loops.c (the columns layout's loops alone, in C: RESULTS.md's tables on
+    # register-blocked tiles and rows four at a time) compiles without warnings for AVX2 and
+    # AVX-512, and runs every loop where this CPU has AVX2.
+    import os
+    import platform
+    import shutil
+    import subprocess
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("needs a C compiler for x86-64")
+    source = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "column_loops.c")
+    for name, flags in (("avx2", ["-mavx2", "-mfma"]),
+                        ("avx512", ["-mavx512f", "-mavx512vl", "-mfma"])):
+        binary = tmp_path / name
+        result = subprocess.run([compiler, "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
+                                 *flags, "-o", str(binary), source],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    from fastbn import _cpu
+    if "avx2" not in _cpu.supported_simd_levels():
+        pytest.skip("this CPU lacks AVX2")
+    run = subprocess.run([str(tmp_path / "avx2"), "64", "256", "4", "64"], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert [line.split("  ")[0] for line in lines] == [
+        "moments, 8-row sweeps", "moments, strips", "moments, strips + prefetch",
+        "affine, one row", "affine, four rows", "copy"]
+    assert all(float(line.split()[-6]) > 0 and float(line.split()[-4]) > 0 for line in lines)
+    bad = subprocess.run([str(tmp_path / "avx2"), "16", "100"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "multiple of 256" in bad.stderr
