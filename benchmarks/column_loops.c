@@ -116,8 +116,10 @@ static void affine_rows4(const float *x, float *y, long stride, long n, const fl
 }
 
 static float *page_offset(long n, long offset) {
-    /* n floats starting `offset` floats past a 4 KiB boundary (leaked: one run) */
-    char *raw = aligned_alloc(4096, (size_t)(n + offset) * sizeof(float) + 4096);
+    /* n floats starting `offset` floats past a 4 KiB boundary (leaked: one run); the size a
+       multiple of the alignment, as C11 asks of aligned_alloc */
+    size_t bytes = (size_t)(n + offset) * sizeof(float);
+    char *raw = aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
     if (raw == NULL) { fprintf(stderr, "out of memory\n"); exit(1); }
     return (float *)raw + offset;
 }

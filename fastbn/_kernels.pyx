@@ -333,8 +333,8 @@ def describe_layout(shape, int itemsize=4, int threads=1):
     `threads` threads goes over memory ('channels', 'tiles', or None for separate passes),
     under the fusion switches now in force (fastbn._tuning), and `rows_by_four`: whether the
     row passes (the columns layout's, per-column coefficients: the forward's normalisation,
-    the training backward's grad_input) go four rows at a time in this build (float32
-    only)."""
+    the training backward's grad_input) take float32 rows four at a time in this build (where
+    there are four whole rows)."""
     cdef Geometry g
     cdef cnp.npy_intp dims[32]
     cdef int i, ndim = len(shape)
@@ -354,7 +354,7 @@ def describe_layout(shape, int itemsize=4, int threads=1):
                 rows=g.rows, tail=g.tail, tile=g.tile, block=g.block, tiles=g.tiles, items=g.items,
                 fused={FUSED_CHANNELS: "channels", FUSED_TILES: "tiles"}.get(fused),
                 rows_by_four=bool(g.total and itemsize == 4 and ROWS_AFFINE and by_rows(&g)
-                                  and rows_by_four(&g, itemsize)))
+                                  and g.rows >= 4 and rows_by_four(&g, itemsize)))
 
 
 def moments(cnp.ndarray x not None, cnp.ndarray mean not None, cnp.ndarray m2 not None,
@@ -668,6 +668,13 @@ def stream_stores():
     """Whether this build writes large float32 outputs with streaming stores (past the caches;
     _tuning.stream_min_bytes), and parallel_copy can copy that way."""
     return bool(STREAM_AFFINE)
+
+
+def rows_by_four_built():
+    """Whether this build can map float32 rows of the columns layout four at a time
+    (fastbn_affine_rows4, fastbn_grad_input_rows4: compilers that contract the loops into
+    fused multiply-adds, in the AVX2 and AVX-512 builds; describe_layout says where)."""
+    return bool(ROWS_AFFINE)
 
 
 cdef inline void copy_part(const char* s, char* d, Py_ssize_t n, bint streaming) noexcept nogil:

@@ -54,17 +54,19 @@ beyond; fastbn's eval and training forward into a given `out`, ordinary/streamin
 a fresh output, as the modules return, the kernel's zeroing of the new pages costs the same
 either way: 0.93-1.17x, within the noise at 98 MiB.)
 
-The elementwise pass of the columns layout (rows whose columns have coefficients of their
-own: BatchNorm1d's (N, C), 1x1 planes) maps float32 rows four at a time, each column's
-coefficients loaded once for the four (fastbn_affine_rows4, the same bits), in arrays of up
-to ROWS_BY_FOUR_MAX_BYTES.  Measured on the AMD EPYC (Zen 4), eval forwards against one row
-at a time, alternating, one thread, with y at several distances from x modulo 4 KiB: arrays
-of up to 2 MiB 1.0-1.6x faster ((512, 256) 1.1-1.4x, (2048, 256) 1.2-1.4x, (64, 1024)
-0.98-1.16x); at 4 MiB either way ((4096, 256) 1.1-1.4x, (1024, 1024) 0.7-1.2x); at 16 MiB
-slower ((8192, 512) 0.68-0.79x, and 0.77-0.9x in C, benchmarks/column_loops.c, wherever its
-coefficients lay: four rows interleave four streams within each page of x and of y, where
-one row is one, which is the likely cause, unverified).  Hence 2 MiB.  Rows a multiple of
-4 KiB long stay one at a time whatever the size (_engine/geometry.pxi, rows_by_four).
+The row passes of the columns layout (rows whose columns have coefficients of their own:
+BatchNorm1d's (N, C), 1x1 planes) take float32 rows four at a time, each column's
+coefficients loaded once for the four (fastbn_affine_rows4 forward, fastbn_grad_input_rows4
+in the training backward; the same bits), in arrays of up to ROWS_BY_FOUR_MAX_BYTES.
+Measured on the AMD EPYC (Zen 4), eval forwards against one row at a time, alternating, one
+thread, with y at several distances from x modulo 4 KiB: (512, 256) 1.1-1.4x, (256, 512)
+1.3-1.6x, (2048, 256) (2 MiB) 1.2-1.4x faster; at 4 MiB (4096, 256) 0.9-1.4x; at 16 MiB
+(8192, 512) 0.68-0.79x slower, and 0.77-0.9x in C (benchmarks/column_loops.c) wherever its
+coefficients lay -- likely because four rows interleave four streams within each page of x
+and of y where one row is one, unverified: (4096, 1024), rows of a page each, went faster
+four at a time in C.  Hence 2 MiB, which the backward, measured only below it, shares.  Rows
+a multiple of 4 KiB long stay one at a time whatever the size (_engine/geometry.pxi,
+rows_by_four).
 """
 
 from collections.abc import Mapping

@@ -298,7 +298,7 @@ def test_column_loops_builds_and_measures(tmp_path):
     for name, flags in (("avx2", ["-mavx2", "-mfma"]),
                         ("avx512", ["-mavx512f", "-mavx512vl", "-mfma"])):
         binary = tmp_path / name
-        result = subprocess.run([compiler, "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
+        result = subprocess.run([compiler, "-O3", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
                                  *flags, "-o", str(binary), source],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -369,14 +369,42 @@ def aligned_views(shape, dtype, offsets):
     return views
 
 
-# Shapes whose forward's row pass maps four rows at a time: whole rows of four and a short last
+# Shapes whose row passes take four rows at a time: whole rows of four and a short last
 # group (7 and 13 rows), rows of several samples with a shorter last row ((13, 77, 1, 1): 6
-# rows of 154 columns and one of 77; (13, 5, 3): 9 samples a row), per-column coefficients
-# expanded from channels ((40, 48, 2, 3)), row lengths that leave an eight-column step and
-# single columns after the widest steps (154, 1000, 300), rows chunked for their
-# coefficients ((33, 2100)), and two threads ((130, 1000), (33, 2100)).
-ROWS_BY_FOUR_SHAPES = [(7, 300), (13, 77, 1, 1), (13, 5, 3), (40, 48, 2, 3), (130, 1000),
+# rows of 154 columns and one of 77; (40, 5, 3): 4 rows of 9 samples and one of 4),
+# per-column coefficients expanded from channels ((40, 48, 2, 3)), row lengths that leave an
+# eight-column step and single columns after the widest steps (154, 1000, 300), rows chunked
+# for their coefficients ((33, 2100)), and two threads ((130, 1000), (33, 2100)).
+ROWS_BY_FOUR_SHAPES = [(7, 300), (13, 77, 1, 1), (40, 5, 3), (40, 48, 2, 3), (130, 1000),
                        (33, 2100), (64, 100)]
+
+
+def assert_same_bits(got, want, what):
+    """got and want bit for bit, but for NaN's sign and payload (which NaN operand an
+    instruction passes on is the compiler's choice of operand order): NaN in the same places."""
+    got_nan, want_nan = np.isnan(got), np.isnan(want)
+    np.testing.assert_array_equal(got_nan, want_nan, err_msg=f"{what}: NaN in other places")
+    np.testing.assert_array_equal(got[~got_nan].view(np.uint32), want[~want_nan].view(np.uint32),
+                                  err_msg=f"{what}: other bits")
+
+
+def test_rows_by_four_are_left_to_small_arrays_of_rows_not_a_page_long():
+    from fastbn import _tuning
+    for level in LEVELS:
+        K = kernels_of(level)
+        built = K.rows_by_four_built()
+        assert K.describe_layout((64, 100))["rows_by_four"] == built
+        assert K.describe_layout((64, 100), itemsize=2)["rows_by_four"] is False
+        assert K.describe_layout((3, 100))["rows_by_four"] is False  # (fewer than four rows)
+        for shape in [(8, 1024), (128, 2048, 1, 1), (1024, 600), (16, 64, 56, 56)]:
+            # rows of 4 and 8 KiB; 2.3 MiB; the planar layout
+            assert K.describe_layout(shape)["rows_by_four"] is False, shape
+        assert _tuning.ROWS_BY_FOUR_MAX_BYTES == 2 << 20
+        try:
+            _tuning.set_rows_by_four_max_bytes(4 << 20)
+            assert K.describe_layout((1024, 600))["rows_by_four"] == built
+        finally:
+            _tuning.set_rows_by_four_max_bytes(None)
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -385,9 +413,10 @@ ROWS_BY_FOUR_SHAPES = [(7, 300), (13, 77, 1, 1), (13, 5, 3), (40, 48, 2, 3), (13
 def test_rows_by_four_have_the_bits_of_one_row_at_a_time(level, shape, relu, rng):
     """The columns layout's row passes go four float32 rows at a time where the build has
     fastbn_affine_rows4 and fastbn_grad_input_rows4 and _tuning allows it: the same bits as
-    one row at a time, in eval (with split_center's factors of 1/2 for centers near the
-    float32 limit among factors of 1), in training and in the training backward, fused or
-    not, on 1 and 2 threads, with the output at distances from x modulo 4 KiB that make the
+    one row at a time (NaN's sign and payload aside), in eval, in training and in the
+    training backward, each also with split_center's factors of 1/2 for centers near the
+    float32 limit among factors of 1, fused or not, on 1 and 2 threads, with the output at
+    distances from x modulo 4 KiB that make the
     columns go up (0, 2400 and 4000 bytes) and down (4, 16 and 64; the backward's dx, against
     x and dy 32 bytes after it, at 64 bytes down, 2400 and 4000 up)."""
     from fastbn import _tuning
@@ -414,7 +443,7 @@ def test_rows_by_four_have_the_bits_of_one_row_at_a_time(level, shape, relu, rng
             _tuning.set_rows_by_four_max_bytes(limit)
             if limit is not None:
                 assert K.describe_layout(shape)["rows_by_four"] == (
-                    limit > 0 and level != "baseline")
+                    limit > 0 and K.rows_by_four_built())
             for threads in (1, 2):
                 for y in ys:
                     K.forward_eval(x, y, w, b, rm, rv, 1e-5, np.empty(c), np.empty(c), threads,
@@ -425,24 +454,26 @@ def test_rows_by_four_have_the_bits_of_one_row_at_a_time(level, shape, relu, rng
                     results.setdefault(("eval, factors", threads), []).append(y.copy())
                 for fused in (False, True):
                     with forced_fusion(fused):
-                        for y, dx in zip(ys[:3], ys[3:]):
-                            mean, invstd = np.empty(c), np.empty(c)
-                            K.forward_train(x, y, w, b, None, None, 0.1, 1e-5, mean, invstd,
-                                            threads, relu)
-                            results.setdefault(("train", fused, threads), []).append(y.copy())
-                            # the training backward's grad_input rows, dx placed against
-                            # dy (y's place) and x both ways
-                            gw, gb = np.empty(c, np.float32), np.empty(c, np.float32)
-                            K.backward(dy, x, dx, w, mean, invstd, gw, gb, True, threads,
-                                       y if relu else None)
-                            results.setdefault(("backward", fused, threads), []).append(
-                                np.concatenate([dx.ravel(), gw, gb]))
+                        for data, name in ((x, ""), (huge, ", factors")):
+                            for y, dx in zip(ys[:3], ys[3:]):
+                                mean, invstd = np.empty(c), np.empty(c)
+                                K.forward_train(data, y, w, b, None, None, 0.1, 1e-5, mean,
+                                                invstd, threads, relu)
+                                results.setdefault(("train" + name, fused, threads), []).append(
+                                    y.copy())
+                                # the training backward's grad_input rows, dx placed against
+                                # x and dy both ways
+                                gw, gb = np.empty(c, np.float32), np.empty(c, np.float32)
+                                K.backward(dy, data, dx, w, mean, invstd, gw, gb, True, threads,
+                                           y if relu else None)
+                                results.setdefault(("backward" + name, fused, threads),
+                                                   []).append(np.concatenate([dx.ravel(), gw, gb]))
     finally:
         _tuning.set_rows_by_four_max_bytes(None)
     assert 0 < _tuning.ROWS_BY_FOUR_MAX_BYTES < 1 << 30
     for case, outputs in results.items():
         for got in outputs[1:]:
-            np.testing.assert_array_equal(got, outputs[0], err_msg=f"{case}: rows by four differ")
+            assert_same_bits(got, outputs[0], f"{case}: rows by four and one row")
     # (one row at a time is the compiled loop, held to the reference by the tests above; the
     # channel centred near the limit, through its factor of 1/2, is held to it here)
     got = results[("eval, factors", 1)][0][:, 0]

@@ -81,9 +81,9 @@ cdef inline void grad_input_item(const activation* act, const Call* call, const 
             o = off + ch * g.s
             span_grad_input(act, dy + o, at(out, o), x + o, dx + o, g.s, k, ch, False)
     else:
-        # block `item` of ROW_BLOCK rows: the whole ones, then a short last row
-        r0 = item * ROW_BLOCK
-        r1 = min(r0 + ROW_BLOCK, n_rows(g))
+        # block `item` of GRAD_ROW_BLOCK rows: the whole ones, then a short last row
+        r0 = item * GRAD_ROW_BLOCK
+        r1 = min(r0 + GRAD_ROW_BLOCK, n_rows(g))
         full = max(r0, min(r1, g.rows))
         off = r0 * g.period
         rows_grad_input(act, dy + off, at(out, off), x + off, dx + off, g.period, full - r0,
@@ -104,7 +104,7 @@ cdef int grad_input_pass(const activation* act, const Call* call, const storage*
         return 0
     cdef Py_ssize_t item, items = elementwise_items(g)
     if by_rows(g):
-        items = ceil_div(items, ROW_BLOCK)  # (blocks of rows: see grad_input_item)
+        items = ceil_div(items, GRAD_ROW_BLOCK)  # (blocks of rows: see grad_input_item)
     cdef int nt = threads_for(g, call.n_threads, items)
     cdef real* columns[N_COEFFICIENTS]
     cdef real* work = per_column(g, k, N_COEFFICIENTS, columns)

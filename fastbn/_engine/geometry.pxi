@@ -32,6 +32,10 @@ cdef enum:
     ROW_BLOCK = 16
     ROW_CHUNK = 512
     ROW_COEFFICIENT_BYTES = 16 * 1024
+    # The backward's row pass (whole rows, never chunked) goes through blocks of
+    # GRAD_ROW_BLOCK rows: four, the rows fastbn_grad_input_rows4 takes at once, and no more,
+    # so that few rows still spread over the threads.
+    GRAD_ROW_BLOCK = 4
     # Column reductions cut the rows into blocks so as to have at least this many work items.
     ITEMS_TARGET = 32
     BLOCK_MIN_ROWS = 64
@@ -122,7 +126,8 @@ cdef inline int threads_for(const Geometry* g, int n_threads, Py_ssize_t work_it
 # ---------------------------------------------------------------------------------------------
 # Work items.  A reduction item is a plane segment (planar) or a tile of a block of rows
 # (columns); an elementwise item is a plane segment (planar), a sample (runs of planes in the
-# columns layout) or a row.
+# columns layout) or a row -- which the row passes take in blocks (ROW_BLOCK rows forward,
+# GRAD_ROW_BLOCK backward).
 # ---------------------------------------------------------------------------------------------
 
 cdef inline Py_ssize_t planar_item(const Geometry* g, Py_ssize_t k, Py_ssize_t* length,
@@ -188,13 +193,13 @@ cdef inline bint by_rows(const Geometry* g) noexcept nogil:
 cdef inline bint rows_by_four(const Geometry* g, Py_ssize_t itemsize) noexcept nogil:
     """Whether a row pass over g (the forward's or the backward's) goes four rows at a time
     (fastbn_affine_rows4, fastbn_grad_input_rows4) where the build can: float32
-    arrays of up to _tuning.rows_by_four_max_bytes (beyond the caches four rows are four
-    streams to the hardware prefetcher, and lost), whose rows are not a multiple of 4 KiB
-    long.  Rows that are (C = 1024, 2048, ...) all sit at one address modulo 4 KiB, and where
-    the coefficients sit near it too, the loads of a step wait on the four stores before
-    them (4K aliasing, which the walk's direction cannot avoid for the coefficients):
-    (128, 2048) went 1.3x slower four rows at a time with its coefficients there, 1.1x faster
-    with them 256 bytes further on; one row at a time keeps one store in the way."""
+    arrays of up to _tuning.rows_by_four_max_bytes (at 16 MiB four rows lost on (8192, 512),
+    likely because they interleave four streams within a page for the hardware prefetcher),
+    whose rows are not a multiple of 4 KiB long.  Rows that are (C = 1024, 2048, ...) all sit
+    at one address modulo 4 KiB, and where the coefficients sit near it too, the loads of a
+    step wait on the four stores before them (4K aliasing, which the walk's direction cannot
+    avoid for the coefficients): in C, (128, 2048) went 1.3x slower four rows at a time with
+    its coefficients there, and rows of 4 KiB gained nothing even with them 2 KiB away."""
     return (g.total * itemsize <= rows_by_four_max_bytes()
             and (g.period * itemsize) % 4096 != 0)
 
@@ -205,7 +210,7 @@ cdef inline bint needs_expansion(const Geometry* g) noexcept nogil:
 
 cdef inline Py_ssize_t elementwise_items(const Geometry* g) noexcept nogil:
     """Work items of an elementwise pass: plane segments (planar), samples (runs of planes in
-    the columns layout) or rows."""
+    the columns layout) or rows (which the row passes then group into blocks)."""
     if g.planar:
         return g.items
     return g.n if g.s >= RUN_MIN_S else n_rows(g)

@@ -338,16 +338,22 @@ static inline void fastbn_stream_fence(void) {
 
    The loads of a step come before its stores, and the columns are walked in the direction
    in which no load follows a recent store to the same address modulo 4 KiB: the core takes
-   such a load for one that depends on the store (4K aliasing) and makes it wait.  Rows are
-   often a multiple of 4 KiB apart, so one store matches four rows' loads; with y a little
-   after x (modulo 4 KiB) an upward walk ran (1024, 1024) 1.5x slower, and a walk downward
-   puts every store behind the loads still to come. */
+   such a load for one that depends on the store (4K aliasing) and makes it wait, and four
+   rows are four stores a step.  With y a little after x (modulo 4 KiB) an upward walk ran
+   1.3-1.6x slower in C than with y elsewhere; walking downward puts every store behind the
+   loads still to come.  (Rows a multiple of 4 KiB long, whose four rows share one address
+   modulo 4 KiB, are left to one row at a time: _engine/geometry.pxi, rows_by_four.)
+
+   The steps are inlined in every build (FASTBN_ALWAYS_INLINE): called out of line, as the
+   compiler left the backward's sixteen-column step in the AVX-512 build, each step of 64
+   values paid for a call. */
 #if defined(__FMA__) && defined(__AVX2__)
 #define FASTBN_ROWS_AFFINE 1
 #if defined(__AVX512F__)
-static inline void fastbn_affine4_step16(int relu, const float *x, float *y, Py_ssize_t stride,
-                                         const float *factor, const float *center,
-                                         const float *scale, const float *shift) {
+FASTBN_ALWAYS_INLINE void fastbn_affine4_step16(int relu, const float *x, float *y,
+                                                Py_ssize_t stride, const float *factor,
+                                                const float *center,
+                                                const float *scale, const float *shift) {
     /* sixteen columns of the four rows (every pointer at the first column) */
     const __m512 c = _mm512_loadu_ps(center), k = _mm512_loadu_ps(scale);
     const __m512 b = _mm512_loadu_ps(shift), zero = _mm512_setzero_ps();
@@ -371,9 +377,10 @@ static inline void fastbn_affine4_step16(int relu, const float *x, float *y, Py_
     }
 }
 #endif
-static inline void fastbn_affine4_step8(int relu, const float *x, float *y, Py_ssize_t stride,
-                                        const float *factor, const float *center,
-                                        const float *scale, const float *shift) {
+FASTBN_ALWAYS_INLINE void fastbn_affine4_step8(int relu, const float *x, float *y,
+                                               Py_ssize_t stride, const float *factor,
+                                               const float *center,
+                                               const float *scale, const float *shift) {
     /* eight columns of the four rows */
     const __m256 c = _mm256_loadu_ps(center), k = _mm256_loadu_ps(scale);
     const __m256 b = _mm256_loadu_ps(shift), zero = _mm256_setzero_ps();
@@ -402,9 +409,10 @@ static inline int fastbn_just_behind(const void *store, const void *load) {
     const uintptr_t apart = ((uintptr_t)store - (uintptr_t)load) & 4095u;
     return apart != 0 && apart < 2048;
 }
-static inline void fastbn_affine4_step1(int relu, const float *x, float *y, Py_ssize_t stride,
-                                        const float *factor, const float *center,
-                                        const float *scale, const float *shift) {
+FASTBN_ALWAYS_INLINE void fastbn_affine4_step1(int relu, const float *x, float *y,
+                                               Py_ssize_t stride, const float *factor,
+                                               const float *center,
+                                               const float *scale, const float *shift) {
     /* one column of the four rows */
     int r;
     for (r = 0; r < 4; r++)
@@ -413,12 +421,12 @@ static inline void fastbn_affine4_step1(int relu, const float *x, float *y, Py_s
 }
 /* the widest step of this build */
 #if defined(__AVX512F__)
-#define FASTBN_AFFINE4_WIDE 16
-#define FASTBN_AFFINE4_WIDE_STEP fastbn_affine4_step16
+#define FASTBN_ROWS4_WIDE 16
+#define FASTBN_ROWS4_WIDE_STEP fastbn_affine4_step16
 #define FASTBN_GRAD4_WIDE_STEP fastbn_grad4_step16
 #else
-#define FASTBN_AFFINE4_WIDE 8
-#define FASTBN_AFFINE4_WIDE_STEP fastbn_affine4_step8
+#define FASTBN_ROWS4_WIDE 8
+#define FASTBN_ROWS4_WIDE_STEP fastbn_affine4_step8
 #define FASTBN_GRAD4_WIDE_STEP fastbn_grad4_step8
 #endif
 static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ssize_t stride,
@@ -430,11 +438,11 @@ static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ss
          scale + (i), shift + (i))
     /* the widest steps cover [0, wide), the eight-column step (AVX-512 builds: at most one)
        [wide, eight), single columns the rest */
-    const Py_ssize_t wide = n - n % FASTBN_AFFINE4_WIDE, eight = n - n % 8;
+    const Py_ssize_t wide = n - n % FASTBN_ROWS4_WIDE, eight = n - n % 8;
     Py_ssize_t i;
     if (!fastbn_just_behind(y, x)) {  /* upward: the stores behind the loads, or far ahead */
-        for (i = 0; i < wide; i += FASTBN_AFFINE4_WIDE)
-            FASTBN_AFFINE4_AT(FASTBN_AFFINE4_WIDE_STEP, i);
+        for (i = 0; i < wide; i += FASTBN_ROWS4_WIDE)
+            FASTBN_AFFINE4_AT(FASTBN_ROWS4_WIDE_STEP, i);
         for (i = wide; i < eight; i += 8)
             FASTBN_AFFINE4_AT(fastbn_affine4_step8, i);
         for (i = eight; i < n; i++)
@@ -444,8 +452,8 @@ static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ss
             FASTBN_AFFINE4_AT(fastbn_affine4_step1, i);
         for (i = eight - 8; i >= wide; i -= 8)
             FASTBN_AFFINE4_AT(fastbn_affine4_step8, i);
-        for (i = wide - FASTBN_AFFINE4_WIDE; i >= 0; i -= FASTBN_AFFINE4_WIDE)
-            FASTBN_AFFINE4_AT(FASTBN_AFFINE4_WIDE_STEP, i);
+        for (i = wide - FASTBN_ROWS4_WIDE; i >= 0; i -= FASTBN_ROWS4_WIDE)
+            FASTBN_AFFINE4_AT(FASTBN_ROWS4_WIDE_STEP, i);
     }
 #undef FASTBN_AFFINE4_AT
 }
@@ -456,11 +464,11 @@ static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ss
    and, with ReLU, out) may each lie anywhere from dx modulo 4 KiB: the columns go the way
    that leaves the fewer of them just behind dx's stores. */
 #if defined(__AVX512F__)
-static inline void fastbn_grad4_step16(int relu, const float *dy, const float *out,
-                                       const float *x, float *dx, Py_ssize_t stride,
-                                       const float *gain, const float *factor,
-                                       const float *center, const float *scale,
-                                       const float *shift) {
+FASTBN_ALWAYS_INLINE void fastbn_grad4_step16(int relu, const float *dy, const float *out,
+                                              const float *x, float *dx, Py_ssize_t stride,
+                                              const float *gain, const float *factor,
+                                              const float *center, const float *scale,
+                                              const float *shift) {
     /* sixteen columns of the four rows (every pointer at the first column) */
     const __m512 c = _mm512_loadu_ps(center), k = _mm512_loadu_ps(scale);
     const __m512 b = _mm512_loadu_ps(shift), a = _mm512_loadu_ps(gain);
@@ -486,11 +494,11 @@ static inline void fastbn_grad4_step16(int relu, const float *dy, const float *o
                          _mm512_mul_ps(a, _mm512_add_ps(_mm512_fmadd_ps(t[r], k, g[r]), b)));
 }
 #endif
-static inline void fastbn_grad4_step8(int relu, const float *dy, const float *out,
-                                      const float *x, float *dx, Py_ssize_t stride,
-                                      const float *gain, const float *factor,
-                                      const float *center, const float *scale,
-                                      const float *shift) {
+FASTBN_ALWAYS_INLINE void fastbn_grad4_step8(int relu, const float *dy, const float *out,
+                                             const float *x, float *dx, Py_ssize_t stride,
+                                             const float *gain, const float *factor,
+                                             const float *center, const float *scale,
+                                             const float *shift) {
     /* eight columns of the four rows */
     const __m256 c = _mm256_loadu_ps(center), k = _mm256_loadu_ps(scale);
     const __m256 b = _mm256_loadu_ps(shift), a = _mm256_loadu_ps(gain);
@@ -515,11 +523,11 @@ static inline void fastbn_grad4_step8(int relu, const float *dy, const float *ou
         _mm256_storeu_ps(dx + r * stride,
                          _mm256_mul_ps(a, _mm256_add_ps(_mm256_fmadd_ps(t[r], k, g[r]), b)));
 }
-static inline void fastbn_grad4_step1(int relu, const float *dy, const float *out,
-                                      const float *x, float *dx, Py_ssize_t stride,
-                                      const float *gain, const float *factor,
-                                      const float *center, const float *scale,
-                                      const float *shift) {
+FASTBN_ALWAYS_INLINE void fastbn_grad4_step1(int relu, const float *dy, const float *out,
+                                             const float *x, float *dx, Py_ssize_t stride,
+                                             const float *gain, const float *factor,
+                                             const float *center, const float *scale,
+                                             const float *shift) {
     /* one column of the four rows */
     int r;
     for (r = 0; r < 4; r++) {
@@ -539,14 +547,14 @@ static inline void fastbn_grad_input_rows4(int relu, const float *dy, const floa
 #define FASTBN_GRAD4_AT(step, i) \
     step(relu, dy + (i), relu ? out + (i) : out, x + (i), dx + (i), stride, gain + (i), \
          factor != NULL ? factor + (i) : NULL, center + (i), scale + (i), shift + (i))
-    const Py_ssize_t wide = n - n % FASTBN_AFFINE4_WIDE, eight = n - n % 8;
+    const Py_ssize_t wide = n - n % FASTBN_ROWS4_WIDE, eight = n - n % 8;
     const int upward_waits = fastbn_just_behind(dx, x) + fastbn_just_behind(dx, dy)
                              + (relu && fastbn_just_behind(dx, out));
     const int downward_waits = fastbn_just_behind(x, dx) + fastbn_just_behind(dy, dx)
                                + (relu && fastbn_just_behind(out, dx));
     Py_ssize_t i;
     if (upward_waits <= downward_waits) {
-        for (i = 0; i < wide; i += FASTBN_AFFINE4_WIDE)
+        for (i = 0; i < wide; i += FASTBN_ROWS4_WIDE)
             FASTBN_GRAD4_AT(FASTBN_GRAD4_WIDE_STEP, i);
         for (i = wide; i < eight; i += 8)
             FASTBN_GRAD4_AT(fastbn_grad4_step8, i);
@@ -557,7 +565,7 @@ static inline void fastbn_grad_input_rows4(int relu, const float *dy, const floa
             FASTBN_GRAD4_AT(fastbn_grad4_step1, i);
         for (i = eight - 8; i >= wide; i -= 8)
             FASTBN_GRAD4_AT(fastbn_grad4_step8, i);
-        for (i = wide - FASTBN_AFFINE4_WIDE; i >= 0; i -= FASTBN_AFFINE4_WIDE)
+        for (i = wide - FASTBN_ROWS4_WIDE; i >= 0; i -= FASTBN_ROWS4_WIDE)
             FASTBN_GRAD4_AT(FASTBN_GRAD4_WIDE_STEP, i);
     }
 #undef FASTBN_GRAD4_AT
