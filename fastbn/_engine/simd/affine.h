@@ -429,6 +429,30 @@ FASTBN_ALWAYS_INLINE void fastbn_affine4_step1(int relu, const float *x, float *
 #define FASTBN_ROWS4_WIDE_STEP fastbn_affine4_step8
 #define FASTBN_GRAD4_WIDE_STEP fastbn_grad4_step8
 #endif
+/* The walk of a four-row pass over its columns [0, n): the widest steps over [0, wide), the
+   eight-column step (AVX-512 builds: at most one) over [wide, eight), single columns over the
+   rest; upward, or where `upward` is 0 downward (the same values, the stores behind the loads
+   still to come).  at(step, i) runs a step at column i. */
+#define FASTBN_ROWS4_WALK(upward, n, at, wide_step, step8, step1) \
+    do { \
+        const Py_ssize_t wide_ = (n) - (n) % FASTBN_ROWS4_WIDE, eight_ = (n) - (n) % 8; \
+        Py_ssize_t i_; \
+        if (upward) { \
+            for (i_ = 0; i_ < wide_; i_ += FASTBN_ROWS4_WIDE) \
+                at(wide_step, i_); \
+            for (i_ = wide_; i_ < eight_; i_ += 8) \
+                at(step8, i_); \
+            for (i_ = eight_; i_ < (n); i_++) \
+                at(step1, i_); \
+        } else { \
+            for (i_ = (n) - 1; i_ >= eight_; i_--) \
+                at(step1, i_); \
+            for (i_ = eight_ - 8; i_ >= wide_; i_ -= 8) \
+                at(step8, i_); \
+            for (i_ = wide_ - FASTBN_ROWS4_WIDE; i_ >= 0; i_ -= FASTBN_ROWS4_WIDE) \
+                at(wide_step, i_); \
+        } \
+    } while (0)
 static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ssize_t stride,
                                        Py_ssize_t n, const float *factor, const float *center,
                                        const float *scale, const float *shift) {
@@ -436,25 +460,9 @@ static inline void fastbn_affine_rows4(int relu, const float *x, float *y, Py_ss
 #define FASTBN_AFFINE4_AT(step, i) \
     step(relu, x + (i), y + (i), stride, factor != NULL ? factor + (i) : NULL, center + (i), \
          scale + (i), shift + (i))
-    /* the widest steps cover [0, wide), the eight-column step (AVX-512 builds: at most one)
-       [wide, eight), single columns the rest */
-    const Py_ssize_t wide = n - n % FASTBN_ROWS4_WIDE, eight = n - n % 8;
-    Py_ssize_t i;
-    if (!fastbn_just_behind(y, x)) {  /* upward: the stores behind the loads, or far ahead */
-        for (i = 0; i < wide; i += FASTBN_ROWS4_WIDE)
-            FASTBN_AFFINE4_AT(FASTBN_ROWS4_WIDE_STEP, i);
-        for (i = wide; i < eight; i += 8)
-            FASTBN_AFFINE4_AT(fastbn_affine4_step8, i);
-        for (i = eight; i < n; i++)
-            FASTBN_AFFINE4_AT(fastbn_affine4_step1, i);
-    } else {  /* y a little after x: downward, the same values */
-        for (i = n - 1; i >= eight; i--)
-            FASTBN_AFFINE4_AT(fastbn_affine4_step1, i);
-        for (i = eight - 8; i >= wide; i -= 8)
-            FASTBN_AFFINE4_AT(fastbn_affine4_step8, i);
-        for (i = wide - FASTBN_ROWS4_WIDE; i >= 0; i -= FASTBN_ROWS4_WIDE)
-            FASTBN_AFFINE4_AT(FASTBN_ROWS4_WIDE_STEP, i);
-    }
+    /* upward unless y lies a little after x */
+    FASTBN_ROWS4_WALK(!fastbn_just_behind(y, x), n, FASTBN_AFFINE4_AT, FASTBN_ROWS4_WIDE_STEP,
+                      fastbn_affine4_step8, fastbn_affine4_step1);
 #undef FASTBN_AFFINE4_AT
 }
 /* grad_input_row (fastbn/_engine/loops.pxi) over four float32 rows likewise: t as in
@@ -547,27 +555,12 @@ static inline void fastbn_grad_input_rows4(int relu, const float *dy, const floa
 #define FASTBN_GRAD4_AT(step, i) \
     step(relu, dy + (i), relu ? out + (i) : out, x + (i), dx + (i), stride, gain + (i), \
          factor != NULL ? factor + (i) : NULL, center + (i), scale + (i), shift + (i))
-    const Py_ssize_t wide = n - n % FASTBN_ROWS4_WIDE, eight = n - n % 8;
     const int upward_waits = fastbn_just_behind(dx, x) + fastbn_just_behind(dx, dy)
                              + (relu && fastbn_just_behind(dx, out));
     const int downward_waits = fastbn_just_behind(x, dx) + fastbn_just_behind(dy, dx)
                                + (relu && fastbn_just_behind(out, dx));
-    Py_ssize_t i;
-    if (upward_waits <= downward_waits) {
-        for (i = 0; i < wide; i += FASTBN_ROWS4_WIDE)
-            FASTBN_GRAD4_AT(FASTBN_GRAD4_WIDE_STEP, i);
-        for (i = wide; i < eight; i += 8)
-            FASTBN_GRAD4_AT(fastbn_grad4_step8, i);
-        for (i = eight; i < n; i++)
-            FASTBN_GRAD4_AT(fastbn_grad4_step1, i);
-    } else {
-        for (i = n - 1; i >= eight; i--)
-            FASTBN_GRAD4_AT(fastbn_grad4_step1, i);
-        for (i = eight - 8; i >= wide; i -= 8)
-            FASTBN_GRAD4_AT(fastbn_grad4_step8, i);
-        for (i = wide - FASTBN_ROWS4_WIDE; i >= 0; i -= FASTBN_ROWS4_WIDE)
-            FASTBN_GRAD4_AT(FASTBN_GRAD4_WIDE_STEP, i);
-    }
+    FASTBN_ROWS4_WALK(upward_waits <= downward_waits, n, FASTBN_GRAD4_AT, FASTBN_GRAD4_WIDE_STEP,
+                      fastbn_grad4_step8, fastbn_grad4_step1);
 #undef FASTBN_GRAD4_AT
 }
 #else
