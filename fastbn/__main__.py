@@ -34,6 +34,9 @@ def main(argv=None):
     bench.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32",
                        help="dtype of the data (default float32; the fp16 variants use float16; "
                             "half data goes into float32 modules, torch's too; bfloat16 needs ml_dtypes)")
+    bench.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                       help="seconds each implementation is timed for, per case, over all rounds "
+                            "(default 0.25, 0.05 with --quick; more on a noisy machine)")
     bench.add_argument("--json", dest="json_path", metavar="F", help="also write the results to F as JSON")
     bench.add_argument("--plot", dest="plot_path", metavar="F.png",
                        help="also draw the speed-ups into F.png (needs matplotlib)")
@@ -59,6 +62,8 @@ def main(argv=None):
             parser.error("--threads takes integers like 1,2 and --shapes takes shapes like '32,64,56,56;4096,1024'")
         if not threads or min(threads) < 1:
             parser.error("--threads must list positive integers")
+        if args.budget is not None and not (0 < args.budget <= 600):
+            parser.error("--budget must be a number of seconds in (0, 600]")
         against = tuple(p.strip() for p in args.against.split(",") if p.strip())
         unknown = set(against) - set(bench_module.PEERS)
         ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -68,7 +73,8 @@ def main(argv=None):
         if set(ops) - set(known):
             parser.error(f"unknown op(s) {sorted(set(ops) - set(known))}; choose from {known}")
         bench_module.main(threads=threads, against=against, quick=args.quick, json_path=args.json_path,
-                          plot_path=args.plot_path, shapes=shapes, ops=ops, dtype=args.dtype)
+                          plot_path=args.plot_path, shapes=shapes, ops=ops, dtype=args.dtype,
+                          budget=args.budget)
         return 0
     return 2
 

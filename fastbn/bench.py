@@ -260,16 +260,20 @@ def peer_version(name):
 # Timing
 # ---------------------------------------------------------------------------------------------
 
-#: Rounds each case is timed in; within a round fastbn, its peers and the floor's copy run in
-#: turn, so that a busy moment of the machine falls on all of them, not on one.
-ROUNDS = 5
+#: Rounds each case is timed in.  Within a round fastbn, its peers and the floor's copy each
+#: run for a block of about budget / ROUNDS seconds, one after the other, the order reversed
+#: every other round: a slow spell of a shared machine then falls on neighbouring blocks, and
+#: each round gives every peer a ratio of its own, against the fastbn block beside it.
+ROUNDS = 15
 
 #: The load average per logical CPU above which bench warns that the machine is busy.
 BUSY_LOAD = 0.3
 
-#: A ratio is reported as noisy, not as a result, when its rounds' ratios, or either side's
-#: round times, spread more than this much of their median ((max - min) / median).
-NOISY_SPREAD = 0.25
+#: A ratio is reported as noisy, not as a result, when the middle half of its per-round
+#: ratios spreads more than this much of their median (see spread).  The per-round ratios,
+#: not the times, decide: a machine that is slower for a while slows both blocks of a round,
+#: which moves the times but not their ratio.
+NOISY_SPREAD = 0.15
 
 
 def median_time(fn, budget=0.25, min_repeats=7, max_repeats=2000):
@@ -281,7 +285,9 @@ def median_time(fn, budget=0.25, min_repeats=7, max_repeats=2000):
 
 def round_times(fns, budget=0.25, rounds=ROUNDS, min_repeats=3, max_repeats=2000):
     """{name: [median seconds per call in each round]} of zero-argument callables, each round
-    running every callable in turn for about budget / rounds seconds (after a warm-up call)."""
+    running every callable in turn for about budget / rounds seconds (after a warm-up call),
+    in the given order in even rounds and in the reverse order in odd ones (so that neither
+    side of a pair always runs first, in the caches the other left)."""
     repeats = {}
     for name, fn in fns.items():
         fn()
@@ -290,8 +296,10 @@ def round_times(fns, budget=0.25, rounds=ROUNDS, min_repeats=3, max_repeats=2000
         once = max(time.perf_counter() - start, 1e-7)
         repeats[name] = int(min(max_repeats, max(min_repeats, budget / rounds / once)))
     medians = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns)
+    for round_number in range(rounds):
+        for name in (order if round_number % 2 == 0 else order[::-1]):
+            fn = fns[name]
             samples = []
             for _ in range(repeats[name]):
                 t0 = time.perf_counter()
@@ -302,9 +310,11 @@ def round_times(fns, budget=0.25, rounds=ROUNDS, min_repeats=3, max_repeats=2000
 
 
 def spread(values):
-    """(max - min) / median of a list of positive numbers: how far its rounds disagree."""
+    """Interquartile range / median of a list of positive numbers: how far the middle half of
+    its rounds disagree (the range would let one round that the machine interrupted decide)."""
     values = np.asarray(values, dtype=np.float64)
-    return float((values.max() - values.min()) / np.median(values))
+    q25, q75 = np.percentile(values, [25, 75])
+    return float((q75 - q25) / np.median(values))
 
 
 def copy_of(x, threads, streaming=False):
@@ -344,8 +354,9 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
     """Time every case; returns a list of records (dicts).
 
     Each record holds the median time of each implementation over ROUNDS rounds ("times"),
-    how far its rounds disagree ("spreads", see spread), and for each peer the spread of the
-    per-round ratios and whether it is noisy ("ratio_spreads", "noisy")."""
+    how far its rounds disagree ("spreads", see spread), and for each peer the median of the
+    per-round ratios peer / fastbn ("ratios": the speed-up printed), their spread and whether
+    it is noisy ("ratio_spreads", "noisy")."""
     shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
     ops = ops or list(OPS)
     budget = budget or (0.05 if quick else 0.25)
@@ -371,7 +382,7 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
                     fns["(copy)"] = copy_of(data, nthreads)
                     if kernels.stream_stores():
                         fns["(stream copy)"] = copy_of(data, nthreads, True)
-                    rounds = round_times(fns, budget)
+                    rounds = round_times(fns, budget, min_repeats=1)
                     floor_copy = float(np.median(rounds.pop("(copy)")))
                     stream_copy = rounds.pop("(stream copy)", None)
                     stream_copy = None if stream_copy is None else float(np.median(stream_copy))
@@ -386,13 +397,13 @@ def run(shapes=None, ops=None, threads=(1, 2), against=PEERS, dtype=np.float32, 
                                       floor_copy, stream_copy, passes(op), passes(op) // 2)),
                                   times={name: float(np.median(r)) for name, r in rounds.items()},
                                   spreads={name: spread(r) for name, r in rounds.items()},
-                                  ratio_spreads={}, noisy=[])
+                                  ratios={}, ratio_spreads={}, noisy=[])
                     for peer in rounds:
                         if peer != "fastbn":
                             ratios = np.asarray(rounds[peer]) / np.asarray(rounds["fastbn"])
+                            record["ratios"][peer] = float(np.median(ratios))
                             record["ratio_spreads"][peer] = spread(ratios)
-                            if max(spread(ratios), record["spreads"][peer],
-                                   record["spreads"]["fastbn"]) > NOISY_SPREAD:
+                            if spread(ratios) > NOISY_SPREAD:
                                 record["noisy"].append(peer)
                     records.append(record)
                     if progress:
@@ -442,6 +453,13 @@ def floor_cells(record, t):
     return cells
 
 
+def speedup(record, peer):
+    """fastbn's speed-up over a peer: the median of the per-round ratios (records written
+    before bench kept them have only the ratio of the median times)."""
+    ratio = record.get("ratios", {}).get(peer)
+    return ratio if ratio is not None else record["times"][peer] / record["times"]["fastbn"]
+
+
 def format_row(record, peers):
     t = record["times"]["fastbn"]
     mib = record["bytes"] / 2**20
@@ -457,7 +475,7 @@ def format_row(record, peers):
         elif peer in record.get("noisy", ()):
             cells.append(f"{'noisy':>9}")  # (its rounds disagree: not a result)
         else:
-            cells.append(f"{other / t:>8.2f}x")
+            cells.append(f"{speedup(record, peer):>8.2f}x")
     return " ".join(cells)
 
 
@@ -470,18 +488,19 @@ def table(records, against=PEERS):
     ratios = sum(len([p for p in peers if p in r["times"]]) for r in records)
     noisy = sum(len(r.get("noisy", ())) for r in records)
     lines.append(f"th: the threads of fastbn, torch and onnxruntime (numpy runs on one); times are "
-                 f"medians over {ROUNDS} rounds, ±: how far fastbn's rounds disagree ((max - min) "
-                 f"/ median).")
+                 f"medians over {ROUNDS} rounds, ±: how far the middle half of fastbn's rounds "
+                 f"disagree (interquartile range / median).")
     lines.append("floor: fastbn time / (OpenMP memcpy of the same bytes x passes / 2); nt fl: "
                  "the same with a copy written with streaming stores; * marks the floor a row is "
                  "held to (nt fl where fastbn writes its outputs with streaming stores: large "
                  "float32 planes; neither where it streams one of two outputs, the training "
                  "forward's and not the backward's).")
-    lines.append("'vs peer': peer time / fastbn time (higher is better for fastbn).")
+    lines.append("'vs peer': peer time / fastbn time, the median of the rounds' ratios (higher is "
+                 "better for fastbn).")
     if noisy:
-        lines.append(f"noisy: {noisy} of {ratios} ratios, whose rounds (or either side's) disagree by more than "
-                     f"{NOISY_SPREAD:.0%}, are not results: rerun on a quiet machine (README, "
-                     f"Benchmarks).")
+        lines.append(f"noisy: {noisy} of {ratios} ratios, the middle half of whose rounds' ratios spread by "
+                     f"more than {NOISY_SPREAD:.0%}, are not results: rerun on a quiet machine "
+                     f"(README, Benchmarks).")
     return "\n".join(lines)
 
 
@@ -501,8 +520,8 @@ def plot(records, path):
         labels = [f"{r['op']}\n{'x'.join(map(str, r['shape']))}" for r in rows]
         width = 0.8 / max(1, len(peers))
         for i, peer in enumerate(peers):
-            values = [r["times"][peer] / r["times"]["fastbn"] if peer in r["times"] else 0 for r in rows]
-            # (the error bar: half the spread of the per-round ratios either side)
+            values = [speedup(r, peer) if peer in r["times"] else 0 for r in rows]
+            # (the error bar: half the interquartile spread of the per-round ratios either side)
             errors = [v * r.get("ratio_spreads", {}).get(peer, 0) / 2 for v, r in zip(values, rows)]
             ax.bar(np.arange(len(rows)) + i * width, values, width, yerr=errors, capsize=1,
                    label=f"vs {peer}")
@@ -518,12 +537,13 @@ def plot(records, path):
 
 
 def main(threads=(1, 2), against=PEERS, quick=False, json_path=None, plot_path=None, shapes=None,
-         ops=None, out=None, dtype="float32"):
+         ops=None, out=None, dtype="float32", budget=None):
     out = sys.stdout if out is None else out
     dtype = data_dtype(dtype)
     print(header(against), file=out)
     print(f"threads: {', '.join(map(str, threads))}  |  dtype: {dtype.name}  |  "
-          f"{'quick run' if quick else 'full run'}", file=out)
+          f"{'quick run' if quick else 'full run'}"
+          + (f"  |  budget: {budget:g} s per implementation and case" if budget else ""), file=out)
     load = machine_load()
     if load is not None and load > BUSY_LOAD:
         print(f"WARNING: this machine is busy (load average {load * (os.cpu_count() or 1):.1f} "
@@ -531,7 +551,7 @@ def main(threads=(1, 2), against=PEERS, quick=False, json_path=None, plot_path=N
               f"takes a core they need; ratios whose rounds disagree are marked 'noisy'.",
               file=out)
     records = run(shapes=shapes, ops=ops, threads=threads, against=against, quick=quick, dtype=dtype,
-                  progress=lambda r: print(".", end="", file=sys.stderr, flush=True))
+                  budget=budget, progress=lambda r: print(".", end="", file=sys.stderr, flush=True))
     print(file=sys.stderr)
     print(table(records, against), file=out)
     if json_path:

@@ -102,7 +102,8 @@ def test_cli_bench_runs_half_data_against_torch_on_the_same_dtype(dtype, tmp_pat
 
 @pytest.mark.parametrize("argv", [["bench", "--threads", "0"], ["bench", "--against", "tensorflow"],
                                   ["bench", "--ops", "fly"], ["bench", "--shapes", "2,x"],
-                                  ["bench", "--dtype", "int8"]])
+                                  ["bench", "--dtype", "int8"], ["bench", "--budget", "0"],
+                                  ["bench", "--budget", "soon"]])
 def test_cli_bench_rejects_bad_options(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -120,14 +121,44 @@ def test_every_ratio_carries_its_rounds_and_noise_is_not_printed_as_a_result(mon
                         budget=0.002)
     (record,) = records
     assert set(record["spreads"]) == {"fastbn", "numpy"} and set(record["ratio_spreads"]) == {"numpy"}
+    assert set(record["ratios"]) == {"numpy"} and record["ratios"]["numpy"] > 0
     assert all(s >= 0 for s in record["spreads"].values())
-    assert bench.spread([1.0, 1.0, 1.0]) == 0 and bench.spread([1.0, 2.0, 1.5]) == pytest.approx(2 / 3)
+    # the interquartile spread: one round out of line moves it little, a range would double
+    assert bench.spread([1.0, 1.0, 1.0]) == 0 and bench.spread([1.0, 2.0, 1.5]) == pytest.approx(1 / 3)
+    assert bench.spread([1.0] * 14 + [3.0]) == 0
     record["noisy"] = []
     assert "noisy" not in bench.table(records, ("numpy",)).split("\n")[2]
     record["noisy"] = ["numpy"]
     text = bench.table(records, ("numpy",))
     assert text.split("\n")[2].rstrip().endswith("noisy")
     assert "noisy: 1 of 1 ratios" in text and "numpy runs on one" in text
+
+
+def test_rounds_alternate_their_order_and_the_speedup_is_the_median_of_their_ratios(monkeypatch):
+    # Each round runs every implementation once, the order reversed every other round, and the
+    # printed speed-up is the median of the per-round ratios: a slow spell that falls on one
+    # round (here the first, three times slower for both) moves the times, not the ratio.
+    calls = []
+    clock = {"now": 0.0, "round": 0}
+    cost = {"fastbn": 1.0, "peer": 2.0}
+
+    def timed(name):
+        def fn():
+            calls.append(name)
+            slow = 3.0 if len(calls) > 4 and (len(calls) - 5) // 2 == 0 else 1.0
+            clock["now"] += cost[name] * slow
+        return fn
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    rounds = bench.round_times({"fastbn": timed("fastbn"), "peer": timed("peer")}, budget=1e-9,
+                               rounds=4, min_repeats=1)
+    assert calls[4:] == ["fastbn", "peer", "peer", "fastbn", "fastbn", "peer", "peer", "fastbn"]
+    assert rounds["fastbn"] == [3.0, 1.0, 1.0, 1.0] and rounds["peer"] == [6.0, 2.0, 2.0, 2.0]
+    record = dict(times={"fastbn": 1.0, "peer": 2.0},
+                  ratios={"peer": float(np.median(np.asarray(rounds["peer"]) / rounds["fastbn"]))})
+    assert bench.speedup(record, "peer") == 2.0
+    # records from before the per-round ratios were kept: the ratio of the median times
+    assert bench.speedup(dict(times={"fastbn": 1.0, "peer": 4.0}), "peer") == 4.0
 
 
 def test_bench_warns_when_the_machine_is_busy(monkeypatch, capsys):
