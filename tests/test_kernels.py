@@ -486,15 +486,19 @@ def test_rows_by_four_have_the_bits_of_one_row_at_a_time(level, shape, relu, rng
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("shape", [(3, 5, 37, 29), (2, 3, 1000), (4, 2, 8, 64), (4, 64, 300),
-                                   (3, 7, 3200)], ids=str)
+                                   (3, 7, 3200), (300, 37), (97, 1024), (64, 3, 1, 1),
+                                   (40, 16, 3, 3)], ids=str)
 @pytest.mark.parametrize("relu", [False, True])
 def test_streamed_outputs_have_the_bits_of_ordinary_stores(level, shape, relu, rng):
     """A float32 output at least _tuning.stream_min_bytes long is written with streaming stores
     (past the caches): the same values as the compiled loop's, whatever the run's alignment,
     in eval, in training and through the functional elementwise pass, on 1 and 2 threads
-    (the last two shapes are large enough for two, each taking a share of the runs, 128 and
-    10 or 11, fenced once at its end).  Fusion is off: a fused training forward normalises
-    channel by channel from cache and never streams."""
+    (the planar shapes (4, 64, 300) and (3, 7, 3200) are large enough for two, each taking a
+    share of the runs, 128 and 10 or 11, fenced once at its end).  The last four shapes are
+    walked in rows with per-column coefficients (the columns layout: rows of 37 and 1,024
+    columns, 1x1 and 3x3 planes), every row from its own alignment, (97, 1024) in two
+    threads' shares of row blocks.  Fusion is off: a fused training forward normalises
+    channel by channel (or tile by tile) from cache and never streams."""
     from fastbn import _tuning
     for bad in (-1, 1.5, "1", True):
         with pytest.raises(ValueError):
@@ -504,6 +508,11 @@ def test_streamed_outputs_have_the_bits_of_ordinary_stores(level, shape, relu, r
     x = make_input(shape, np.float32, rng, offset=3.0)
     x.reshape(-1)[5:9] = [np.nan, -0.0, np.inf, -np.inf]  # (what ReLU must let through or zero)
     w, b = per_channel(rng, c, np.float32), per_channel(rng, c, np.float32, -1, 1)
+    huge = x.copy()  # channel 0 centred near the float32 limit: its factor of 1/2 runs too
+    huge[:, 0] = huge[:, 0] * 1e29 + 3e32
+    rm_huge = np.zeros(c, np.float32)
+    rm_huge[0] = 3e32
+    y_apart = aligned_views(shape, np.float32, [1, 7])  # (outputs 4 and 28 bytes off a line)
     results = []
     try:
         for limit in (None, 0):  # the default (no streaming at this size), then every output
@@ -516,13 +525,18 @@ def test_streamed_outputs_have_the_bits_of_ordinary_stores(level, shape, relu, r
                     K.forward_train(x, y, w, b, rm, rv, 0.1, 1e-5, mean, invstd, threads, relu)
                 y_eval = np.empty_like(x)
                 K.forward_eval(x, y_eval, w, b, rm, rv, 1e-5, np.empty(c), np.empty(c), threads, relu)
-                results.append((y, y_eval, rm, rv))
-                # both passes streamed where the build streams and the switch says so
-                expected = 2 if limit == 0 and K.stream_stores() else 0
+                for y_off in y_apart:
+                    K.forward_eval(huge, y_off, w, b, rm_huge, np.ones(c, np.float32), 1e-5,
+                                   np.empty(c), np.empty(c), threads, relu)
+                results.append((y, y_eval, rm, rv) + tuple(v.copy() for v in y_apart))
+                # every pass streamed where the build streams and the switch says so
+                expected = 4 if limit == 0 and K.stream_stores() else 0
                 assert _tuning.streamed_passes() - streamed == expected
     finally:
         _tuning.set_stream_min_bytes(None)
     assert _tuning.STREAM_MIN_BYTES >= 1 << 20
     for run in results[1:]:
-        for name, got, want in zip(("train y", "eval y", "running_mean", "running_var"), run, results[0]):
+        for name, got, want in zip(("train y", "eval y", "running_mean", "running_var",
+                                    "eval y, factors, 4 B off", "eval y, factors, 28 B off"),
+                                   run, results[0]):
             np.testing.assert_array_equal(got, want, err_msg=f"{name}: streamed and ordinary stores differ")

@@ -113,7 +113,7 @@ cdef inline void row_coefficients(real** k, int rows, Py_ssize_t ch0, Py_ssize_t
 
 cdef inline void affine_item(const activation* act, const Geometry* g, const storage* x,
                              storage* y, real** k, Py_ssize_t item, bint stream) noexcept nogil:
-    """Work item `item` of the elementwise pass; `stream` (planar float32 only): the run is
+    """Work item `item` of the elementwise pass; `stream` (float32 only): its runs or rows are
     written with streaming stores (the same values; see affine_pass)."""
     cdef Py_ssize_t off, length, ch, slot
     if g.planar:
@@ -127,8 +127,22 @@ cdef inline void affine_item(const activation* act, const Geometry* g, const sto
         off = item * g.c * g.s
         for ch in range(g.c):
             span_affine(act, x + off + ch * g.s, y + off + ch * g.s, g.s, k, ch, False)
+    elif storage is float and real is float and stream:
+        stream_rows(activation is ReLU, g, <const float*>x, <float*>y, k, item)
     else:
         affine_rows(act, g, x, y, k, item)
+
+
+cdef inline void stream_rows(bint relu, const Geometry* g, const float* x, float* y, float** k,
+                             Py_ssize_t block) noexcept nogil:
+    """Block `block` of ROW_BLOCK rows of the columns layout, each row written whole with
+    streaming stores (an output too large for the caches: see affine_pass)."""
+    cdef Py_ssize_t r, length, r0 = block * ROW_BLOCK
+    for r in range(r0, min(r0 + ROW_BLOCK, n_rows(g))):
+        length = row_length(g, r)
+        if length > 0:
+            affine_row_stream(relu, x + r * g.period, y + r * g.period, length, k[FACTOR],
+                              k[CENTER], k[SCALE], k[SHIFT])
 
 
 cdef inline void affine_rows(const activation* act, const Geometry* g, const storage* x,
@@ -173,8 +187,9 @@ cdef int affine_pass(const activation* act, const Geometry* g, const storage* x,
     if by_rows(g) and unit_factors(k[FACTOR], g.c):
         columns[FACTOR] = NULL  # (see affine_row)
     # An output too large to stay in cache is written past it (_tuning.stream_min_bytes), where
-    # it is walked in runs: the planar layout's (see affine_item).
-    cdef bint stream = (storage is float and STREAM_AFFINE and g.planar
+    # it is walked in runs (the planar layout's) or in whole rows (the columns layout's, one
+    # at a time, whose runs of single columns have none to stream; see affine_item).
+    cdef bint stream = (storage is float and STREAM_AFFINE and (g.planar or by_rows(g))
                         and g.total * <Py_ssize_t>sizeof(float) >= stream_min_bytes())
     cdef int t
     if stream:

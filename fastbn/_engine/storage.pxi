@@ -66,6 +66,12 @@ cdef extern from "_engine/simd/affine.h":
     void affine_stream "fastbn_affine_stream"(int relu, const float* x, float* y, Py_ssize_t n,
                                               float factor, float center, float scale,
                                               float shift) noexcept nogil
+    # affine_row of a float32 row (factor NULL: all ones) with streaming stores, in the same
+    # builds as affine_stream
+    void affine_row_stream "fastbn_affine_row_stream"(int relu, const float* x, float* y,
+                                                      Py_ssize_t n, const float* factor,
+                                                      const float* center, const float* scale,
+                                                      const float* shift) noexcept nogil
     # orders a thread's streaming stores before whatever it writes next (ends its share)
     void stream_fence "fastbn_stream_fence"() noexcept nogil
     # affine_row and grad_input_row (loops.pxi) of four float32 rows at once (factor NULL:
