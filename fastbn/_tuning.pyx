@@ -44,15 +44,18 @@ benchmarks/compare_builds.py (benchmarks/RESULTS.md has the tables):
   second pass over an array that stays in L3 costs little and the fused passes' own costs (a
   channel's pieces, a tile's rows far apart) show; beyond the L3 fusion pays again.
 
-The elementwise pass writes a float32 planar output of at least STREAM_MIN_BYTES with
-streaming stores (past the caches; _engine/simd/affine.h), the same values either way.
+The elementwise pass writes a float32 output of at least STREAM_MIN_BYTES with streaming
+stores (past the caches; _engine/simd/affine.h), planar runs and the columns layout's rows
+alike, the same values either way.
 Measured on the AMD EPYC (Zen 4, 32 MiB L3), one thread: the affine map of a float32 array in
 C, ordinary stores 59/52/33/22 GB/s at 4/8/16/64 MiB of output, streaming ones 51/50/47/34
 GB/s -- ordinary stores win while input and output fit in the L3 together, streaming ones
 beyond; fastbn's eval and training forward into a given `out`, ordinary/streaming, 0.97x and
 1.08x at 12 MiB, 1.25x and 1.19x at 24.5 MiB, 1.51x and 1.22x at 98 MiB.  Hence 16 MiB.  (Into
 a fresh output, as the modules return, the kernel's zeroing of the new pages costs the same
-either way: 0.93-1.17x, within the noise at 98 MiB.)
+either way: 0.93-1.17x, within the noise at 98 MiB.)  The rows of the columns layout, one
+row at a time in C at 16 MiB ((4096, 1024), (8192, 512)): ordinary 1.75-2.1 ms, streaming
+1.04-1.66 ms; in the kernels, eval 1.2-1.8x faster at 16 MiB.
 
 The row passes of the columns layout (rows whose columns have coefficients of their own:
 BatchNorm1d's (N, C), 1x1 planes) take float32 rows four at a time, each column's

@@ -25,11 +25,11 @@ floor column then says how far the call is from a copy of the same bytes, not fr
 
 There are two copies, and so two floors.  An ordinary store reads each destination line before
 writing it (read for ownership); a streaming store writes past the caches and skips that read.
-fastbn writes float32 planar outputs too large for the caches with streaming stores
-(``fastbn._tuning.STREAM_MIN_BYTES``), so the table shows the time over both floors, ``floor``
-(a memcpy) and ``nt fl`` (every output written with streaming stores, where the build has
-them), and marks with ``*`` the one the row is held to.  The floor a row is held to
-(``floor_s`` in the JSON) counts a streaming copy for each output fastbn wrote with streaming
+fastbn writes float32 outputs too large for the caches with streaming stores (planar runs and
+the columns layout's rows; ``fastbn._tuning.STREAM_MIN_BYTES``), so the table shows the time
+over both floors, ``floor`` (a memcpy) and ``nt fl`` (every output written with streaming
+stores, where the build has them), and marks with ``*`` the one the row is held to.  The
+floor a row is held to (``floor_s`` in the JSON) counts a streaming copy for each output fastbn wrote with streaming
 stores (as ``_tuning.streamed_passes`` counts them) and half an ordinary copy for every other
 pass; where fastbn streams one output of two (the training forward's, not the backward's),
 it lies between the two columns and neither is marked.
@@ -493,7 +493,7 @@ def table(records, against=PEERS):
     lines.append("floor: fastbn time / (OpenMP memcpy of the same bytes x passes / 2); nt fl: "
                  "the same with a copy written with streaming stores; * marks the floor a row is "
                  "held to (nt fl where fastbn writes its outputs with streaming stores: large "
-                 "float32 planes; neither where it streams one of two outputs, the training "
+                 "float32 outputs; neither where it streams one of two outputs, the training "
                  "forward's and not the backward's).")
     lines.append("'vs peer': peer time / fastbn time, the median of the rounds' ratios (higher is "
                  "better for fastbn).")
