@@ -124,6 +124,47 @@ def test_float64_keeps_full_precision_at_any_offset(offset):
 
 
 # ---------------------------------------------------------------------------------------------
+# The running statistics' promised accuracy (the performance redesign's contract): float32
+# buffers within 1e-6 relative of the float64 reference on data offset by 1e4, float64 ones
+# within 1e-13 relative of the exact statistics on data offset up to 1e10, in every layout
+# ---------------------------------------------------------------------------------------------
+
+def exact_running(x, offset, momentum=0.1):
+    """The running buffers after one training step from (0, 1) with the modules' defaults
+    (momentum 0.1, the unbiased variance), from statistics computed in long double on
+    x - offset (exact where x and offset are within a factor 2, Sterbenz)."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    d = np.asarray(x, np.float64).astype(np.longdouble) - np.longdouble(offset)
+    count = x.size // x.shape[1]
+    mean = d.mean(axis=axes)
+    var = ((d - mean.reshape((1, -1) + (1,) * (x.ndim - 2))) ** 2).sum(axis=axes) / (count - 1)
+    rm = momentum * (mean + np.longdouble(offset))
+    rv = (1 - momentum) + momentum * var
+    return rm, rv
+
+
+@pytest.mark.parametrize("layout", [None, "planar", "columns"])
+@pytest.mark.parametrize("shape", [(64, 8, 40), (4096, 8), (32, 16, 1, 1), (8, 4, 7, 7)], ids=str)
+@pytest.mark.parametrize("dtype, offset, rtol", [(np.float32, 1e4, 1e-6),
+                                                 (np.float64, 1e6, 1e-13),
+                                                 (np.float64, 1e10, 1e-13)])
+def test_running_statistics_keep_the_promised_accuracy_on_offset_data(layout, shape, dtype,
+                                                                      offset, rtol):
+    import fastbn
+    x = offset_data(shape, offset, dtype, std=3.0)
+    bn = {2: fastbn.BatchNorm1d, 4: fastbn.BatchNorm2d, 3: fastbn.BatchNorm1d}[x.ndim](
+        shape[1], dtype=dtype)
+    with forced_layout(layout):
+        bn(x)
+    rm_exact, rv_exact = exact_running(x, offset)
+    for name, got, want in (("running_mean", bn.running_mean, rm_exact),
+                            ("running_var", bn.running_var, rv_exact)):
+        assert got.dtype == dtype
+        rel = np.max(np.abs((got.astype(np.longdouble) - want) / want))
+        assert rel <= rtol, f"{np.dtype(dtype).name}, offset {offset:g}, {name}: {float(rel):.3g} relative > {rtol:g}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Constant channels normalise to exactly 0 (then the bias)
 # ---------------------------------------------------------------------------------------------
 
