@@ -262,8 +262,9 @@ def peer_version(name):
 
 #: Rounds each case is timed in.  Within a round fastbn, its peers and the floor's copy each
 #: run for a block of about budget / ROUNDS seconds, one after the other, the order reversed
-#: every other round: a slow spell of a shared machine then falls on neighbouring blocks, and
-#: each round gives every peer a ratio of its own, against the fastbn block beside it.
+#: every other round: a slow spell of a shared machine then falls on blocks close in time, and
+#: each round gives every peer a ratio of its own, against fastbn's block of the same round
+#: (torch's block is next to fastbn's, the others' a few blocks away).
 ROUNDS = 15
 
 #: The load average per logical CPU above which bench warns that the machine is busy.

@@ -135,18 +135,16 @@ def test_every_ratio_carries_its_rounds_and_noise_is_not_printed_as_a_result(mon
 
 
 def test_rounds_alternate_their_order_and_the_speedup_is_the_median_of_their_ratios(monkeypatch):
-    # Each round runs every implementation once, the order reversed every other round, and the
-    # printed speed-up is the median of the per-round ratios: a slow spell that falls on one
-    # round (here the first, three times slower for both) moves the times, not the ratio.
+    # Each round runs every implementation once, the order reversed every other round.
     calls = []
-    clock = {"now": 0.0, "round": 0}
+    clock = {"now": 0.0}
     cost = {"fastbn": 1.0, "peer": 2.0}
 
     def timed(name):
         def fn():
             calls.append(name)
-            slow = 3.0 if len(calls) > 4 and (len(calls) - 5) // 2 == 0 else 1.0
-            clock["now"] += cost[name] * slow
+            # the first round's two calls (after two warm-up calls each) are three times slower
+            clock["now"] += cost[name] * (3.0 if len(calls) in (5, 6) else 1.0)
         return fn
 
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
@@ -154,9 +152,27 @@ def test_rounds_alternate_their_order_and_the_speedup_is_the_median_of_their_rat
                                rounds=4, min_repeats=1)
     assert calls[4:] == ["fastbn", "peer", "peer", "fastbn", "fastbn", "peer", "peer", "fastbn"]
     assert rounds["fastbn"] == [3.0, 1.0, 1.0, 1.0] and rounds["peer"] == [6.0, 2.0, 2.0, 2.0]
-    record = dict(times={"fastbn": 1.0, "peer": 2.0},
-                  ratios={"peer": float(np.median(np.asarray(rounds["peer"]) / rounds["fastbn"]))})
-    assert bench.speedup(record, "peer") == 2.0
+
+    # The speed-up printed is the median of the per-round ratios, which differs here from the
+    # ratio of the median times (a slow spell that falls on both blocks of a round moves the
+    # times, not the ratio): fastbn [1, 2, 3] and numpy [3, 4, 3] give ratios [3, 2, 1],
+    # median 2, where the medians' ratio is 3 / 2.
+    monkeypatch.undo()
+    fake = {"fastbn": [1.0, 2.0, 3.0], "numpy": [3.0, 4.0, 3.0], "(copy)": [1.0] * 3,
+            "(stream copy)": [1.0] * 3}
+    monkeypatch.setattr(bench, "round_times", lambda fns, budget, min_repeats=3: {
+        name: fake[name] for name in fns})
+    (record,) = bench.run(shapes=[(4, 3, 8, 8)], ops=["eval"], threads=(1,), against=("numpy",),
+                          budget=0.002)
+    assert record["times"] == {"fastbn": 2.0, "numpy": 3.0}
+    assert record["ratios"] == {"numpy": 2.0} and bench.speedup(record, "numpy") == 2.0
+    assert record["ratio_spreads"]["numpy"] == pytest.approx(0.5)  # (2.5 - 1.5) / 2
+    assert record["noisy"] == ["numpy"]
+    fake["numpy"] = [2.0, 4.0, 6.0]  # the same ratio in every round: not noisy
+    (record,) = bench.run(shapes=[(4, 3, 8, 8)], ops=["eval"], threads=(1,), against=("numpy",),
+                          budget=0.002)
+    assert record["ratios"] == {"numpy": 2.0} and record["noisy"] == []
+    assert bench.format_row(record, ["numpy"]).rstrip().endswith("2.00x")
     # records from before the per-round ratios were kept: the ratio of the median times
     assert bench.speedup(dict(times={"fastbn": 1.0, "peer": 4.0}), "peer") == 4.0
 
