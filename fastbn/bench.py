@@ -29,10 +29,10 @@ fastbn writes float32 outputs too large for the caches with streaming stores (pl
 the columns layout's rows; ``fastbn._tuning.STREAM_MIN_BYTES``), so the table shows the time
 over both floors, ``floor`` (a memcpy) and ``nt fl`` (every output written with streaming
 stores, where the build has them), and marks with ``*`` the one the row is held to.  The
-floor a row is held to (``floor_s`` in the JSON) counts a streaming copy for each output fastbn wrote with streaming
-stores (as ``_tuning.streamed_passes`` counts them) and half an ordinary copy for every other
-pass; where fastbn streams one output of two (the training forward's, not the backward's),
-it lies between the two columns and neither is marked.
+floor a row is held to (``floor_s`` in the JSON) counts a streaming copy for each output
+fastbn wrote with streaming stores (as ``_tuning.streamed_passes`` counts them) and half an
+ordinary copy for every other pass; where fastbn streams one output of two (the training
+forward's, not the backward's), it lies between the two columns and neither is marked.
 
 Variants of these operations time the features that change speed: ``+relu`` (the fused ReLU;
 torch runs its BatchNorm then an in-place ReLU), ``:nhwc`` (channels-last input and output;

@@ -324,20 +324,6 @@ static inline void fastbn_affine_stream(int relu, const float *x, float *y, Py_s
    the caches (_tuning.stream_min_bytes): in C, one row at a time over (4096, 1024) and
    (8192, 512) went 1.25-1.7x faster than with ordinary stores (benchmarks/RESULTS.md).
    The caller fences each thread's share (fastbn_stream_fence). */
-FASTBN_ALWAYS_INLINE __m256 fastbn_affine_row_step8(int relu, const float *x,
-                                                    const float *factor, const float *center,
-                                                    const float *scale, const float *shift) {
-    __m256 t = _mm256_loadu_ps(x), z;
-    const __m256 zero = _mm256_setzero_ps();
-    if (factor != NULL)
-        t = _mm256_fmsub_ps(t, _mm256_loadu_ps(factor), _mm256_loadu_ps(center));
-    else
-        t = _mm256_sub_ps(t, _mm256_loadu_ps(center));
-    z = _mm256_fmadd_ps(t, _mm256_loadu_ps(scale), _mm256_loadu_ps(shift));
-    if (relu)  /* torch's ReLU: 0 where z < 0; NaN and -0.0 pass */
-        z = _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
-    return z;
-}
 static inline void fastbn_affine_row_stream(int relu, const float *x, float *y, Py_ssize_t n,
                                             const float *factor, const float *center,
                                             const float *scale, const float *shift) {
@@ -348,11 +334,13 @@ static inline void fastbn_affine_row_stream(int relu, const float *x, float *y, 
     for (; i < n && ((uintptr_t)(y + i) & 63u) != 0; i++)  /* to a cache line's start */
         FASTBN_ROW_ONE(i);
     for (; i + 16 <= n; i += 16) {  /* whole lines only (see fastbn_affine_stream) */
-        const __m256 z0 = fastbn_affine_row_step8(relu, x + i, factor != NULL ? factor + i : NULL,
-                                                  center + i, scale + i, shift + i);
-        const __m256 z1 = fastbn_affine_row_step8(relu, x + i + 8,
-                                                  factor != NULL ? factor + i + 8 : NULL,
-                                                  center + i + 8, scale + i + 8, shift + i + 8);
+        /* (the half rows' eight-column step, on float32 loaded as it is) */
+        const __m256 z0 = fastbn_affine_row8(relu, _mm256_loadu_ps(x + i),
+                                             factor != NULL ? factor + i : NULL, center + i,
+                                             scale + i, shift + i);
+        const __m256 z1 = fastbn_affine_row8(relu, _mm256_loadu_ps(x + i + 8),
+                                             factor != NULL ? factor + i + 8 : NULL, center + i + 8,
+                                             scale + i + 8, shift + i + 8);
         _mm256_stream_ps(y + i, z0);
         _mm256_stream_ps(y + i + 8, z1);
     }
